@@ -1,0 +1,149 @@
+"""The ``dsk`` command line: a click group whose commands are imported only when used.
+
+``dsk --help``, ``dsk plugins`` and ``dsk recipe validate`` never import torch: commands are named here
+as ``"module:attr"`` strings, and plugin commands are added by the ``register_commands`` hook only when
+the CLI looks up a command it does not know or lists its commands.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import click
+
+from dsk import __version__
+
+#: built-in commands, imported lazily
+LAZY_COMMANDS: dict[str, str] = {
+    "train": "dsk.cli.run_cmd:train",
+    "distill": "dsk.cli.run_cmd:distill",
+    "profile": "dsk.cli.run_cmd:profile",
+    "generate": "dsk.cli.model_cmd:generate_cmd",
+    "convert": "dsk.cli.model_cmd:convert_cmd",
+    "plugins": "dsk.cli.plugins_cmd:plugins",
+    "components": "dsk.cli.plugins_cmd:components",
+    "recipe": "dsk.cli.recipe_cmd:recipe",
+}
+
+SHORT_HELP: dict[str, str] = {
+    "train": "Train from a recipe (one stage or a [[stages]] pipeline).",
+    "distill": "Teacher -> reasoning traces -> student.",
+    "profile": "Measure time, memory, FLOPs and expert load of recipes.",
+    "generate": "Sample from a checkpoint (KV cache, MTP speculation).",
+    "convert": "Convert checkpoints between HF and dsk formats.",
+    "plugins": "List loaded plugins, their versions, components and failures.",
+    "components": "List registered components, or show one's options.",
+    "recipe": "Show or validate recipes.",
+}
+
+
+@dataclass
+class App:
+    """Per-invocation state shared by commands: the plugin manager and registry, built on first use."""
+
+    local_plugins: list[str] = field(default_factory=list)
+    pm: Any = None
+    _registry: Any = None
+
+    def plugin_manager(self) -> Any:
+        if self.pm is None:
+            from dsk.plugins import make_plugin_manager
+
+            self.pm = make_plugin_manager(local=self.local_plugins)
+        return self.pm
+
+    def registry(self) -> Any:
+        if self._registry is None:
+            from dsk.registry import build_registry
+
+            self._registry = build_registry(self.plugin_manager())
+        return self._registry
+
+
+class DskGroup(click.Group):
+    """A click group that imports built-in commands on demand and asks plugins for theirs."""
+
+    _plugin_commands_added = False
+
+    def _app(self, ctx: click.Context) -> App:
+        root = ctx.find_root()
+        if not isinstance(root.obj, App):
+            # commands are resolved before the root callback runs: take --plugin from the parsed params
+            root.obj = App(local_plugins=list(root.params.get("local_plugins") or ()))
+        return root.obj
+
+    def _add_plugin_commands(self, ctx: click.Context) -> None:
+        if self._plugin_commands_added:
+            return
+        self._plugin_commands_added = True
+        pm = self._app(ctx).plugin_manager()
+        for impl in pm.hook.register_commands.get_hookimpls():
+            try:
+                impl.function(**({"cli": self} if "cli" in impl.argnames else {}))
+            except Exception as exc:
+                pm.mark_failed(impl.plugin_name, f"register_commands: {type(exc).__name__}: {exc}")
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._add_plugin_commands(ctx)
+        return sorted(set(LAZY_COMMANDS) | set(self.commands))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.commands:
+            return self.commands[name]
+        if name in LAZY_COMMANDS:
+            from dsk.registry import import_string
+
+            cmd = import_string(LAZY_COMMANDS[name])
+            self.commands[name] = cmd
+            return cmd
+        self._add_plugin_commands(ctx)
+        return self.commands.get(name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # short help from a table so that `dsk --help` imports no command module
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in SHORT_HELP and name not in self.commands:
+                rows.append((name, SHORT_HELP[name]))
+            else:
+                cmd = self.get_command(ctx, name)
+                if cmd is not None and not cmd.hidden:
+                    rows.append((name, cmd.get_short_help_str(limit=formatter.width - 20)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=DskGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="dsk")
+@click.option(
+    "--plugin",
+    "local_plugins",
+    multiple=True,
+    metavar="PATH.py|MODULE",
+    help="Load a local plugin file or module for this invocation (repeatable).",
+)
+@click.pass_context
+def cli(ctx: click.Context, local_plugins: tuple[str, ...]) -> None:
+    """dsk: DeepSeek-V3 pre-training and R1 post-training from TOML recipes.
+
+    \b
+    Examples:
+      dsk train recipes/quickstart.toml
+      dsk train recipes/quickstart.toml --set trainer.steps=50 --set model.ffn.router.type=aux_loss
+      dsk recipe validate recipes/*.toml
+      dsk components show router/noaux_tc
+      dsk plugins
+    """
+    if not isinstance(ctx.obj, App):
+        ctx.obj = App()
+    for target in local_plugins:
+        if target not in ctx.obj.local_plugins:
+            ctx.obj.local_plugins.append(target)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point."""
+    cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="dsk")

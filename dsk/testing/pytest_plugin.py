@@ -1,0 +1,33 @@
+"""pytest fixtures for dsk and its plugins (registered through the ``pytest11`` entry point)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dsk.testing import isolated_plugin_manager, run_dsk
+
+
+@pytest.fixture
+def dsk_pm():
+    """A fresh plugin manager with dsk's built-in plugins only."""
+    return isolated_plugin_manager()
+
+
+@pytest.fixture
+def dsk_registry(dsk_pm):
+    """The registry built from ``dsk_pm``, made current for the test."""
+    from dsk.registry import build_registry, use_registry
+
+    registry = build_registry(dsk_pm)
+    with use_registry(registry):
+        yield registry
+
+
+@pytest.fixture
+def dsk_cli(dsk_pm):
+    """Run the CLI in-process against ``dsk_pm``: ``dsk_cli(["plugins", "--json"])``."""
+
+    def invoke(args, pm=None, input=None):
+        return run_dsk(list(args), pm=pm or dsk_pm, input=input)
+
+    return invoke
