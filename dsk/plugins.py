@@ -94,7 +94,8 @@ class DskPluginManager(pluggy.PluginManager):
     # -- loading -----------------------------------------------------------------------------------
     def register_plugin(self, plugin: Any, name: str, **info: Any) -> bool:
         """Register one plugin object or module; on a signature mismatch record it as failed."""
-        record = PluginInfo(name=name, module=getattr(plugin, "__name__", type(plugin).__name__), **info)
+        info.setdefault("module", getattr(plugin, "__name__", type(plugin).__name__))
+        record = PluginInfo(name=name, **info)
         self.infos[name] = record
         try:
             self.register(plugin, name=name)
@@ -203,7 +204,7 @@ def make_plugin_manager(
         pm.load_entrypoints(allow=allow if allow is not None else _env_list("DSK_LOAD_PLUGINS"), block=_env_list("DSK_DISABLE_PLUGINS") or set())
     for plugin in plugins:
         name = getattr(plugin, "__name__", None) or type(plugin).__name__
-        pm.register_plugin(plugin, name=name, module=getattr(plugin, "__module__", name))
+        pm.register_plugin(plugin, name=name)
     for target in local:
         pm.load_module(target)
     return pm

@@ -265,8 +265,8 @@ def build_registry(pm: DskPluginManager) -> Registry:
     registry = Registry(failed_plugins=[p.name for p in pm.failures()])
     for hook_name in HOOK_KINDS:
         caller = getattr(pm.hook, hook_name)
-        # pluggy calls implementations last-registered-first; reverse to keep registration order stable.
-        for impl in reversed(caller.get_hookimpls()):
+        # get_hookimpls() is in registration order (pluggy *calls* them last-first); keep registration order
+        for impl in caller.get_hookimpls():
             info = pm.info_for(impl.plugin)
             registrar = Registrar(
                 registry,

@@ -46,6 +46,7 @@ class App:
     local_plugins: list[str] = field(default_factory=list)
     pm: Any = None
     _registry: Any = None
+    _plugin_commands: dict[str, Any] | None = None
 
     def plugin_manager(self) -> Any:
         if self.pm is None:
@@ -53,6 +54,19 @@ class App:
 
             self.pm = make_plugin_manager(local=self.local_plugins)
         return self.pm
+
+    def plugin_commands(self) -> dict[str, Any]:
+        """Commands that plugins add through ``register_commands`` (collected once per invocation)."""
+        if self._plugin_commands is None:
+            pm = self.plugin_manager()
+            collector = click.Group("dsk")
+            for impl in pm.hook.register_commands.get_hookimpls():
+                try:
+                    impl.function(**({"cli": collector} if "cli" in impl.argnames else {}))
+                except Exception as exc:
+                    pm.mark_failed(impl.plugin_name, f"register_commands: {type(exc).__name__}: {exc}")
+            self._plugin_commands = {n: c for n, c in collector.commands.items() if n not in LAZY_COMMANDS}
+        return self._plugin_commands
 
     def registry(self) -> Any:
         if self._registry is None:
@@ -65,8 +79,6 @@ class App:
 class DskGroup(click.Group):
     """A click group that imports built-in commands on demand and asks plugins for theirs."""
 
-    _plugin_commands_added = False
-
     def _app(self, ctx: click.Context) -> App:
         root = ctx.find_root()
         if not isinstance(root.obj, App):
@@ -74,20 +86,8 @@ class DskGroup(click.Group):
             root.obj = App(local_plugins=list(root.params.get("local_plugins") or ()))
         return root.obj
 
-    def _add_plugin_commands(self, ctx: click.Context) -> None:
-        if self._plugin_commands_added:
-            return
-        self._plugin_commands_added = True
-        pm = self._app(ctx).plugin_manager()
-        for impl in pm.hook.register_commands.get_hookimpls():
-            try:
-                impl.function(**({"cli": self} if "cli" in impl.argnames else {}))
-            except Exception as exc:
-                pm.mark_failed(impl.plugin_name, f"register_commands: {type(exc).__name__}: {exc}")
-
     def list_commands(self, ctx: click.Context) -> list[str]:
-        self._add_plugin_commands(ctx)
-        return sorted(set(LAZY_COMMANDS) | set(self.commands))
+        return sorted(set(LAZY_COMMANDS) | set(self.commands) | set(self._app(ctx).plugin_commands()))
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in self.commands:
@@ -98,8 +98,7 @@ class DskGroup(click.Group):
             cmd = import_string(LAZY_COMMANDS[name])
             self.commands[name] = cmd
             return cmd
-        self._add_plugin_commands(ctx)
-        return self.commands.get(name)
+        return self._app(ctx).plugin_commands().get(name)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # short help from a table so that `dsk --help` imports no command module

@@ -80,13 +80,17 @@ def render_problems(console: Any, headline: str, problems: list[Problem], recipe
     console.print(f"[bold red]Error:[/] {escape(headline)}")
     for p in problems:
         value, origin = _value_text(recipe, p.path)
-        where = p.path or "<recipe>"
-        line = f"  [bold]{escape(where)}[/]"
+        console.print("")
+        if not p.path:  # a file-level problem: the message names the file
+            console.print(f"  {escape(p.message)}")
+            if p.hint:
+                console.print(f"      [cyan]{escape(p.hint)}[/]")
+            continue
+        line = f"  [bold]{escape(p.path)}[/]"
         if value is not None:
             line += f" = {escape(value)}"
         if origin:
             line += f"    [dim](from {escape(origin)})[/]"
-        console.print("")
         console.print(line)
         console.print(f"      {escape(p.message)}")
         if p.hint:

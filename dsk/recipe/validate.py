@@ -263,17 +263,19 @@ def validate_recipe(
                 elif name in seen:
                     problems.append(Problem(join(path, "name"), f"duplicate stage name '{name}'"))
                 seen.add(name)
-                _, stage_problems = _validate_sections(registry, stage, path)
-                problems.extend(stage_problems)
-                merged = _merge_stage(base, stage)
-                stage_resolved, merged_problems = _validate_sections(registry, merged, "")
-                if not stage_problems:
-                    # problems of the merged stage recipe that the base alone does not have
-                    problems.extend(
-                        Problem(f"{path} ({name}): {p.path}", p.message, p.hint)
-                        for p in merged_problems
-                        if p not in base_problems
-                    )
+                for key in stage:
+                    if key != "name" and key not in STAGE_SECTIONS:
+                        close = did_you_mean(key, list(STAGE_SECTIONS))
+                        hint = f"did you mean '{close[0]}'?" if close else f"a stage may set: {', '.join(STAGE_SECTIONS)}"
+                        problems.append(Problem(join(path, key), f"unknown section '{key}' in stage '{name}'", hint))
+                overlay = {k: v for k, v in stage.items() if k in STAGE_SECTIONS}
+                stage_resolved, merged_problems = _validate_sections(registry, _merge_stage(base, overlay), "")
+                for p in merged_problems:
+                    if p in base_problems:
+                        continue  # the base recipe's own problem, reported once
+                    top = p.path.split(".")[0].split("[")[0]
+                    where = f"{path}.{p.path}" if top in overlay else f"{p.path} (in stage '{name}')"
+                    problems.append(Problem(where, p.message, p.hint))
                 stages.append((name, stage_resolved))
     for key in require:
         if key == "trainer" and stages:
