@@ -25,7 +25,7 @@ from pathlib import Path
 
 def _modules() -> list[str]:
     here = Path(__file__).parent
-    return sorted(m.name[len("bench_"):] for m in pkgutil.iter_modules([str(here)]) if m.name.startswith("bench_"))
+    return sorted(m.name[len("bench_") :] for m in pkgutil.iter_modules([str(here)]) if m.name.startswith("bench_"))
 
 
 def _fmt(value) -> str:
@@ -57,16 +57,28 @@ def main(argv: list[str] | None = None) -> int:
         try:
             got = module.run(quick=args.quick)
         except Exception as exc:  # one broken benchmark must not hide the others' numbers
-            got = [{"bench": name, "case": "ERROR", "dsk": None, "peer": None, "ratio": None,
-                    "target": f"{type(exc).__name__}: {exc}", "unit": ""}]
+            got = [
+                {
+                    "bench": name,
+                    "case": "ERROR",
+                    "dsk": None,
+                    "peer": None,
+                    "ratio": None,
+                    "target": f"{type(exc).__name__}: {exc}",
+                    "unit": "",
+                }
+            ]
         print(f"[bench] {name}: {len(got)} rows in {time.time() - t0:.1f}s", file=sys.stderr)
         rows.extend(got)
 
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"dsk benchmarks ({'quick' if args.quick else 'full'}; torch {torch.__version__}, "
-                        f"{threads} threads, {platform.machine()})", header_style="bold")
+    table = Table(
+        title=f"dsk benchmarks ({'quick' if args.quick else 'full'}; torch {torch.__version__}, "
+        f"{threads} threads, {platform.machine()})",
+        header_style="bold",
+    )
     for col in ("bench", "case", "dsk", "peer", "unit", "ratio", "target"):
         table.add_column(col, justify="right" if col in ("dsk", "peer", "ratio") else "left")
     for r in rows:

@@ -209,7 +209,9 @@ class SlotMap:
                 if isinstance(table, ResolvedSlot):
                     out[key] = table
                 else:
-                    out[key] = reg.resolve_slot(kind, dict(table) if isinstance(table, dict) else table, default_type=key)
+                    out[key] = reg.resolve_slot(
+                        kind, dict(table) if isinstance(table, dict) else table, default_type=key
+                    )
             return out
 
         return core_schema.no_info_before_validator_function(resolve, handler(source))
@@ -230,4 +232,3 @@ def slot_kind(field_info: Any) -> tuple[str, str | None, bool] | None:
     if isinstance(extra, dict) and "dsk_slot_kind" in extra:
         return extra["dsk_slot_kind"], extra.get("dsk_slot_default"), bool(extra.get("dsk_slot_map"))
     return None
-

@@ -201,11 +201,13 @@ def make_plugin_manager(
     """
     pm = DskPluginManager()
     if entrypoints:
-        pm.load_entrypoints(allow=allow if allow is not None else _env_list("DSK_LOAD_PLUGINS"), block=_env_list("DSK_DISABLE_PLUGINS") or set())
+        pm.load_entrypoints(
+            allow=allow if allow is not None else _env_list("DSK_LOAD_PLUGINS"),
+            block=_env_list("DSK_DISABLE_PLUGINS") or set(),
+        )
     for plugin in plugins:
         name = getattr(plugin, "__name__", None) or type(plugin).__name__
         pm.register_plugin(plugin, name=name)
     for target in local:
         pm.load_module(target)
     return pm
-

@@ -152,9 +152,9 @@ def run_options(func: Callable) -> Callable:
     """Options shared by the run commands (train, distill, profile)."""
     func = click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")(func)
     func = click.option("--dry-run", is_flag=True, help="Validate and resolve the recipe, write nothing else.")(func)
-    func = click.option("--run-dir", type=click.Path(file_okay=False), help="Run directory (default runs/<recipe>-<time>).")(
-        func
-    )
+    func = click.option(
+        "--run-dir", type=click.Path(file_okay=False), help="Run directory (default runs/<recipe>-<time>)."
+    )(func)
     return recipe_options(func)
 
 

@@ -41,9 +41,7 @@ def plugins(app: Any, as_json: bool, show_all: bool) -> None:
             row = info.to_json(pm)
             row["provides"] = provides.get(info.name, [])
             rows.append(row)
-        echo_json(
-            {"plugins": rows, "conflicts": [{"kind": k, "name": n, "providers": p} for k, n, p in conflicts]}
-        )
+        echo_json({"plugins": rows, "conflicts": [{"kind": k, "name": n, "providers": p} for k, n, p in conflicts]})
         return
     from rich.table import Table
 
@@ -74,7 +72,7 @@ def plugins(app: Any, as_json: bool, show_all: bool) -> None:
     for kind, name, providers in conflicts:
         console.print(
             f"[yellow]conflict:[/] {kind} '{name}' is provided by {', '.join(providers)}; "
-            f"recipes must write type = \"PROVIDER:{name}\""
+            f'recipes must write type = "PROVIDER:{name}"'
         )
 
 
@@ -91,7 +89,11 @@ def options_rows(config: Any) -> list[dict[str, Any]]:
         if marker is not None:
             kind, default, is_map = marker
             type_text = f"table of {kind} slots" if is_map else f"{kind} slot"
-            default_text = "{}" if is_map else (f'{{type = "{default}"}}' if default else ("required" if info.is_required() else "none"))
+            default_text = (
+                "{}"
+                if is_map
+                else (f'{{type = "{default}"}}' if default else ("required" if info.is_required() else "none"))
+            )
         else:
             type_text = _type_text(info.annotation)
             if info.is_required():
@@ -101,7 +103,12 @@ def options_rows(config: Any) -> list[dict[str, Any]]:
             else:
                 default_text = repr(info.default)
         rows.append(
-            {"name": info.alias or name, "type": type_text, "default": default_text, "description": info.description or ""}
+            {
+                "name": info.alias or name,
+                "type": type_text,
+                "default": default_text,
+                "description": info.description or "",
+            }
         )
     return rows
 
@@ -137,8 +144,15 @@ def components(app: Any, args: tuple[str, ...], as_json: bool) -> None:
     if as_json:
         echo_json(
             [
-                {"kind": s.kind, "name": s.name, "provider": s.provider, "version": s.version, "summary": s.summary,
-                 "impl": s.impl_path, "aliases": list(s.aliases)}
+                {
+                    "kind": s.kind,
+                    "name": s.name,
+                    "provider": s.provider,
+                    "version": s.version,
+                    "summary": s.summary,
+                    "impl": s.impl_path,
+                    "aliases": list(s.aliases),
+                }
                 for s in specs
             ]
         )
@@ -163,8 +177,17 @@ def _show(registry: Any, target: str, as_json: bool) -> None:
         raise DskUsageError(exc.message + (f"; {exc.hint}" if exc.hint else "")) from None
     rows = options_rows(spec.config)
     if as_json:
-        echo_json({"kind": spec.kind, "name": spec.name, "provider": spec.provider, "version": spec.version,
-                   "summary": spec.summary, "impl": spec.impl_path, "options": rows})
+        echo_json(
+            {
+                "kind": spec.kind,
+                "name": spec.name,
+                "provider": spec.provider,
+                "version": spec.version,
+                "summary": spec.summary,
+                "impl": spec.impl_path,
+                "options": rows,
+            }
+        )
         return
     from rich.table import Table
 

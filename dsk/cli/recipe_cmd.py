@@ -53,9 +53,7 @@ def show(ctx: click.Context, path: str, configs, sets, unsets, origin: bool, as_
     if as_json:
         payload: dict[str, Any] = {"recipe": table}
         if origin:
-            payload["origins"] = {
-                format_path(p): result.recipe.origin(p) or "default" for p, _ in _flatten(table)
-            }
+            payload["origins"] = {format_path(p): result.recipe.origin(p) or "default" for p, _ in _flatten(table)}
         echo_json(payload)
         return
     if not origin:
@@ -66,7 +64,9 @@ def show(ctx: click.Context, path: str, configs, sets, unsets, origin: bool, as_
     console = stdout_console()
     for p, value in _flatten(table):
         shown = tomli_w.dumps({"v": value}).strip()[4:] if value != {} else "{}"
-        console.print(f"{escape(format_path(p))} = {escape(shown)}    [dim]# {escape(result.recipe.origin(p) or 'default')}[/]")
+        console.print(
+            f"{escape(format_path(p))} = {escape(shown)}    [dim]# {escape(result.recipe.origin(p) or 'default')}[/]"
+        )
 
 
 @recipe.command("validate")
@@ -86,8 +86,13 @@ def validate(ctx: click.Context, paths: tuple[str, ...], configs, sets, unsets, 
                 stdout_console().print(f"[green]ok[/]  {escape(path)}")
         except DskUsageError as exc:
             failed += 1
-            reports.append({"recipe": path, "ok": False, "problems": problems_json(exc.problems, exc.recipe)
-                            or [{"path": "", "message": exc.message}]})
+            reports.append(
+                {
+                    "recipe": path,
+                    "ok": False,
+                    "problems": problems_json(exc.problems, exc.recipe) or [{"path": "", "message": exc.message}],
+                }
+            )
             if not as_json:
                 if exc.problems:
                     render_problems(stderr_console(), exc.message, exc.problems, exc.recipe)

@@ -142,7 +142,12 @@ def _load_layers(path: Path, stack: list[Path], out: list[tuple[str, dict[str, A
         target = (path.parent / entry) if not Path(entry).is_absolute() else Path(entry)
         if not target.exists():
             raise RecipeError(
-                [Problem("dsk.extends", f"{shown} extends '{entry}', which does not exist (looked for {_display(target)})")],
+                [
+                    Problem(
+                        "dsk.extends",
+                        f"{shown} extends '{entry}', which does not exist (looked for {_display(target)})",
+                    )
+                ],
                 source=shown,
             )
         _load_layers(target, stack + [resolved], out, files)
@@ -224,7 +229,9 @@ def apply_unset(recipe: Recipe, path: tuple[Any, ...], origin: str) -> None:
             siblings = list(container) if isinstance(container, dict) else []
             close = did_you_mean(str(key), [str(s) for s in siblings])
             hint = f"did you mean '{format_path(path[:i] + (close[0],))}'?" if close else None
-            raise RecipeError([Problem(format_path(path), f"cannot unset {format_path(path)}: not in the recipe", hint)])
+            raise RecipeError(
+                [Problem(format_path(path), f"cannot unset {format_path(path)}: not in the recipe", hint)]
+            )
         if i == len(path) - 1:
             del container[key]
     _drop_origins(recipe.origins, path)

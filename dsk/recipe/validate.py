@@ -178,9 +178,15 @@ def _validate_sections(registry: Registry, data: dict[str, Any], prefix: str) ->
         meta, probs = validate_config(registry, DskMeta, section("dsk") or {}, "dsk", "[dsk]")
         add("dsk", meta, probs)
     if section("model") is not None:
-        cfg, probs = validate_config(registry, _model_config_class(), section("model"), join(prefix, "model"), "[model]")
+        cfg, probs = validate_config(
+            registry, _model_config_class(), section("model"), join(prefix, "model"), "[model]"
+        )
         add("model", cfg, probs)
-    for key, kind, default in (("data", "task", None), ("tokenizer", "tokenizer", "char"), ("trainer", "trainer", None)):
+    for key, kind, default in (
+        ("data", "task", None),
+        ("tokenizer", "tokenizer", "char"),
+        ("trainer", "trainer", None),
+    ):
         raw = section(key)
         if raw is None:
             if default is not None and not prefix:
@@ -266,7 +272,9 @@ def validate_recipe(
                 for key in stage:
                     if key != "name" and key not in STAGE_SECTIONS:
                         close = did_you_mean(key, list(STAGE_SECTIONS))
-                        hint = f"did you mean '{close[0]}'?" if close else f"a stage may set: {', '.join(STAGE_SECTIONS)}"
+                        hint = (
+                            f"did you mean '{close[0]}'?" if close else f"a stage may set: {', '.join(STAGE_SECTIONS)}"
+                        )
                         problems.append(Problem(join(path, key), f"unknown section '{key}' in stage '{name}'", hint))
                 overlay = {k: v for k, v in stage.items() if k in STAGE_SECTIONS}
                 stage_resolved, merged_problems = _validate_sections(registry, _merge_stage(base, overlay), "")
@@ -310,4 +318,3 @@ def _plugin_problems(pm: DskPluginManager, data: dict[str, Any], resolved: dict[
         for p in result or []:
             out.append(p if isinstance(p, Problem) else Problem("", str(p)))
     return out
-

@@ -26,7 +26,7 @@ def write(path: Path, text: str) -> str:
 
 
 def test_validate_prints_every_problem_with_value_origin_and_hint(tmp_path, pm):
-    base = write(tmp_path / "base.toml", "[trainer]\ntype = 'toy_trainer'\nstepz = 3\n")
+    write(tmp_path / "base.toml", "[trainer]\ntype = 'toy_trainer'\nstepz = 3\n")
     top = write(tmp_path / "top.toml", "[dsk]\nextends = 'base.toml'\n[data]\ntype='toy_task'\ndigits = 12\n")
     result = run_dsk(["recipe", "validate", top, "--set", "trainer.lr=-2"], pm=pm)
     assert result.exit_code == 2
@@ -58,16 +58,16 @@ def test_missing_recipe_file_is_exit_2_without_traceback(tmp_path, pm):
 
 
 def test_show_resolves_defaults_and_origins(tmp_path, pm):
-    base = write(tmp_path / "base.toml", "[trainer]\ntype = 'toy_trainer'\nsteps = 3\n")
+    write(tmp_path / "base.toml", "[trainer]\ntype = 'toy_trainer'\nsteps = 3\n")
     top = write(tmp_path / "top.toml", "[dsk]\nextends = 'base.toml'\n")
     shown = run_dsk(["recipe", "show", top, "--set", "trainer.lr=0.5"], pm=pm)
     assert shown.exit_code == 0, shown.output
     import tomllib
 
     data = tomllib.loads(shown.stdout)
-    assert data["trainer"] == {"type": "toy_trainer", "steps": 3, "lr": 0.5, "rewards": {}} or data["trainer"][
-        "lr"
-    ] == 0.5
+    assert (
+        data["trainer"] == {"type": "toy_trainer", "steps": 3, "lr": 0.5, "rewards": {}} or data["trainer"]["lr"] == 0.5
+    )
     origin = run_dsk(["recipe", "show", top, "--set", "trainer.lr=0.5", "--origin"], pm=pm)
     lines = {line.split(" = ")[0]: line for line in origin.stdout.splitlines()}
     assert "base.toml" in lines["trainer.steps"]

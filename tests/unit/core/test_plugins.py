@@ -128,7 +128,9 @@ def test_strict_mode_re_raises(monkeypatch):
         pass
 
     with pytest.raises(PluginLoadError):
-        make_plugin_manager(entrypoints=False, plugins=[_plugin("typo2", register_model_component=register_model_component)])
+        make_plugin_manager(
+            entrypoints=False, plugins=[_plugin("typo2", register_model_component=register_model_component)]
+        )
 
 
 def test_two_providers_of_one_name_are_ambiguous_not_a_crash():

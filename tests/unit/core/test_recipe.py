@@ -86,8 +86,15 @@ def test_set_parses_toml_values_and_falls_back_to_strings(tmp_path):
     top = write(tmp_path / "top.toml", "[trainer]\ntype = 'toy_trainer'\n")
     recipe = load_recipe(
         top,
-        sets=["trainer.steps=12", "trainer.lr=1e-4", "features.toy_feature.block_size=64", "dsk.description=hello world",
-              "plugins.x.flags=[1, 2]", "plugins.x.on=true", 'plugins.x.q="10"'],
+        sets=[
+            "trainer.steps=12",
+            "trainer.lr=1e-4",
+            "features.toy_feature.block_size=64",
+            "dsk.description=hello world",
+            "plugins.x.flags=[1, 2]",
+            "plugins.x.on=true",
+            'plugins.x.q="10"',
+        ],
     )
     assert recipe.data["trainer"]["steps"] == 12 and recipe.data["trainer"]["lr"] == 1e-4
     assert recipe.data["features"]["toy_feature"]["block_size"] == 64
@@ -137,7 +144,9 @@ def test_config_files_layer_above_the_recipe(tmp_path):
     extra = write(tmp_path / "extra.toml", "[trainer]\nsteps = 30\n")
     recipe = load_recipe(top, configs=[str(extra)], sets=["trainer.lr=0.2"])
     assert recipe.data["trainer"]["steps"] == 30
-    assert recipe.origin(("trainer", "steps")) == f"--config {extra}" or "extra.toml" in recipe.origin(("trainer", "steps"))
+    assert recipe.origin(("trainer", "steps")) == f"--config {extra}" or "extra.toml" in recipe.origin(
+        ("trainer", "steps")
+    )
 
 
 def test_every_problem_is_reported_at_once_with_paths_and_suggestions(tmp_path, registry):
@@ -160,8 +169,14 @@ def test_every_problem_is_reported_at_once_with_paths_and_suggestions(tmp_path, 
     )
     problems = problems_of(load_recipe(top), registry)
     by_path = {p.path: p for p in problems}
-    assert set(by_path) >= {"trainr", "trainer.stepz", "trainer.lr", "data.type", "features.toy_feature.block_size",
-                            "features.mystery"}
+    assert set(by_path) >= {
+        "trainr",
+        "trainer.stepz",
+        "trainer.lr",
+        "data.type",
+        "features.toy_feature.block_size",
+        "features.mystery",
+    }
     assert "did you mean 'trainer'" in by_path["trainr"].hint
     assert "unknown option 'stepz' for trainer 'toy_trainer'" in by_path["trainer.stepz"].message
     assert "did you mean 'steps'" in by_path["trainer.stepz"].hint
@@ -195,11 +210,14 @@ def test_nested_slot_errors_carry_the_nested_path(tmp_path, registry):
 def test_nested_router_slot_and_cross_field_validator(tmp_path, registry):
     from dsk.recipe.validate import validate_slot
 
-    slot, problems = validate_slot(registry, "ffn", {"type": "toy_moe", "n_experts": 2, "router": {"top_k": 4}}, "model.ffn")
+    slot, problems = validate_slot(
+        registry, "ffn", {"type": "toy_moe", "n_experts": 2, "router": {"top_k": 4}}, "model.ffn"
+    )
     assert slot is None
     assert any("exceeds n_experts" in p.message for p in problems)
-    slot, problems = validate_slot(registry, "ffn", {"type": "toy_moe", "router": {"type": "toy_router", "top_k": 0}},
-                                   "model.ffn")
+    slot, problems = validate_slot(
+        registry, "ffn", {"type": "toy_moe", "router": {"type": "toy_router", "top_k": 0}}, "model.ffn"
+    )
     assert [p.path for p in problems] == ["model.ffn.router.top_k"]
     slot, problems = validate_slot(registry, "ffn", {"type": "toy_moe"}, "model.ffn")
     assert not problems and slot.config.router.name == "toy_router" and slot.config.router.config.top_k == 2
@@ -245,7 +263,9 @@ def test_stages_are_validated_each_on_top_of_the_base(tmp_path, registry):
 
 
 def test_required_sections_and_plugin_cross_checks(tmp_path, registry):
-    top = write(tmp_path / "top.toml", "[features.toy_feature]\nblock_size = 1024\n[trainer]\ntype='toy_trainer'\nsteps=2\n")
+    top = write(
+        tmp_path / "top.toml", "[features.toy_feature]\nblock_size = 1024\n[trainer]\ntype='toy_trainer'\nsteps=2\n"
+    )
     pm = make_plugin_manager(entrypoints=False, plugins=[toy_plugin])
     result = validate_recipe(load_recipe(top), registry, pm, require=("model",))
     paths = [p.path for p in result.problems]

@@ -33,9 +33,25 @@ def base_recipe() -> dict:
 @st.composite
 def mutation(draw):
     """One change that is guaranteed to make the recipe invalid, as (kind, payload)."""
-    kind = draw(st.sampled_from(["section", "option", "type_value", "range", "slot_name", "slot_scalar",
-                                 "toml_syntax", "set_bad_path", "set_bad_value", "unset_missing", "extends_missing",
-                                 "stage_unknown", "reward_bad"]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "section",
+                "option",
+                "type_value",
+                "range",
+                "slot_name",
+                "slot_scalar",
+                "toml_syntax",
+                "set_bad_path",
+                "set_bad_value",
+                "unset_missing",
+                "extends_missing",
+                "stage_unknown",
+                "reward_bad",
+            ]
+        )
+    )
     if kind == "section":
         name = draw(identifiers.filter(lambda n: n not in SECTIONS))
         return kind, {name: {"x": 1}}
@@ -77,8 +93,11 @@ def apply(recipe: dict, mut, args: list[str], tmp: Path) -> str | None:
     elif kind == "toml_syntax":
         return payload
     elif kind == "set_bad_path":
-        args += ["--set", f"{payload}=1"] if ".." in payload or payload.startswith(".") or payload.endswith(".") else [
-            "--unset", payload]
+        args += (
+            ["--set", f"{payload}=1"]
+            if ".." in payload or payload.startswith(".") or payload.endswith(".")
+            else ["--unset", payload]
+        )
     elif kind == "set_bad_value":
         args += ["--set", f"trainer.steps={json.dumps(payload) if not isinstance(payload, str) else payload}"]
     elif kind == "unset_missing":

@@ -52,8 +52,7 @@ def toy_reward(config, prompts, completions, **columns):
 
 @hookimpl
 def register_model_components(register):
-    register("router", "toy_router", ToyRouterConfig, config=ToyRouterConfig,
-             summary="a toy router")
+    register("router", "toy_router", ToyRouterConfig, config=ToyRouterConfig, summary="a toy router")
     register("ffn", "toy_moe", ToyMoEConfig, config=ToyMoEConfig, summary="a toy MoE")
 
 
@@ -82,6 +81,10 @@ def register_tasks(register):
 def validate_recipe(recipe, resolved):
     trainer = resolved.get("trainer")
     feats = resolved.get("features") or {}
-    if trainer is not None and "toy_feature" in feats and trainer.config.steps < feats["toy_feature"].config.block_size // 128:
+    if (
+        trainer is not None
+        and "toy_feature" in feats
+        and trainer.config.steps < feats["toy_feature"].config.block_size // 128
+    ):
         return [Problem("features.toy_feature.block_size", "block_size/128 must not exceed trainer.steps")]
     return None
