@@ -1,0 +1,94 @@
+"""Pieces shared by MLA and MHA: the preallocated KV cache, mask-to-bias conversion and scaled dot-product attention."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["KVCache", "attend", "attention_bias"]
+
+
+class KVCache:
+    """Preallocated per-layer cache of per-token tensors.
+
+    Every buffer holds ``max_len`` token slots along ``seq_dim``; slots ``[0, length)`` are filled. ``layout``
+    names what the buffers hold ("latent": MLA's compressed latent, "full": per-head K and V).
+    """
+
+    def __init__(self, buffers: dict[str, Tensor], seq_dim: int, layout: str):
+        self.buffers = buffers
+        self.seq_dim = seq_dim
+        self.layout = layout
+        self.length = 0  # a Python int: reading it never syncs with the device
+
+    @property
+    def max_len(self) -> int:
+        """Token slots available."""
+        return next(iter(self.buffers.values())).shape[self.seq_dim]
+
+    def values_per_token(self) -> int:
+        """Values stored per token (all buffers, all batch rows counted once)."""
+        return sum(b[:1].narrow(self.seq_dim, 0, 1).numel() for b in self.buffers.values())
+
+    def append(self, **new: Tensor) -> dict[str, Tensor]:
+        """Write the T new tokens of each buffer at slots ``[length, length+T)``; return views of slots ``[0, length+T)``."""
+        n_new = next(iter(new.values())).shape[self.seq_dim]
+        if self.length + n_new > self.max_len:
+            raise ValueError(
+                f"KV cache full: {self.length} cached + {n_new} new tokens > max_len {self.max_len}; "
+                "make the cache with a larger max_len"
+            )
+        out = {}
+        for name, value in new.items():
+            buf = self.buffers[name]
+            buf.narrow(self.seq_dim, self.length, n_new).copy_(value)
+            out[name] = buf.narrow(self.seq_dim, 0, self.length + n_new)
+        self.length += n_new
+        return out
+
+    def truncate(self, length: int) -> None:
+        """Roll back to the first ``length`` tokens (speculative decoding rejects the rest)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"truncate({length}): must be between 0 and the cached length {self.length}")
+        self.length = length
+
+    def __repr__(self) -> str:
+        return f"KVCache(layout={self.layout!r}, length={self.length}, max_len={self.max_len})"
+
+
+def attention_bias(
+    mask: Tensor | None, n_queries: int, n_keys: int, offset: int, dtype: torch.dtype, device: torch.device
+) -> Tensor | None:
+    """Additive score bias ``[B|1, T, S]`` (0 = may attend, dtype min = masked), or None when nothing is masked.
+
+    ``mask [B, T, S]`` (True = may attend) is used as given; None means causal by slot: query i (slot
+    ``offset + i``) sees keys ``0 .. offset + i``. The finite minimum instead of -inf keeps a fully masked row
+    (a left-padding query) finite instead of NaN.
+    """
+    if mask is None:
+        if n_queries == 1:
+            return None  # the single new token sees every cached key
+        q_slot = torch.arange(n_queries, device=device)[:, None] + offset
+        mask = (torch.arange(n_keys, device=device)[None, :] <= q_slot)[None]  # [1, T, S]
+    elif mask.shape[-2:] != (n_queries, n_keys) or mask.dim() != 3:
+        raise ValueError(f"attention mask has shape {tuple(mask.shape)}; expected [B, {n_queries}, {n_keys}]")
+    return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, causal: bool = False) -> Tensor:
+    """Softmax attention ``q [B, H, T, dk], k [B, H, S, dk], v [B, H, S, dv] -> [B, H, T, dv]``.
+
+    ``bias [B|1, T, S]`` is added to the scores; ``causal`` (only with ``bias`` None and T == S) masks the future.
+    """
+    if q.shape[-2] == 1:
+        # One query row (decoding): CPU SDPA kernels are ~6x slower than two matmuls here and copy strided cache
+        # views. K @ q^T reads the cache row-major (a plain GEMV; q @ K^T was ~1.7x slower on CPU).
+        scores = torch.matmul(k, q.transpose(-1, -2)).transpose(-1, -2) * scale  # b h s d, b h d 1 -> b h 1 s
+        # the softmax runs in fp32 (spec §1.6 item 5)
+        if bias is not None:
+            scores = scores + bias[:, None]
+        probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+        return torch.matmul(probs.to(v.dtype), v)  # b h 1 s, b h s d -> b h 1 d
+    attn_mask = None if bias is None else bias[:, None]  # b t s -> b 1 t s (broadcast over heads)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal and bias is None, scale=scale)

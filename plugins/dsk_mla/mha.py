@@ -1,0 +1,82 @@
+"""Standard multi-head attention with RoPE and a full K/V cache: the baseline MLA is measured against.
+
+Shapes: B batch, T new tokens, S keys (cached + new), H heads, d head_dim, D model dim.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from dsk.api import ModelContext
+from dsk_mla.attention import KVCache, attend, attention_bias
+from dsk_mla.config import MHAConfig
+from dsk_mla.rope import RotaryEmbedding
+
+__all__ = ["MHA"]
+
+
+class MHA(nn.Module):
+    """Multi-head attention (one K/V head per query head), RoPE on the whole head, Llama-style names."""
+
+    def __init__(self, cfg: MHAConfig, ctx: ModelContext):
+        super().__init__()
+        if cfg.head_dim is None and ctx.dim % cfg.n_heads:
+            raise ValueError(
+                f"attention.n_heads = {cfg.n_heads} does not divide the model dim {ctx.dim}; set attention.head_dim"
+            )
+        if cfg.head_dim is None and (ctx.dim // cfg.n_heads) % 2:
+            raise ValueError(
+                f"attention.head_dim = dim // n_heads = {ctx.dim // cfg.n_heads} is odd; RoPE needs an even head_dim"
+            )
+        self.cfg = cfg
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.head_dim or ctx.dim // cfg.n_heads
+        self.init_std = ctx.init_std
+        inner = self.n_heads * self.head_dim
+        self.q_proj = nn.Linear(ctx.dim, inner, bias=False)
+        self.k_proj = nn.Linear(ctx.dim, inner, bias=False)
+        self.v_proj = nn.Linear(ctx.dim, inner, bias=False)
+        self.o_proj = nn.Linear(inner, ctx.dim, bias=False)
+        self.rope = RotaryEmbedding(self.head_dim, cfg.rope_theta)
+        self.softmax_scale = self.head_dim**-0.5
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Linear weights ~ N(0, init_std)."""
+        for m in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
+            nn.init.normal_(m.weight, std=self.init_std)
+
+    def forward(self, x: Tensor, pos: Tensor, mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        """``x [B, T, D], pos [T] long, mask [B, T, S] bool | None, cache -> y [B, T, D]``."""
+        B, T, _ = x.shape
+        H, d = self.n_heads, self.head_dim
+        q = self.rope(self.q_proj(x).view(B, T, H, d), pos).transpose(1, 2)  # b t (h d) -> b h t d
+        k = self.rope(self.k_proj(x).view(B, T, H, d), pos).transpose(1, 2)  # b t (h d) -> b h t d
+        v = self.v_proj(x).view(B, T, H, d).transpose(1, 2)  # b t (h d) -> b h t d
+        offset = 0
+        if cache is not None:
+            if cache.layout != "full":
+                raise ValueError(f"MHA cannot use a cache with layout {cache.layout!r}; make it with MHA.make_cache")
+            offset = cache.length
+            new = cache.append(k=k, v=v)
+            k, v = new["k"].to(q.dtype), new["v"].to(q.dtype)  # [B, H, S, d]
+        S = k.shape[2]
+        bias = attention_bias(mask, T, S, offset, q.dtype, q.device) if offset or mask is not None else None
+        o = attend(q, k, v, bias, self.softmax_scale, causal=True)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, H * d))  # b h t d -> b t (h d)
+
+    def make_cache(
+        self, batch_size: int, max_len: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        """An empty full K/V cache for ``max_len`` tokens."""
+        ref = self.k_proj.weight
+        device, dtype = device or ref.device, dtype or ref.dtype
+        shape = (batch_size, self.n_heads, max_len, self.head_dim)
+        k = torch.zeros(shape, device=device, dtype=dtype)
+        v = torch.zeros(shape, device=device, dtype=dtype)
+        return KVCache({"k": k, "v": v}, seq_dim=2, layout="full")
+
+    def cache_values_per_token(self) -> int:
+        """Values cached per token per layer: ``2 * H * d``."""
+        return 2 * self.n_heads * self.head_dim

@@ -1,0 +1,219 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3; spec §1.6, report eqs 1-11) with naive and absorbed paths.
+
+Shapes: B batch, T new tokens, S keys (cached + new), H heads, dn = qk_nope_head_dim, dr = qk_rope_head_dim,
+dv = v_head_dim, c = kv_lora_rank, D model dim.
+
+Submodule and parameter names are HF ``DeepseekV3Attention``'s (q_a_proj, q_a_layernorm, q_b_proj | q_proj,
+kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj), so an HF state dict loads 1:1; see MLA.md.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from dsk.api import ModelContext
+from dsk_mla.attention import KVCache, attend, attention_bias
+from dsk_mla.config import MLAConfig
+from dsk_mla.rope import RotaryEmbedding, softmax_mscale
+
+__all__ = ["MLA", "RMSNorm"]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with HF DeepseekV3 numerics: normalise in >= fp32, cast back, then scale by ``weight``."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [..., dim] -> [..., dim]``."""
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention.
+
+    Without a cache (training, scoring) it runs the naive path: the latent is expanded to per-head K and V and fed
+    to SDPA. With a "latent" cache it stores only ``c + dr`` values per token (the normalised latent and the shared
+    rope key) and decodes with the absorbed path (W_UK folded into the query, W_UV into the output). With a "full"
+    cache it stores per-head K and V (``H * (dn + dr + dv)`` values per token), the naive baseline.
+    """
+
+    def __init__(self, cfg: MLAConfig, ctx: ModelContext):
+        super().__init__()
+        self.cfg = cfg
+        self.n_heads = cfg.n_heads
+        self.q_lora_rank = cfg.q_lora_rank
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.qk_nope_head_dim = cfg.qk_nope_head_dim
+        self.qk_rope_head_dim = cfg.qk_rope_head_dim
+        self.v_head_dim = cfg.v_head_dim
+        self.qk_head_dim = cfg.qk_head_dim
+        H, c, dr = cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+        self.init_std = ctx.init_std
+
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(ctx.dim, H * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(ctx.dim, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, ctx.norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * self.qk_head_dim, bias=False)
+        # one matrix gives both the latent c_KV (W^DKV) and the shared rope key (W^KR)
+        self.kv_a_proj_with_mqa = nn.Linear(ctx.dim, c + dr, bias=False)
+        self.kv_a_layernorm = RMSNorm(c, ctx.norm_eps)
+        # W^UK and W^UV stacked per head: rows (h, dn + dv)
+        self.kv_b_proj = nn.Linear(c, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * cfg.v_head_dim, ctx.dim, bias=False)
+        self.rope = RotaryEmbedding(dr, cfg.rope_theta, cfg.rope_scaling)
+        # qk_head_dim^-0.5, times mscale^2 under YaRN (spec §1.6, HF yarn_apply_mscale)
+        self.softmax_scale = self.qk_head_dim**-0.5 * softmax_mscale(cfg.rope_scaling)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Linear weights ~ N(0, init_std) (HF and the report init every weight this way); norm weights 1."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=self.init_std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+
+    # -- projections -------------------------------------------------------------------------------------------
+
+    def _queries(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """``x [B, T, D] -> q_nope [B, T, H, dn], q_pe [B, T, H, dr]`` (rope applied)."""
+        B, T, _ = x.shape
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, self.n_heads, self.qk_head_dim)  # b t (h d) -> b t h d
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        return q_nope, self.rope(q_pe, pos)
+
+    def _latents(self, x: Tensor, pos: Tensor) -> Tensor:
+        """``x [B, T, D] -> kv [B, T, c + dr]``: normalised latent c_KV, then the rope'd shared key k^R."""
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        return torch.cat((self.kv_a_layernorm(latent), self.rope(k_pe, pos)), dim=-1)
+
+    def _expand(self, kv: Tensor) -> tuple[Tensor, Tensor]:
+        """Naive up-projection ``kv [B, S, c + dr] -> k [B, H, S, dn + dr], v [B, H, S, dv]``."""
+        B, S, _ = kv.shape
+        H, dn, dr = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
+        latent, k_pe = kv.split([self.kv_lora_rank, dr], dim=-1)
+        kv_b = self.kv_b_proj(latent).view(B, S, H, dn + self.v_head_dim)  # b s (h d) -> b s h d
+        k_nope, v = kv_b.split([dn, self.v_head_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe[:, :, None, :].expand(B, S, H, dr)), dim=-1)  # rope key shared by all heads
+        return k.transpose(1, 2), v.transpose(1, 2)  # b s h d -> b h s d
+
+    # -- attention paths ---------------------------------------------------------------------------------------
+
+    def _attend_naive(self, q_nope: Tensor, q_pe: Tensor, kv: Tensor, mask: Tensor | None, offset: int) -> Tensor:
+        """Expand the latents to per-head K/V and attend: ``-> o [B, T, H, dv]``."""
+        B, T, _, _ = q_nope.shape
+        k, v = self._expand(kv)
+        q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # b t h d -> b h t d
+        bias = attention_bias(mask, T, kv.shape[1], offset, q.dtype, q.device) if offset or mask is not None else None
+        o = attend(q, k, v, bias, self.softmax_scale, causal=True)
+        return o.transpose(1, 2)  # b h t d -> b t h d
+
+    def _attend_absorbed(self, q_nope: Tensor, q_pe: Tensor, kv: Tensor, mask: Tensor | None, offset: int) -> Tensor:
+        """Attend in latent space (spec §1.6 item 4) over ``kv [B, S, c + dr]``: ``-> o [B, T, H, dv]``.
+
+        ``q_nope.W_UK[h] . c_j == q_nope . (W_UK[h] c_j)`` and ``(sum_j p_j c_j) W_UV[h]^T == sum_j p_j (W_UV[h] c_j)``,
+        so scores and outputs equal the naive path's while every head reads the same ``S x (c + dr)`` cache.
+        """
+        B, T, H, _ = q_nope.shape
+        S, c = kv.shape[1], self.kv_lora_rank
+        w = self.kv_b_proj.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, c)  # (h d) c -> h d c
+        w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
+        q_c = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # fold W_UK into the query
+        q_abs = torch.cat((q_c, q_pe), dim=-1)  # pairs with kv's layout [latent | rope key]
+        # heads become columns of one GEMM per batch row against the shared cache, read row-major:
+        # b s k, b k (t h) -> b s (t h) -> b (t h) s
+        scores = torch.matmul(kv, q_abs.reshape(B, T * H, c + self.qk_rope_head_dim).transpose(1, 2)).transpose(1, 2)
+        scores = scores.reshape(B, T, H, S) * self.softmax_scale
+        bias = attention_bias(mask, T, S, offset, scores.dtype, scores.device)
+        if bias is not None:
+            scores = scores + bias[:, :, None, :]  # b t s -> b t 1 s (broadcast over heads)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(kv.dtype)
+        o_c = torch.matmul(probs.view(B, T * H, S), kv[..., :c])  # b (t h) s, b s c -> b (t h) c
+        return torch.einsum("bthc,hdc->bthd", o_c.view(B, T, H, c), w_uv)  # fold W_UV on the output
+
+    def _absorb_is_cheaper(self, n_queries: int) -> bool:
+        """Whether the absorbed path needs fewer multiply-adds than expanding the cached latents, per key and head.
+
+        absorbed: T * (2c + dr); naive: c * (dn + dv) to expand the key, then T * (dn + dr + dv). Decoding (small T)
+        absorbs; a long prefill into a latent cache expands, as DeepSeek's serving stacks do.
+        """
+        c, dn, dv = self.kv_lora_rank, self.qk_nope_head_dim, self.v_head_dim
+        return n_queries * (2 * c - dn - dv) <= c * (dn + dv)
+
+    # -- public API --------------------------------------------------------------------------------------------
+
+    def forward(self, x: Tensor, pos: Tensor, mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        """``x [B, T, D], pos [T] long, mask [B, T, S] bool | None, cache -> y [B, T, D]``.
+
+        With a cache the T tokens are appended at slots ``cache.length ..`` and attend over all S cached keys.
+        """
+        B, T, _ = x.shape
+        q_nope, q_pe = self._queries(x, pos)  # [B, T, H, dn], [B, T, H, dr]
+        kv = self._latents(x, pos)  # [B, T, c + dr]
+        if cache is None:
+            o = self._attend_naive(q_nope, q_pe, kv, mask, offset=0)
+        elif cache.layout == "latent":
+            offset = cache.length
+            kv_all = cache.append(kv=kv)["kv"].to(kv.dtype)  # [B, S, c + dr]
+            if self._absorb_is_cheaper(T):
+                o = self._attend_absorbed(q_nope, q_pe, kv_all, mask, offset)
+            else:
+                o = self._attend_naive(q_nope, q_pe, kv_all, mask, offset)
+        elif cache.layout == "full":
+            offset = cache.length
+            k, v = self._expand(kv)  # [B, H, T, dn + dr], [B, H, T, dv]
+            new = cache.append(k=k, v=v)
+            q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # b t h d -> b h t d
+            bias = attention_bias(mask, T, offset + T, offset, q.dtype, q.device)
+            o = attend(q, new["k"].to(q.dtype), new["v"].to(q.dtype), bias, self.softmax_scale).transpose(1, 2)
+        else:
+            raise ValueError(f"MLA cannot use a cache with layout {cache.layout!r}; make it with MLA.make_cache")
+        return self.o_proj(o.reshape(B, T, self.n_heads * self.v_head_dim))  # b t h d -> b t (h d)
+
+    def forward_absorbed(self, x: Tensor, pos: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The absorbed path without a cache (for tests): ``x [B, T, D], pos [T], mask [B, T, T] | None -> [B, T, D]``."""
+        B, T, _ = x.shape
+        q_nope, q_pe = self._queries(x, pos)
+        o = self._attend_absorbed(q_nope, q_pe, self._latents(x, pos), mask, offset=0)
+        return self.o_proj(o.reshape(B, T, self.n_heads * self.v_head_dim))  # b t h d -> b t (h d)
+
+    def make_cache(
+        self,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        layout: str | None = None,
+    ) -> KVCache:
+        """An empty cache for ``max_len`` tokens; ``layout`` defaults to ``cfg.decode_cache``."""
+        layout = layout or self.cfg.decode_cache
+        ref = self.kv_b_proj.weight
+        device, dtype = device or ref.device, dtype or ref.dtype
+        if layout == "latent":
+            kv = torch.zeros(batch_size, max_len, self.kv_lora_rank + self.qk_rope_head_dim, device=device, dtype=dtype)
+            return KVCache({"kv": kv}, seq_dim=1, layout="latent")
+        if layout == "full":
+            H = self.n_heads
+            k = torch.zeros(batch_size, H, max_len, self.qk_head_dim, device=device, dtype=dtype)
+            v = torch.zeros(batch_size, H, max_len, self.v_head_dim, device=device, dtype=dtype)
+            return KVCache({"k": k, "v": v}, seq_dim=2, layout="full")
+        raise ValueError(f"decode_cache = {layout!r}: expected 'latent' or 'full'")
+
+    def cache_values_per_token(self, layout: str | None = None) -> int:
+        """Values cached per token per layer: ``c + dr`` (latent) or ``H * (dn + dr + dv)`` (full)."""
+        if (layout or self.cfg.decode_cache) == "latent":
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return self.n_heads * (self.qk_head_dim + self.v_head_dim)
