@@ -18,13 +18,14 @@ from dsk import __version__
 #: built-in commands, imported lazily
 LAZY_COMMANDS: dict[str, str] = {
     "train": "dsk.cli.run_cmd:train",
-    "distill": "dsk.cli.run_cmd:distill",
+    "distill": "dsk.cli.distill_cmd:distill",
     "profile": "dsk.cli.run_cmd:profile",
     "generate": "dsk.cli.model_cmd:generate_cmd",
     "convert": "dsk.cli.model_cmd:convert_cmd",
     "plugins": "dsk.cli.plugins_cmd:plugins",
     "components": "dsk.cli.plugins_cmd:components",
     "recipe": "dsk.cli.recipe_cmd:recipe",
+    "eval": "dsk.cli.eval_cmd:eval_cmd",
 }
 
 SHORT_HELP: dict[str, str] = {
@@ -36,6 +37,7 @@ SHORT_HELP: dict[str, str] = {
     "plugins": "List loaded plugins, their versions, components and failures.",
     "components": "List registered components, or show one's options.",
     "recipe": "Show or validate recipes.",
+    "eval": "Greedy accuracy of a checkpoint on a task's test split.",
 }
 
 

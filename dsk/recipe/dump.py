@@ -28,7 +28,7 @@ def config_to_table(config: BaseModel) -> dict[str, Any]:
     slot_fields = {name for name, f in cls.model_fields.items() if slot_kind(f) is not None}
     dumped = config.model_dump(mode="json", by_alias=True, exclude=slot_fields)
     table = _plain(dumped)
-    for name in slot_fields:
+    for name in (n for n in cls.model_fields if n in slot_fields):  # field order: a set would vary per process
         value = getattr(config, name)
         if value is not None:
             table[cls.model_fields[name].alias or name] = _plain(value)

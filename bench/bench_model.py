@@ -1,0 +1,185 @@
+"""Whole-model training step vs HF transformers, and MTP speculative decoding vs plain greedy decoding.
+
+Rows:
+* ``train_step``: one optimizer step (forward with labels, backward, AdamW step) of a small DeepSeek-V3-style model
+  (MLA + DeepSeekMoE with noaux_tc group-limited routing, one dense layer first), float32, CPU. ``peer`` =
+  ``transformers.DeepseekV3ForCausalLM`` with the same config and the same weights (dsk loads the HF checkpoint the
+  peer saved) on the same batch; ``dsk`` also runs its sequence-wise balance loss and the router bias update, which
+  the peer lacks. Medians of interleaved steps; ``ratio = peer / dsk`` (target >= 1.5).
+* ``mtp_acceptance``: share of MTP drafts (depth 1) the main model accepts, for the ``recipes/base/tiny-dsv3.toml``
+  model after a short training on a deterministic sequence (a fixed random permutation of the vocabulary walked
+  as a cycle), so that the MTP head has something to predict. Real text is harder: the paper reports 85-90 % for
+  the second token of DeepSeek-V3 (§5.4.3).
+* ``speculative_decode``: seconds to generate the same greedy tokens with ``speculative_generate`` (``dsk``) and with
+  plain KV-cached ``generate`` (``peer``), batch 1; ``ratio = peer / dsk`` (the paper: 1.8x tokens per second).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _median_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _train_step_rows(quick: bool) -> list[dict]:
+    import transformers
+
+    import dsk
+    from dsk.model.transformer import after_optimizer_step
+
+    # DeepSeek-V3's routing topology scaled down: fine-grained experts, half of the groups kept per token.
+    dim, layers, experts, top_k, groups, batch, seq = (64, 3, 16, 4, 4, 4, 64) if quick else (128, 4, 64, 6, 8, 8, 128)
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=512,
+        hidden_size=dim,
+        intermediate_size=3 * dim,
+        moe_intermediate_size=dim // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        n_routed_experts=experts,
+        n_shared_experts=1,
+        num_experts_per_tok=top_k,
+        n_group=groups,
+        topk_group=groups // 2,
+        first_k_dense_replace=1,
+        q_lora_rank=dim // 2,
+        kv_lora_rank=dim // 2,
+        qk_rope_head_dim=16,
+        qk_nope_head_dim=32,
+        v_head_dim=32,
+        max_position_embeddings=1024,
+        routed_scaling_factor=2.5,
+    )
+    torch.manual_seed(0)
+    peer = transformers.DeepseekV3ForCausalLM(cfg).train()
+    with tempfile.TemporaryDirectory() as tmp:
+        peer.save_pretrained(tmp)
+        model = dsk.load_pretrained(tmp).train()
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    opt_dsk = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt_peer = torch.optim.AdamW(peer.parameters(), lr=1e-4)
+
+    def dsk_step() -> None:
+        loss = model(ids, ids).loss
+        opt_dsk.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_dsk.step()
+        after_optimizer_step(model)
+
+    def peer_step() -> None:
+        loss = peer(input_ids=ids, labels=ids).loss
+        opt_peer.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_peer.step()
+
+    t = _median_interleaved({"dsk": dsk_step, "peer": peer_step}, repeats=3 if quick else 5, warmup=1)
+    case = f"dim{dim} L{layers} E{experts} k{cfg.num_experts_per_tok} B{batch}x{seq} fp32 AdamW"
+    return [
+        {
+            "bench": "model",
+            "case": f"train_step {case}",
+            "dsk": t["dsk"],
+            "peer": t["peer"],
+            "ratio": t["peer"] / t["dsk"],
+            "target": ">= 1.5 vs transformers DeepseekV3ForCausalLM",
+            "unit": "s/step",
+        }
+    ]
+
+
+def _tiny_dsv3(vocab: int):
+    from dsk.model.build import build_model
+    from dsk.model.config import ModelConfig
+
+    table = tomllib.loads((ROOT / "recipes" / "base" / "tiny-dsv3.toml").read_text())["model"]
+    torch.manual_seed(0)
+    return build_model(ModelConfig.model_validate({**table, "vocab_size": vocab}))
+
+
+def _speculative_rows(quick: bool) -> list[dict]:
+    from dsk.model.generate import generate, speculative_generate
+    from dsk.model.transformer import after_optimizer_step
+
+    vocab, steps, batch, new_tokens = 64, (30 if quick else 60), (4 if quick else 8), (32 if quick else 96)
+    model = _tiny_dsv3(vocab).train()
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(vocab, generator=g)
+    stream = order.repeat(8)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        starts = torch.randint(0, vocab, (batch,), generator=g).tolist()
+        ids = torch.stack([stream[s : s + 64] for s in starts])
+        loss = model(ids, ids).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        after_optimizer_step(model)
+    model.eval()
+    prompt = order[:4].tolist()
+    spec = speculative_generate(model, prompt, new_tokens)
+    plain = generate(model, [prompt], new_tokens, temperature=0)
+    if spec.tokens != plain.tokens[0]:
+        raise AssertionError("speculative decoding diverged from greedy decoding")
+    t = _median_interleaved(
+        {
+            "dsk": lambda: speculative_generate(model, prompt, new_tokens),
+            "peer": lambda: generate(model, [prompt], new_tokens, temperature=0),
+        },
+        repeats=3,
+        warmup=1,
+    )
+    case = f"tiny-dsv3 MTP depth 1, {steps} train steps on a cycle, {new_tokens} tokens"
+    return [
+        {
+            "bench": "model",
+            "case": f"mtp_acceptance {case}",
+            "dsk": spec.acceptance_rate,
+            "peer": None,
+            "ratio": None,
+            "target": "paper: 0.85-0.90 on real text (§5.4.3)",
+            "unit": "accepted/drafted",
+        },
+        {
+            "bench": "model",
+            "case": f"speculative_decode {case} ({spec.tokens_per_step:.2f} tokens/forward)",
+            "dsk": t["dsk"],
+            "peer": t["peer"],
+            "ratio": t["peer"] / t["dsk"],
+            "target": "paper: 1.8x tokens/s vs plain decoding",
+            "unit": "s",
+        },
+    ]
+
+
+def run(quick: bool) -> list[dict]:
+    """Rows of ``python -m bench model`` (see the module docstring)."""
+    return _train_step_rows(quick) + _speculative_rows(quick)
+
+
+if __name__ == "__main__":
+    for row in run(quick=True):
+        print(row)

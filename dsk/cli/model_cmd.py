@@ -1,0 +1,212 @@
+"""``dsk generate`` and ``dsk convert``: sample from a checkpoint, convert checkpoints between HF and dsk formats.
+
+Plain click commands (``generate_cmd``, ``convert_cmd``) that the root group imports on first use; torch is
+imported inside the command bodies.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from dsk.cli.common import DskUsageError, echo_json, stdout_console
+
+
+def _load_model(checkpoint: str, dtype: str | None = None) -> Any:
+    from dsk.model.hf import CheckpointError, load_pretrained
+
+    try:
+        return load_pretrained(checkpoint, dtype=_torch_dtype(dtype))
+    except CheckpointError as exc:
+        raise DskUsageError(str(exc)) from None
+
+
+def _torch_dtype(name: str | None) -> Any:
+    if name is None:
+        return None
+    import torch
+
+    return {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}[name]
+
+
+def _load_tokenizer(checkpoint: str, spec: str | None) -> Any:
+    """``--tokenizer`` if given, else the ``tokenizer`` entry of a dsk config.json, else ``tokenizer.json``."""
+    import json
+
+    from dsk.data.tokenizers import load_tokenizer
+
+    directory = Path(checkpoint)
+    if spec is None:
+        try:
+            meta = json.loads((directory / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            meta = {}
+        if isinstance(meta, dict) and meta.get("tokenizer") is not None:
+            spec = meta["tokenizer"]
+        elif (directory / "tokenizer.json").exists():
+            spec = str(directory / "tokenizer.json")
+        else:
+            raise DskUsageError(
+                f"{directory}: no tokenizer (no 'tokenizer' entry in config.json, no tokenizer.json); "
+                "pass --tokenizer char|byte|PATH"
+            )
+    try:
+        return load_tokenizer(spec)
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        raise DskUsageError(f"cannot load the tokenizer for {directory}: {exc}") from None
+
+
+@click.command("generate")
+@click.argument("checkpoint", type=click.Path(file_okay=False))
+@click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt text (repeat for a batch).")
+@click.option(
+    "--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=0), help="Most tokens per prompt."
+)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="Sampling temperature; 0 = greedy. [default: 1.0, or 0 with --speculative]",
+)
+@click.option(
+    "--top-p",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Nucleus sampling: keep the most likely tokens up to this mass (1 = off).",
+)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the sampling generator.")
+@click.option(
+    "--speculative",
+    type=click.Choice(["mtp"]),
+    default=None,
+    help="Greedy speculative decoding: the MTP heads draft, the model verifies (one prompt at a time).",
+)
+@click.option("--tokenizer", "tokenizer_spec", default=None, help="char, byte, a tokenizer.json or dsk tokenizer JSON.")
+@click.option("--bos/--no-bos", default=True, show_default=True, help="Prepend the tokenizer's BOS token.")
+@click.option("--dtype", type=click.Choice(["float32", "float64", "bfloat16"]), default=None, help="[default: float32]")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
+def generate_cmd(
+    checkpoint, prompts, max_new_tokens, temperature, top_p, seed, speculative, tokenizer_spec, bos, dtype, as_json
+) -> None:
+    """Sample continuations of prompts from a checkpoint (HF DeepSeek-V3 or dsk directory), with a KV cache.
+
+    \b
+    Examples:
+      dsk generate path/to/checkpoint --prompt "12+7=" --temperature 0
+      dsk generate ckpt --prompt "a" --prompt "b" --top-p 0.9 --json
+      dsk generate ckpt --prompt "12+7=" --speculative mtp
+    """
+    tok = _load_tokenizer(checkpoint, tokenizer_spec)
+    model = _load_model(checkpoint, dtype)
+    if tok.vocab_size > model.vocab_size:
+        raise DskUsageError(
+            f"{checkpoint}: the tokenizer has {tok.vocab_size} ids but the model only {model.vocab_size}"
+        )
+    if speculative and temperature not in (None, 0):
+        raise DskUsageError("--speculative mtp decodes greedily: drop --temperature or pass --temperature 0")
+    if speculative and model.mtp is None:
+        raise DskUsageError(f"{checkpoint}: the model has no MTP heads, so --speculative mtp cannot draft")
+    temperature = (0.0 if speculative else 1.0) if temperature is None else temperature
+    encoded = [tok.encode(p, add_bos=bos and tok.bos_id is not None) for p in prompts]
+    if any(not ids for ids in encoded):
+        raise DskUsageError("a prompt encodes to no tokens; give some text or use --bos")
+
+    import torch
+
+    from dsk.model.generate import generate, speculative_generate
+
+    start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    stats: dict[str, Any] | None = None
+    try:
+        if speculative:
+            drafted = accepted = 0
+            for ids in encoded:
+                r = speculative_generate(model, ids, max_new_tokens, eos_id=tok.eos_id)
+                drafted, accepted = drafted + r.drafted, accepted + r.accepted
+                rows.append({"tokens": r.tokens, "finished": r.finished, "truncated": not r.finished})
+            stats = {
+                "drafted": drafted,
+                "accepted": accepted,
+                "acceptance_rate": accepted / drafted if drafted else 0.0,
+            }
+        else:
+            gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
+            res = generate(
+                model,
+                encoded,
+                max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                eos_id=tok.eos_id,
+                generator=gen,
+                pad_id=tok.pad_id,
+            )
+            rows = [
+                {"tokens": t, "finished": f, "truncated": tr}
+                for t, f, tr in zip(res.tokens, res.finished, res.truncated, strict=True)
+            ]
+    except ValueError as exc:  # prompt too long for max_seq_len and similar input problems
+        raise DskUsageError(str(exc)) from None
+    elapsed = time.perf_counter() - start
+    n_tokens = sum(len(r["tokens"]) for r in rows)
+    for prompt, row in zip(prompts, rows, strict=True):
+        row["prompt"] = prompt
+        row["text"] = tok.decode(row["tokens"])
+    if as_json:
+        echo_json(
+            {
+                "checkpoint": checkpoint,
+                "temperature": temperature,
+                "top_p": top_p,
+                "seed": seed,
+                "speculative": speculative,
+                "completions": rows,
+                "speculation": stats,
+                "tokens": n_tokens,
+                "seconds": round(elapsed, 4),
+                "tokens_per_s": round(n_tokens / elapsed, 2) if elapsed > 0 else None,
+            }
+        )
+        return
+    console = stdout_console()
+    from rich.markup import escape
+
+    for row in rows:
+        console.print(f"[bold]{escape(row['prompt'])}[/]{escape(row['text'])}")
+    summary = f"{n_tokens} tokens in {elapsed:.2f}s ({n_tokens / max(elapsed, 1e-9):.1f} tokens/s)"
+    if stats:
+        summary += f"; MTP acceptance {stats['acceptance_rate']:.1%} ({stats['accepted']}/{stats['drafted']})"
+    console.print(f"[dim]{summary}[/]")
+
+
+@click.command("convert")
+@click.argument("src", type=click.Path(file_okay=False))
+@click.argument("dst", type=click.Path(file_okay=False))
+@click.option("--to", "to", type=click.Choice(["hf", "dsk"]), required=True, help="Target format.")
+@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+def convert_cmd(src, dst, to, force, as_json) -> None:
+    """Convert a checkpoint directory between the HF DeepSeek-V3 and dsk formats (tensors kept bit for bit).
+
+    \b
+    Examples:
+      dsk convert path/to/hf-model ckpt-dsk --to dsk
+      dsk convert path/to/dsk-checkpoint hf-out --to hf
+    """
+    from dsk.model.hf import CheckpointError, convert
+
+    if Path(dst).exists() and not force:
+        raise DskUsageError(f"{dst} exists; pass --force to replace it")
+    try:
+        out = convert(src, dst, to=to)
+    except CheckpointError as exc:
+        raise DskUsageError(str(exc)) from None
+    if as_json:
+        echo_json({"src": src, "dst": str(out), "to": to})
+    else:
+        stdout_console().print(f"wrote {to} checkpoint to {out}")

@@ -1,0 +1,129 @@
+"""Batched KV-cached generation: cache == recompute, left padding, EOS, sampling, top-p, log-probs."""
+
+import pytest
+import torch
+
+from dsk.model.generate import generate, sample_next, top_p_filter
+from tests.unit.model.tiny import VOCAB, tiny_model
+
+PROMPTS = [[3, 7, 1, 9, 4], [5, 2], [8, 8, 6, 1]]
+
+
+def _greedy_by_recompute(model, prompt, n):
+    """Reference: no cache, the whole sequence re-run for every new token."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(prompt) :]
+
+
+def test_kv_cached_greedy_generation_equals_recomputing_the_full_forward():
+    model = tiny_model(mtp=None)
+    res = generate(model, [PROMPTS[0]], 12, temperature=0)
+    assert res.tokens[0] == _greedy_by_recompute(model, PROMPTS[0], 12)
+
+
+def test_left_padded_batch_generates_what_each_prompt_generates_alone():
+    model = tiny_model(mtp=None)
+    batch = generate(model, PROMPTS, 10, temperature=0)
+    alone = [generate(model, [p], 10, temperature=0).tokens[0] for p in PROMPTS]
+    assert batch.tokens == alone
+
+
+def test_left_padded_logprobs_match_per_prompt_logprobs():
+    model = tiny_model(mtp=None)
+    batch = generate(model, PROMPTS, 6, temperature=0, return_logprobs=True)
+    for i, p in enumerate(PROMPTS):
+        alone = generate(model, [p], 6, temperature=0, return_logprobs=True)
+        torch.testing.assert_close(torch.tensor(batch.logprobs[i]), torch.tensor(alone.logprobs[0]))
+
+
+def test_logprobs_are_the_model_log_softmax_of_the_sampled_tokens():
+    model = tiny_model(mtp=None)
+    prompt = PROMPTS[0]
+    g = torch.Generator().manual_seed(3)
+    res = generate(model, [prompt], 5, temperature=0.7, generator=g, return_logprobs=True)
+    seq = torch.tensor([prompt + res.tokens[0]])
+    logp = torch.log_softmax(model(seq).logits[0], dim=-1)
+    want = [logp[len(prompt) - 1 + j, tok].item() for j, tok in enumerate(res.tokens[0])]
+    torch.testing.assert_close(torch.tensor(res.logprobs[0]), torch.tensor(want))
+
+
+def test_eos_stops_its_row_while_other_rows_continue():
+    model = tiny_model(mtp=None)
+    free = generate(model, PROMPTS, 8, temperature=0)
+    eos = free.tokens[0][2]  # row 0 produces it at step 3
+    first_hit = [row.index(eos) + 1 if eos in row else None for row in free.tokens]
+    res = generate(model, PROMPTS, 8, temperature=0, eos_id=eos)
+    for i, row in enumerate(free.tokens):
+        n = first_hit[i] or 8
+        assert res.tokens[i] == row[:n]
+        assert res.lengths[i] == n
+        assert res.finished[i] == (first_hit[i] is not None)
+        assert res.truncated[i] == (first_hit[i] is None)
+    assert res.finished[0] and res.lengths[0] == free.tokens[0].index(eos) + 1
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent():
+    model = tiny_model(mtp=None)
+
+    def run(seed):
+        return generate(model, PROMPTS, 10, temperature=1.0, generator=torch.Generator().manual_seed(seed)).tokens
+
+    assert run(0) == run(0)
+    assert run(0) != run(1)
+
+
+def test_generation_stops_at_max_seq_len_and_marks_rows_truncated():
+    model = tiny_model(mtp=None)  # max_seq_len 64
+    res = generate(model, [[1] * 60], 10, temperature=0)
+    assert res.lengths == [4] and res.truncated == [True] and res.finished == [False]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"prompts": [[]]}, "at least one token"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"prompts": [[1] * 64]}, "max_seq_len"),
+    ],
+)
+def test_bad_arguments_raise_value_errors_naming_the_argument(kwargs, match):
+    args = {"prompts": [[1, 2]], "max_new_tokens": 2, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        generate(tiny_model(mtp=None), **args)
+
+
+def _top_p_reference(probs, p):
+    """Straightforward nucleus: walk tokens by decreasing probability until the mass reaches p."""
+    out = torch.zeros_like(probs)
+    for b in range(probs.shape[0]):
+        mass = 0.0
+        for i in sorted(range(probs.shape[1]), key=lambda j: -probs[b, j].item()):
+            if mass >= p:
+                break
+            out[b, i] = probs[b, i]
+            mass += probs[b, i].item()
+    return out / out.sum(dim=-1, keepdim=True)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.5, 0.9, 0.999, 1.0])
+def test_top_p_filter_matches_a_reference_loop(p):
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(4, 11, generator=g, dtype=torch.float64) * 2, dim=-1)
+    torch.testing.assert_close(top_p_filter(probs, p), _top_p_reference(probs, p))
+
+
+def test_top_p_sampling_only_draws_from_the_nucleus():
+    logits = torch.tensor([[4.0, 3.0, 0.0, -1.0, -2.0]]).repeat(200, 1)
+    nucleus = top_p_filter(torch.softmax(logits, -1), 0.8)[0] > 0
+    draws = sample_next(logits, temperature=1.0, top_p=0.8, generator=torch.Generator().manual_seed(0))
+    assert nucleus.tolist() == [True, True, False, False, False]
+    assert set(draws.tolist()) == {0, 1}
+
+
+def test_temperature_zero_is_argmax():
+    logits = torch.randn(5, VOCAB, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample_next(logits, temperature=0.0), logits.argmax(-1))

@@ -1,0 +1,95 @@
+"""``dsk generate`` and ``dsk convert`` through the CLI runner."""
+
+import json
+
+import pytest
+import torch
+
+from dsk.data.tokenizers import CharTokenizer
+from dsk.model.hf import save_dsk
+from tests.unit.model.tiny import tiny_model
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    tok = CharTokenizer()
+    path = tmp_path_factory.mktemp("ckpt") / "model"
+    save_dsk(
+        tiny_model(dtype=torch.float32, vocab_size=tok.vocab_size), path, extra={"tokenizer": json.loads(tok.to_json())}
+    )
+    return str(path)
+
+
+def test_generate_json_reports_completions_and_speed(dsk_cli, ckpt):
+    r = dsk_cli(
+        [
+            "generate",
+            ckpt,
+            "--prompt",
+            "12+3=",
+            "--prompt",
+            "ab",
+            "--max-new-tokens",
+            "4",
+            "--temperature",
+            "0",
+            "--json",
+        ]
+    )
+    assert r.exit_code == 0, r.output
+    payload = json.loads(r.stdout)
+    assert [c["prompt"] for c in payload["completions"]] == ["12+3=", "ab"]
+    assert all(len(c["tokens"]) <= 4 and isinstance(c["text"], str) for c in payload["completions"])
+    assert payload["tokens_per_s"] > 0 and payload["speculation"] is None
+
+
+def test_greedy_speculative_generation_matches_plain_greedy_and_reports_acceptance(dsk_cli, ckpt):
+    args = ["generate", ckpt, "--prompt", "12+3=", "--max-new-tokens", "6", "--json"]
+    plain = json.loads(dsk_cli([*args, "--temperature", "0"]).stdout)
+    r = dsk_cli([*args, "--speculative", "mtp"])
+    assert r.exit_code == 0, r.output
+    spec = json.loads(r.stdout)
+    assert spec["completions"][0]["tokens"] == plain["completions"][0]["tokens"]
+    assert 0.0 <= spec["speculation"]["acceptance_rate"] <= 1.0
+
+
+def test_generate_text_output_ends_with_a_summary(dsk_cli, ckpt):
+    r = dsk_cli(["generate", ckpt, "--prompt", "7*", "--max-new-tokens", "3", "--seed", "1"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("7*") and "tokens/s" in r.stdout
+
+
+def test_generate_on_a_missing_checkpoint_exits_2_naming_it(dsk_cli, tmp_path):
+    r = dsk_cli(["generate", str(tmp_path / "missing"), "--prompt", "x", "--tokenizer", "char"])
+    assert r.exit_code == 2
+    assert "missing" in r.stderr and "Traceback" not in r.output
+
+
+def test_generate_without_a_tokenizer_asks_for_one(dsk_cli, tmp_path):
+    save_dsk(tiny_model(), tmp_path / "m")
+    r = dsk_cli(["generate", str(tmp_path / "m"), "--prompt", "x"])
+    assert r.exit_code == 2 and "--tokenizer" in r.stderr
+
+
+def test_speculative_with_a_temperature_is_a_usage_error(dsk_cli, ckpt):
+    r = dsk_cli(["generate", ckpt, "--prompt", "1", "--speculative", "mtp", "--temperature", "0.5"])
+    assert r.exit_code == 2 and "greedily" in r.stderr
+
+
+def test_convert_round_trip_and_refusal_to_overwrite(dsk_cli, ckpt, tmp_path):
+    hf = str(tmp_path / "hf")
+    r = dsk_cli(["convert", ckpt, hf, "--to", "hf", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["to"] == "hf"
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "deepseek_v3"
+    r = dsk_cli(["convert", ckpt, hf, "--to", "hf"])
+    assert r.exit_code == 2 and "--force" in r.stderr
+    assert dsk_cli(["convert", ckpt, hf, "--to", "hf", "--force"]).exit_code == 0
+
+
+def test_convert_of_a_broken_checkpoint_exits_2_naming_the_file(dsk_cli, tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{not json")
+    r = dsk_cli(["convert", str(tmp_path / "bad"), str(tmp_path / "out"), "--to", "dsk"])
+    assert r.exit_code == 2
+    assert "bad/config.json" in r.stderr and "Traceback" not in r.output

@@ -1,0 +1,63 @@
+"""Speculative decoding with the MTP heads: identical to greedy decoding, sane acceptance accounting."""
+
+import pytest
+import torch
+
+from dsk.model.generate import generate, speculative_generate
+from tests.unit.model.tiny import tiny_model
+
+PROMPTS = [[3, 7, 1, 9, 4], [5], [8, 8, 6, 1, 2, 2, 2]]
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_speculative_output_equals_greedy_token_for_token(depth):
+    model = tiny_model(seed=depth)
+    for prompt in PROMPTS:
+        greedy = generate(model, [prompt], 20, temperature=0).tokens[0]
+        spec = speculative_generate(model, prompt, 20, depth=depth)
+        assert spec.tokens == greedy
+        assert 0.0 <= spec.acceptance_rate <= 1.0
+        assert spec.accepted <= spec.drafted
+        assert len(spec.tokens) == 1 + spec.verify_steps + spec.accepted  # prefill + (1 + accepted) per verify
+
+
+def test_speculative_stops_at_eos_like_greedy():
+    model = tiny_model()
+    greedy = generate(model, [PROMPTS[0]], 20, temperature=0).tokens[0]
+    eos = greedy[5]
+    spec = speculative_generate(model, PROMPTS[0], 20, eos_id=eos)
+    assert spec.finished and spec.tokens == greedy[: greedy.index(eos) + 1]
+
+
+def test_heads_trained_on_a_cycle_draft_tokens_the_model_accepts():
+    # A few AdamW steps on a repeating 7-token cycle teach both the model and the MTP heads the sequence; the
+    # drafts are then right and get accepted, and the output is still exactly greedy decoding's.
+    model = tiny_model(dtype=torch.float32).train()
+    seq = torch.tensor([5, 11, 2, 30, 7, 19, 41]).repeat(10)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(25):
+        ids = torch.stack([seq[s : s + 24] for s in torch.randint(0, 7, (4,), generator=g).tolist()])
+        loss = model(ids, ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    spec = speculative_generate(model, [5, 11, 2], 30, depth=2)
+    assert spec.tokens == generate(model, [[5, 11, 2]], 30, temperature=0).tokens[0]
+    assert spec.tokens[:7] == [30, 7, 19, 41, 5, 11, 2]
+    assert spec.acceptance_rate > 0.8
+    assert spec.tokens_per_step > 2.0  # up to depth + 1 = 3 tokens per main-model forward
+
+
+def test_speculative_needs_mtp_heads():
+    with pytest.raises(ValueError, match="no MTP heads"):
+        speculative_generate(tiny_model(mtp=None), [1, 2], 4)
+
+
+def test_speculative_respects_max_seq_len():
+    model = tiny_model()  # max_seq_len 64
+    spec = speculative_generate(model, [1] * 58, 20)
+    assert len(spec.tokens) == 6
+    assert spec.tokens == generate(model, [[1] * 58], 20, temperature=0).tokens[0]
+    assert torch.is_grad_enabled()
