@@ -1,0 +1,160 @@
+"""SwiGLU MLPs: the dense FFN, the fused shared experts and the stacked routed experts with grouped GEMMs.
+
+Shape suffixes: N tokens, D model dim, H hidden width, E routed experts, R routed token slots (N * K) sorted by
+expert.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsk.api import ModelContext
+
+from .config import DenseConfig
+
+__all__ = ["SwiGLU", "Dense", "RoutedExperts", "grouped_mm_supported"]
+
+Dispatch = Literal["grouped_mm", "loop_slices", "auto"]
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))`` with HF names ``gate_proj / up_proj / down_proj`` (reference w1 / w3 / w2)."""
+
+    def __init__(self, dim: int, hidden_dim: int, init_std: float = 0.02):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+        for lin in (self.gate_proj, self.up_proj, self.down_proj):
+            nn.init.normal_(lin.weight, mean=0.0, std=init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., D] -> [..., D]."""
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Dense(SwiGLU):
+    """Dense FFN component (``ffn`` kind, name ``dense``): one SwiGLU of ``hidden_dim``; forward [B,T,D] -> [B,T,D]."""
+
+    def __init__(self, cfg: DenseConfig, ctx: ModelContext):
+        super().__init__(ctx.dim, cfg.hidden_dim, ctx.init_std)
+        self.cfg = cfg
+
+
+def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` runs ``x @ w[e]`` for these tensors on this build (no trial call).
+
+    As of torch 2.13: the CPU kernel takes float32/bfloat16/float16 (not float64); the CUDA kernel takes bfloat16
+    on sm90+ (Hopper). Both need every operand's leading stride to be a multiple of 16 bytes, i.e. D and H
+    multiples of 4 in fp32, 8 in bf16. All operands must share x's dtype (no mixed precision inside the kernel).
+    """
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if any(w.dtype != x.dtype or w.device != x.device for w in weights):
+        return False
+    if x.device.type == "cpu":
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return False
+    elif x.device.type == "cuda":
+        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0):
+            return False
+    else:
+        return False
+    align = 16 // x.element_size()
+    return all(s % align == 0 for w in weights for s in w.shape[-2:])
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts stored as stacked 3-D parameters, run over tokens already sorted by expert.
+
+    Parameters; slice ``[j]`` is expert j's HF ``nn.Linear`` weight (layout [out, in]) under its on-disk name:
+
+    * ``w_gate [E, H, D]``: ``mlp.experts.{j}.gate_proj.weight`` (reference ``w1``)
+    * ``w_up [E, H, D]``: ``mlp.experts.{j}.up_proj.weight`` (reference ``w3``)
+    * ``w_down [E, D, H]``: ``mlp.experts.{j}.down_proj.weight`` (reference ``w2``)
+
+    HF v5 in memory fuses ``gate_up_proj [E, 2H, D] = cat(w_gate, w_up, dim=1)`` and ``down_proj = w_down``.
+    :func:`dsk_moe.moe.hf_to_dsk` / :func:`dsk_moe.moe.dsk_to_hf` convert the on-disk names.
+    """
+
+    def __init__(self, n_experts: int, dim: int, hidden_dim: int, init_std: float = 0.02):
+        super().__init__()
+        self.n_experts, self.dim, self.hidden_dim = n_experts, dim, hidden_dim
+        self.w_gate = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+        self.w_up = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+        self.w_down = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
+        for w in (self.w_gate, self.w_up, self.w_down):
+            nn.init.normal_(w, mean=0.0, std=init_std)
+
+    def resolve_dispatch(self, x_RD: torch.Tensor, dispatch: Dispatch) -> Literal["grouped_mm", "loop_slices"]:
+        """The GEMM path for these inputs: ``auto`` takes grouped_mm wherever it is supported, else loop slices.
+
+        grouped_mm needs no host sync and builds 3 autograd nodes instead of 3 * E; on CPU (torch 2.13) it runs
+        about as fast as the slices for the GEMMs themselves (bench/bench_moe.py reports both).
+        """
+        params = (self.w_gate, self.w_up, self.w_down)
+        if dispatch == "grouped_mm":
+            if not grouped_mm_supported(x_RD, *params):
+                raise ValueError(
+                    f"ffn.dispatch = 'grouped_mm': torch._grouped_mm does not support {x_RD.dtype} on "
+                    f"{x_RD.device.type} with dim = {self.dim}, expert_hidden_dim = {self.hidden_dim} "
+                    "(needs cpu float32/bf16/fp16 or cuda bf16 on sm90+, sizes a multiple of 16 bytes); "
+                    "use dispatch = 'auto' or 'loop_slices'"
+                )
+            return "grouped_mm"
+        if dispatch == "auto" and grouped_mm_supported(x_RD, *params):
+            return "grouped_mm"
+        return "loop_slices"
+
+    def forward(
+        self,
+        x_RD: torch.Tensor,
+        load_E: torch.Tensor,
+        scale_R: torch.Tensor | None = None,
+        dispatch: Dispatch = "auto",
+    ) -> torch.Tensor:
+        """Apply expert e to its contiguous slice of rows, optionally scaling each row's output.
+
+        Args:
+            x_RD: token slots sorted by expert id [R, D]; expert e owns rows ``sum(load[:e]) ... sum(load[:e+1])``.
+            load_E: rows per expert [E] (long).
+            scale_R: per-row factor (the routing weight) or None. It multiplies the hidden activation before
+                the down projection, which is linear, so the result equals scaling the output at H/D the cost.
+            dispatch: ``grouped_mm``, ``loop_slices`` or ``auto`` (see :meth:`resolve_dispatch`).
+
+        Returns:
+            expert outputs [R, D], in the same row order.
+        """
+        if self.resolve_dispatch(x_RD, dispatch) == "grouped_mm":
+            return self._grouped(x_RD, load_E, scale_R)
+        return self._loop_slices(x_RD, load_E, scale_R)
+
+    def _grouped(self, x_RD: torch.Tensor, load_E: torch.Tensor, scale_R: torch.Tensor | None) -> torch.Tensor:
+        # One grouped GEMM per projection, no host sync: offs are the end rows of each expert's slice.
+        offs_E = torch.cumsum(load_E, dim=0, dtype=torch.int32)
+        x_RD = x_RD.contiguous()
+        # w[E, out, in].transpose -> [E, in, out] column-major view, the layout _grouped_mm expects (no copy).
+        gate_RH = torch._grouped_mm(x_RD, self.w_gate.transpose(-2, -1), offs=offs_E)
+        up_RH = torch._grouped_mm(x_RD, self.w_up.transpose(-2, -1), offs=offs_E)
+        h_RH = F.silu(gate_RH) * (up_RH if scale_R is None else up_RH * scale_R.unsqueeze(-1))
+        return torch._grouped_mm(h_RH, self.w_down.transpose(-2, -1), offs=offs_E)
+
+    def _loop_slices(self, x_RD: torch.Tensor, load_E: torch.Tensor, scale_R: torch.Tensor | None) -> torch.Tensor:
+        # The fallback: one matmul per expert on its contiguous slice; one host sync for the slice sizes.
+        sizes = load_E.tolist()
+        # unbind once: indexing w[e] per expert would make autograd build E full-size [E, H, D] gradient buffers.
+        weights = zip(self.w_gate.unbind(0), self.w_up.unbind(0), self.w_down.unbind(0), strict=True)
+        scales = scale_R.unsqueeze(-1).split(sizes) if scale_R is not None else [None] * len(sizes)
+        outs = []
+        for x, s, (wg, wu, wd) in zip(x_RD.split(sizes), scales, weights, strict=True):
+            if x.shape[0] == 0:
+                continue
+            up = F.linear(x, wu)
+            outs.append(F.linear(F.silu(F.linear(x, wg)) * (up if s is None else up * s), wd))
+        if not outs:
+            return x_RD.new_zeros(0, self.dim)
+        return torch.cat(outs) if len(outs) > 1 else outs[0]

@@ -1,0 +1,131 @@
+"""DeepSeekMoE layer: fused shared experts + routed experts behind a router slot (spec §1.8, §4.2 eq. 12).
+
+``h' = shared(u) + sum_k g_k * expert_{idx_k}(u)`` for every token, no capacity limit and no token dropping
+(spec §4.5). Dispatch is vectorised: the N*K (token, expert) slots are sorted by expert with one argsort, the
+tokens gathered into expert-contiguous rows, the experts run as grouped GEMMs (or one matmul per expert slice),
+and the weighted outputs folded back per token.
+
+State-dict names match HF ``DeepseekV3MoE`` (``gate.weight``, ``gate.e_score_correction_bias``,
+``shared_experts.{gate,up,down}_proj.weight``) except the routed experts, stored stacked as
+``experts.w_gate / w_up / w_down``; :func:`hf_to_dsk` and :func:`dsk_to_hf` map the per-expert on-disk names.
+
+Shape suffixes: B sequences, T tokens per sequence, N = B*T tokens, D model dim, E routed experts, K experts per
+token, R = N*K routed slots (sorted by expert after dispatch).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from dsk.api import ModelContext
+
+from .config import MoEConfig, router_fit_problems
+from .experts import RoutedExperts, SwiGLU
+
+__all__ = ["MoE", "hf_to_dsk", "dsk_to_hf"]
+
+
+class MoE(nn.Module):
+    """Mixture-of-experts FFN (``ffn`` kind, name ``moe``): forward [B, T, D] -> [B, T, D].
+
+    Submodules: ``gate`` (the router slot, built as ``Router(cfg, ctx, n_routed_experts)``), ``experts``
+    (:class:`RoutedExperts`), ``shared_experts`` (one SwiGLU of ``n_shared_experts * expert_hidden_dim``, or None
+    when there are no shared experts).
+
+    Side channels of the ffn contract (``aux_loss``, ``step_stat_tensors``, ``after_optimizer_step``,
+    ``step_metrics``) delegate to the router, which names them differently so that they are found once per layer.
+    """
+
+    def __init__(self, cfg: MoEConfig, ctx: ModelContext):
+        super().__init__()
+        problems = router_fit_problems(cfg.router.config, cfg.n_routed_experts, prefix="ffn.router.")
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.cfg = cfg
+        self.top_k = cfg.router.config.top_k
+        self.gate = cfg.router.build(ctx, cfg.n_routed_experts)
+        self.experts = RoutedExperts(cfg.n_routed_experts, ctx.dim, cfg.expert_hidden_dim, ctx.init_std)
+        self.shared_experts = (
+            SwiGLU(ctx.dim, cfg.n_shared_experts * cfg.expert_hidden_dim, ctx.init_std)
+            if cfg.n_shared_experts > 0
+            else None
+        )
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """x [B, T, D] -> y [B, T, D]."""
+        B, T, D = x_BTD.shape
+        N, K = B * T, self.top_k
+        x_ND = x_BTD.reshape(N, D)
+        weights_NK, idx_NK, stats = self.gate(x_ND, seq_shape=(B, T))
+
+        # Dispatch: sort the N*K slots by expert (stable, so a token's rows keep token order within an expert).
+        order_R = torch.argsort(idx_NK.flatten(), stable=True)
+        token_R = order_R // K  # slot n*K + k belongs to token n
+        x_RD = x_ND.index_select(0, token_R)
+        scale_R = weights_NK.flatten().index_select(0, order_R)
+        out_RD = self.experts(x_RD, stats["load"], scale_R, self.cfg.dispatch)
+
+        # Combine: add each slot's weighted output into its token's row (one pass over R x D; backward is a
+        # gather). index_add is deterministic on CPU, and on CUDA under torch.use_deterministic_algorithms.
+        y_ND = self.shared_experts(x_ND) if self.shared_experts is not None else torch.zeros_like(x_ND)
+        return y_ND.index_add(0, token_R, out_RD).view(B, T, D)
+
+    # -- ffn side channels (contract in docs/CONTRACTS-dev.md) ------------------------------------------------
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Weighted balance loss of the last training forward, ready to add to the loss (None if the router has none)."""
+        return self.gate.balance_loss()
+
+    def step_stat_tensors(self) -> list[torch.Tensor]:
+        """Per-expert token counts of the step (float32 [E]) for a data-parallel all-reduce (sum)."""
+        return self.gate.load_tensors()
+
+    def after_optimizer_step(self) -> None:
+        """Once per optimizer step: router bias update from the step's counts, then reset them (no gradients)."""
+        self.gate.end_step()
+
+    def step_metrics(self) -> dict[str, float | list[float]]:
+        """``maxvio`` (max/mean load - 1) and ``expert_load`` of the step; read before after_optimizer_step."""
+        return self.gate.load_metrics()
+
+
+_HF_EXPERT_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?)experts\.(?P<j>\d+)\.(?P<proj>gate|up|down)_proj\.weight$")
+_DSK_EXPERT_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?)experts\.w_(?P<proj>gate|up|down)$")
+
+
+def hf_to_dsk(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Stack HF per-expert weights ``<p>experts.{j}.{gate,up,down}_proj.weight`` into ``<p>experts.w_{gate,up,down}``.
+
+    Every other key (router, shared experts, anything outside the MoE) passes through unchanged. Raises if an
+    expert index is missing.
+    """
+    out: dict[str, torch.Tensor] = {}
+    stacks: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        m = _HF_EXPERT_KEY.match(key)
+        if m is None:
+            out[key] = value
+        else:
+            stacks.setdefault((m["prefix"], m["proj"]), {})[int(m["j"])] = value
+    for (prefix, proj), by_index in stacks.items():
+        missing = sorted(set(range(len(by_index))) - set(by_index))
+        if missing:
+            raise KeyError(f"{prefix}experts.{missing[0]}.{proj}_proj.weight missing from the HF state dict")
+        out[f"{prefix}experts.w_{proj}"] = torch.stack([by_index[j] for j in range(len(by_index))])
+    return out
+
+
+def dsk_to_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`hf_to_dsk`: split ``<p>experts.w_*`` into HF per-expert ``nn.Linear`` weights."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        m = _DSK_EXPERT_KEY.match(key)
+        if m is None:
+            out[key] = value
+            continue
+        for j, w in enumerate(value.unbind(0)):
+            out[f"{m['prefix']}experts.{j}.{m['proj']}_proj.weight"] = w
+    return out
