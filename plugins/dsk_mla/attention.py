@@ -91,4 +91,11 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, c
         probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
         return torch.matmul(probs.to(v.dtype), v)  # b h 1 s, b h s d -> b h 1 d
     attn_mask = None if bias is None else bias[:, None]  # b t s -> b 1 t s (broadcast over heads)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal and bias is None, scale=scale)
+    dk, dv = q.shape[-1], v.shape[-1]
+    if dv < dk:
+        # MLA has dv < dk (V3: 128 vs 192). The fused (flash) CPU/GPU kernels need equal head sizes and otherwise
+        # fall back to the unfused math kernel, ~2x slower forward+backward; zero columns of V cost little and
+        # leave the first dv output columns unchanged.
+        v = F.pad(v, (0, dk - dv))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal and bias is None, scale=scale)
+    return out[..., :dv] if dv < dk else out
