@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
+	rm -rf runs/quickstart
 	$(BIN)/dsk train recipes/quickstart.toml --run-dir runs/quickstart
 
 test: $(STAMP)

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
 import click
 
-from dsk.cli.common import echo_json, load_and_validate, run_options, stdout_console
+from dsk.cli.common import (
+    DskUsageError,
+    echo_json,
+    escape,
+    load_and_validate,
+    run_options,
+    stderr_console,
+    stdout_console,
+)
 
 
 def _not_built(ctx: click.Context, command: str, recipe: str, configs, sets, unsets, as_json: bool, issue: str) -> None:
@@ -17,6 +30,56 @@ def _not_built(ctx: click.Context, command: str, recipe: str, configs, sets, uns
     ctx.exit(1)
 
 
+def _save_delay() -> tuple[float, int]:
+    """The kill-during-save test hook, read here at the CLI edge only.
+
+    ``DSK_DEBUG_SAVE_DELAY=SECONDS`` or ``SECONDS:FROM_STEP``: sleep that long inside every checkpoint save (of step
+    FROM_STEP or later) between writing the files and the rename, so that a test can kill the process there.
+    """
+    from dsk.train.runner import SAVE_DELAY_ENV
+
+    raw = os.environ.get(SAVE_DELAY_ENV, "").strip()
+    if not raw:
+        return 0.0, 0
+    seconds, _, from_step = raw.partition(":")
+    try:
+        return max(0.0, float(seconds)), int(from_step or 0)
+    except ValueError:
+        raise DskUsageError(f"{SAVE_DELAY_ENV}={raw!r}: expected SECONDS or SECONDS:FROM_STEP") from None
+
+
+def _dry_run(result: Any, recipe: str, run_dir: Path, as_json: bool) -> None:
+    from dsk.recipe.dump import resolved_to_table
+    from dsk.train.runner import plan_stages, resolved_toml
+
+    plans = plan_stages(result, run_dir)
+    stages = []
+    for p in plans:
+        trainer = p.sections.get("trainer")
+        stages.append(
+            {
+                "stage": p.name,
+                "dir": str(p.dir),
+                "trainer": getattr(trainer, "name", None),
+                "steps": getattr(getattr(trainer, "config", None), "steps", None),
+            }
+        )
+    if as_json:
+        echo_json(
+            {"recipe": recipe, "valid": True, "run_dir": str(run_dir), "stages": stages,
+             "resolved": resolved_to_table(result.resolved)}
+        )  # fmt: skip
+        return
+    console = stdout_console()
+    console.print(f"[green]recipe ok[/]: would train into {escape(str(run_dir))} (dry run: nothing written)")
+    for s in stages:
+        console.print(
+            f"  stage {escape(str(s['stage'] or '-'))}: {s['trainer']} for {s['steps']} steps -> {escape(s['dir'])}"
+        )
+    console.print("")
+    click.echo(resolved_toml(result), nl=False)
+
+
 @click.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @run_options
@@ -24,8 +87,86 @@ def _not_built(ctx: click.Context, command: str, recipe: str, configs, sets, uns
 @click.option("--stage", help="Run only this stage of a [[stages]] pipeline.")
 @click.pass_context
 def train(ctx, recipe, configs, sets, unsets, run_dir, dry_run, as_json, resume, stage) -> None:
-    """Train from a recipe (one stage or a [[stages]] pipeline)."""
-    _not_built(ctx, "train", recipe, configs, sets, unsets, as_json, "the training runtime lands with issue 4")
+    """Train from a recipe (one stage or a [[stages]] pipeline).
+
+    Writes a run directory (default runs/<recipe>-<time>) with resolved.toml, metrics.jsonl, checkpoints/step-N/
+    and summary.json. Ctrl-C saves a checkpoint and exits (code 130); --resume continues it exactly.
+
+    \b
+    Examples:
+      dsk train recipes/quickstart.toml --run-dir runs/quickstart
+      dsk train recipes/quickstart.toml --run-dir runs/quickstart --resume
+      dsk train recipes/quickstart.toml --set trainer.steps=50 --set model.ffn.router.type=aux_loss --json
+    """
+    from dsk.train.runner import default_run_dir
+
+    result = load_and_validate(ctx, recipe, configs, sets, unsets, require=("model", "trainer"))
+    if resume and not run_dir:
+        raise DskUsageError("--resume needs --run-dir DIR: the run directory to continue")
+    run_path = Path(run_dir) if run_dir else default_run_dir(recipe)
+    if dry_run:
+        _dry_run(result, recipe, run_path, as_json)
+        return
+    save_delay = _save_delay()
+    app = ctx.find_root().obj
+    console = stderr_console() if as_json else stdout_console()
+    summary = _run(app, result, recipe, run_path, resume, stage, console, save_delay)
+    if as_json:
+        echo_json(summary)
+        return
+    from dsk.train.progress import summary_table
+
+    console.print(summary_table(summary))
+    for rows in (summary.get("examples") or {}).values():
+        for row in rows:
+            mark = "[green]✓[/]" if row["correct"] else "[red]✗[/]"
+            console.print(f"  {mark} {escape(row['prompt'])}{escape(row['completion'])}")
+    acc = summary.get("eval/accuracy")
+    n = next((st.get("eval/samples") for st in reversed(summary.get("stages", [])) if "eval/samples" in st), None)
+    tail = f"; held-out greedy accuracy {100 * acc:.1f}% on {n} test problems" if acc is not None else ""
+    console.print(f"run directory: {escape(str(run_path))}{tail}")
+
+
+def _run(app: Any, result: Any, recipe: str, run_path: Path, resume: bool, stage: str | None, console: Any,
+         save_delay: tuple[float, int]) -> dict[str, Any]:  # fmt: skip
+    """Run the recipe; map the run's exceptions onto exit codes (2 bad input, 1 failed, 130/143 interrupted)."""
+    from dsk.train.checkpoint import CheckpointLoadError
+    from dsk.train.context import RunFailed, RunInterrupted, RunSetupError
+    from dsk.train.progress import Reporter
+    from dsk.train.runner import run_recipe
+
+    log_cfg = result.resolved.get("logging")
+    reporter = Reporter(console, enabled=getattr(log_cfg, "progress", True))
+    err = stderr_console()
+    try:
+        return run_recipe(
+            result,
+            registry=app.registry(),
+            pm=app.plugin_manager(),
+            run_dir=run_path,
+            recipe_path=recipe,
+            resume=resume,
+            stage=stage,
+            reporter=reporter,
+            save_delay=save_delay[0],
+            save_delay_from_step=save_delay[1],
+        )
+    except (RunSetupError, CheckpointLoadError) as exc:
+        reporter.stop()
+        raise DskUsageError(str(exc)) from None
+    except RunFailed as exc:
+        reporter.stop()
+        err.print(f"[bold red]Run failed:[/] {escape(str(exc))}")
+        raise SystemExit(1) from None
+    except RunInterrupted as exc:
+        reporter.stop()
+        err.print(f"[yellow]Interrupted:[/] {escape(str(exc))}. Continue with: dsk train {escape(recipe)} "
+                  f"--run-dir {escape(str(run_path))} --resume")  # fmt: skip
+        raise SystemExit(128 + exc.signum) from None
+    except KeyboardInterrupt:
+        reporter.stop()
+        err.print("[yellow]Aborted[/] by a second interrupt, without saving; the previous checkpoint is intact.")
+        raise SystemExit(128 + signal.SIGINT) from None
 
 
 @click.command()

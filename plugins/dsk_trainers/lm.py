@@ -1,0 +1,429 @@
+"""The next-token trainers: ``pretrain`` (every token a target) and ``sft`` (prompt tokens masked out of the loss).
+
+One optimizer step:
+
+1. ``grad_accum`` micro-batches of ``batch_size`` rows from the resumable batch iterator;
+2. per micro-batch ``loss = lm + mtp + aux`` (``ModelOutput.loss``), weighted by its share of the step's target
+   tokens so that accumulation equals one big batch, and back-propagated;
+3. the global gradient norm is clipped; a non-finite loss or norm skips the update (counted; ``max_nonfinite`` in a
+   row stop the run);
+4. ``optimizer.step()`` at the warm-up + cosine rate, then the components' step metrics (per-layer MaxVio) are read
+   and ``after_optimizer_step`` runs (router bias updates);
+5. a ``metrics.jsonl`` row, the ``on_step_end`` hook, the progress bar; evaluation and checkpoints on their cadence.
+
+Exact resume: the checkpoint holds weights, router biases, optimizer moments, the data position and the RNG
+states; the learning rate is a function of the step; so a resumed run repeats the uninterrupted run's arithmetic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from dsk.data.batching import IGNORE_INDEX, BatchIterator, ExampleStream, document_causal_mask, encode_example
+from dsk.model import after_optimizer_step, step_metrics, step_stat_tensors
+from dsk.train.checkpoint import (
+    load_checkpoint,
+    load_model_weights,
+    remove_stale_temporaries,
+    save_checkpoint,
+    set_rng_state,
+)
+from dsk.train.context import RunContext, RunFailed, RunInterrupted, RunSetupError
+from dsk.train.evaluate import evaluate_task, test_records
+from dsk.train.metrics import read_metrics
+from dsk.train.optim import build_adamw, load_optimizer_state
+from dsk.train.schedule import lr_at
+from dsk_trainers.config import LMTrainerConfig
+
+__all__ = ["LMTrainer", "PretrainTrainer", "SFTTrainer", "encoder_for", "moe_metrics", "train_stream"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------------------------
+def encoder_for(mode: str, tokenizer: Any):
+    """``record -> (ids, loss_mask)`` for a trainer mode.
+
+    - ``sft``: ``[BOS] prompt completion [EOS]`` with targets on the completion and EOS only;
+    - ``pretrain``: the same tokens, every one a target but BOS (the model also learns to model prompts).
+
+    Prompt and completion are encoded separately in both modes, so the prompt tokens match those of evaluation.
+    Records with only ``text`` are plain documents (every token a target in both modes).
+    """
+
+    def encode(record: dict[str, Any]) -> tuple[list[int], list[int]]:
+        if "prompt" in record and "completion" in record:
+            ids, mask = encode_example(tokenizer, record["prompt"], record["completion"])
+            if mode == "pretrain":
+                head = 1 if tokenizer.bos_id is not None else 0
+                mask = [0] * head + [1] * (len(ids) - head)
+            return ids, mask
+        if "text" in record:
+            return encode_example(tokenizer, record["text"])
+        raise RunSetupError(f"a data record has keys {sorted(record)}; expected 'text' or 'prompt' and 'completion'")
+
+    return encode
+
+
+def train_stream(task: Any, seed: int) -> ExampleStream:
+    """The training records of a data source: ``task.sample("train", i)`` for a task, else a shuffled sequence."""
+    if hasattr(task, "sample"):
+        return ExampleStream(lambda i: task.sample("train", i))
+    if hasattr(task, "__len__") and hasattr(task, "__getitem__"):
+        return ExampleStream(task, seed=seed)
+    raise RunSetupError(f"[data] {type(task).__name__} is neither a task (sample(split, i)) nor a sequence of records")
+
+
+def moe_metrics(model: torch.nn.Module) -> dict[str, float]:
+    """The components' step metrics as metrics-row keys: ``moe/layer{i}/maxvio``, ``moe/mtp{k}/maxvio`` and the
+    mean ``moe/maxvio`` and max ``moe/maxvio_max`` over all MoE layers; list-valued metrics (loads) are left out."""
+    out: dict[str, float] = {}
+    for key, value in step_metrics(model).items():
+        if isinstance(value, list):
+            continue
+        if "/" in key:  # the aggregates "<metric>/mean", "<metric>/max"
+            metric, _, agg = key.partition("/")
+            out[f"moe/{metric}" if agg == "mean" else f"moe/{metric}_{agg}"] = value
+            continue
+        path, _, metric = key.rpartition(".")
+        parts = path.split(".")
+        if parts[0] == "layers":
+            out[f"moe/layer{parts[1]}/{metric}"] = value
+        elif parts[0] == "mtp" and len(parts) > 2:
+            out[f"moe/mtp{parts[2]}/{metric}"] = value
+        else:
+            out[f"{path}/{metric}"] = value
+    return out
+
+
+def _mean(values: list[float]) -> float | None:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(values) / len(values) if values else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the trainer
+# ---------------------------------------------------------------------------------------------------------------
+class LMTrainer:
+    """Next-token trainer (kind ``trainer``); built as ``LMTrainer(config)``, run by ``run(ctx)``."""
+
+    name: ClassVar[str] = "lm"
+    mode: ClassVar[str] = "pretrain"
+
+    def __init__(self, config: LMTrainerConfig):
+        self.config = config
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        """Train for ``config.steps`` optimizer steps (continuing ``ctx.resume_from`` if set); returns the summary."""
+        return _Run(self, ctx).run()
+
+
+class PretrainTrainer(LMTrainer):
+    """``type = "pretrain"``: every token is a target."""
+
+    name = "pretrain"
+    mode = "pretrain"
+
+
+class SFTTrainer(LMTrainer):
+    """``type = "sft"``: prompt tokens are masked out of the loss."""
+
+    name = "sft"
+    mode = "sft"
+
+
+class _Run:
+    """State of one trainer run (one stage)."""
+
+    def __init__(self, trainer: LMTrainer, ctx: RunContext):
+        self.trainer = trainer
+        self.cfg: LMTrainerConfig = trainer.config
+        self.ctx = ctx
+        self.device = torch.device(ctx.device)
+        self.step = 0
+        self.in_a_row = 0
+        self.skipped = 0
+        self.tokens_seen = 0
+        self.last_checkpoint: Path | None = None
+        self.last_saved_step = -1
+        self.started = time.perf_counter()
+
+    # -- set-up ------------------------------------------------------------------------------------------------
+    def _check_sizes(self) -> None:
+        cfg, model_cfg = self.cfg, self.ctx.section("model")
+        if model_cfg is not None and cfg.seq_len > model_cfg.max_seq_len:
+            raise RunSetupError(
+                f"trainer.seq_len = {cfg.seq_len} is larger than model.max_seq_len = {model_cfg.max_seq_len}"
+            )
+
+    def setup(self) -> None:
+        ctx, cfg = self.ctx, self.cfg
+        self._check_sizes()
+        self.tokenizer = ctx.build_tokenizer()
+        self.task = ctx.build_task()
+        torch.manual_seed(ctx.seed)  # the model's initial weights are a function of the seed
+        self.model = ctx.build_model(self.tokenizer.vocab_size)
+        if ctx.init_from is not None:
+            init = load_checkpoint(ctx.init_from, with_optimizer=False)
+            load_model_weights(self.model, init.model_state, str(init.path))
+        self.optimizer = build_adamw(self.model, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.batches = BatchIterator(
+            train_stream(self.task, ctx.seed),
+            self.tokenizer,
+            batch_size=cfg.batch_size,
+            max_len=cfg.seq_len,
+            pack=cfg.packing,
+            encode=encoder_for(self.trainer.mode, self.tokenizer),
+        )
+        self.eval_records = test_records(self.task, cfg.eval_samples)
+        remove_stale_temporaries(ctx.run_dir)
+        if ctx.resume_from is not None:
+            self._resume(ctx.resume_from)
+
+    def _resume(self, path: Path) -> None:
+        ckpt = load_checkpoint(path)
+        state = ckpt.state
+        if state.get("trainer") != self.trainer.name:
+            raise RunSetupError(f"{ckpt.path}: written by trainer {state.get('trainer')!r}, not {self.trainer.name!r}")
+        load_model_weights(self.model, ckpt.model_state, str(ckpt.path))
+        if ckpt.optimizer_meta is None:
+            raise RunSetupError(f"{ckpt.path}: has no optimizer state, so the run cannot continue exactly")
+        load_optimizer_state(self.optimizer, ckpt.optimizer_tensors, ckpt.optimizer_meta, str(ckpt.path))
+        self.batches.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
+        self.step = ckpt.step
+        self.in_a_row = int(state.get("nonfinite_in_a_row", 0))
+        self.skipped = int(state.get("nonfinite_skipped", 0))
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.last_checkpoint, self.last_saved_step = ckpt.path, ckpt.step
+        dropped = self.ctx.metrics.truncate_after(self.step)
+        note = f" ({dropped} metrics rows after it dropped)" if dropped else ""
+        self.ctx.reporter.message(f"resuming from {ckpt.path} at step {self.step}{note}")
+
+    # -- one optimizer step ------------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, Any]:
+        """Run optimizer step ``self.step + 1``; returns its metrics row."""
+        cfg, model = self.cfg, self.model
+        step = self.step + 1
+        started = time.perf_counter()
+        lr = lr_at(
+            step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
+            schedule=cfg.schedule,
+        )  # fmt: skip
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        micro = [next(self.batches) for _ in range(cfg.grad_accum)]
+        # Each micro-batch's mean loss is weighted by its share of the step's targets (a row's first label is never
+        # scored): the weighted sum is the mean over all targets of the step, as one batch of batch_size * grad_accum
+        # rows would give.
+        n_targets = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro]
+        total_targets = max(1, sum(n_targets))
+        model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        parts: dict[str, torch.Tensor] = {}
+        tokens = 0
+        inject = step in cfg.debug_nonfinite_steps
+        for batch, n in zip(micro, n_targets, strict=True):
+            # labels are aligned with input_ids (-100: not a target); the model shifts them (dsk.model.transformer)
+            input_ids = batch["input_ids"].to(self.device)  # (B, T)
+            labels = batch["labels"].to(self.device)  # (B, T)
+            doc_ids = batch["doc_ids"]
+            # Packed rows attend within their own example only. Positions stay 0..T-1 for the whole row: RoPE
+            # scores depend on i - j only, so an example's offset inside the row changes nothing.
+            mask = document_causal_mask(doc_ids).to(self.device) if cfg.packing else None
+            out = model(input_ids, labels, mask=mask)
+            weight = n / total_targets
+            loss = out.loss * weight
+            if inject:
+                loss = loss * float("nan")
+            loss.backward()
+            for key in ("loss", "lm_loss", "mtp_loss", "aux_loss"):
+                value = getattr(out, key)
+                if value is not None:
+                    value = value.detach().float() * weight
+                    parts[key] = parts[key] + value if key in parts else value
+            tokens += int((doc_ids >= 0).sum())
+        loss_total = parts["loss"] * (float("nan") if inject else 1.0)
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        finite = bool(torch.isfinite(loss_total)) and bool(torch.isfinite(grad_norm))
+        moe: dict[str, float] = {}
+        if finite:
+            self.optimizer.step()
+            moe = moe_metrics(model)  # read before after_optimizer_step resets the counts
+            after_optimizer_step(model)
+            self.in_a_row = 0
+        else:
+            # Skip the update; drop the step's expert counts too, so a skipped batch never moves a router bias.
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for t in step_stat_tensors(model):
+                    t.zero_()
+            self.in_a_row += 1
+            self.skipped += 1
+        self.step = step
+        self.tokens_seen += tokens
+        elapsed = time.perf_counter() - started
+        row: dict[str, Any] = {"kind": "train", "step": step}
+        if self.ctx.stage is not None:
+            row["stage"] = self.ctx.stage
+        row.update({k: float(v) for k, v in parts.items()})
+        if not finite:
+            row["loss"] = float("nan")
+        row.update(
+            {
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "tokens": tokens,
+                "tokens_total": self.tokens_seen,
+                "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
+                "step_s": elapsed,
+                "skipped": not finite,
+                "nonfinite_skipped": self.skipped,
+            }
+        )
+        row.update(moe)
+        return row
+
+    # -- evaluation, checkpoints ---------------------------------------------------------------------------------
+    def evaluate(self, examples: int = 0) -> dict[str, Any]:
+        cfg = self.cfg
+        if not self.eval_records:
+            return {}
+        result = evaluate_task(
+            self.model, self.tokenizer, self.task, self.eval_records,
+            max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size, pass_k=cfg.pass_k,
+            temperature=cfg.pass_k_temperature, seed=self.ctx.seed * 1_000_003 + self.step, examples=examples,
+        )  # fmt: skip
+        sample = result.pop("examples", None)
+        row = {"kind": "eval", "step": self.step, **({"stage": self.ctx.stage} if self.ctx.stage else {}), **result}
+        self.ctx.metrics.write(row)
+        self.ctx.reporter.update(self.step, row)
+        if sample is not None:
+            row = {**row, "examples": sample}
+        return row
+
+    def save(self, reason: str) -> Path:
+        ctx = self.ctx
+        tokenizer_json = json.loads(self.tokenizer.to_json())
+        task_table = ctx.table("data")
+        state = {
+            "trainer": self.trainer.name,
+            "stage": ctx.stage,
+            "reason": reason,
+            "steps": self.cfg.steps,
+            "data": self.batches.state_dict(),
+            "nonfinite_in_a_row": self.in_a_row,
+            "nonfinite_skipped": self.skipped,
+            "tokens_seen": self.tokens_seen,
+            "seed": ctx.seed,
+            "task": task_table,
+            "tokenizer": tokenizer_json,
+            "model": ctx.table("model"),
+        }
+        ckpt_cfg = ctx.section("checkpoint")
+        path = save_checkpoint(
+            ctx.run_dir,
+            self.step,
+            model=self.model,
+            optimizer=self.optimizer,
+            state=state,
+            config_extra={"tokenizer": tokenizer_json, "task": task_table, "step": self.step},
+            keep=getattr(ckpt_cfg, "keep", None),
+            save_delay=ctx.save_delay if self.step >= ctx.save_delay_from_step else 0.0,
+        )
+        self.last_checkpoint, self.last_saved_step = path, self.step
+        return path
+
+    def _check_interrupt(self) -> None:
+        flag = self.ctx.interrupt
+        if flag.requested:
+            path = self.save("interrupt") if self.last_saved_step != self.step else self.last_checkpoint
+            raise RunInterrupted(f"interrupted at step {self.step}; checkpoint saved to {path}", flag.signum, path)
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        threads = torch.get_num_threads()
+        if self.cfg.cpu_threads is not None:
+            torch.set_num_threads(self.cfg.cpu_threads)
+        try:
+            return self._run()
+        finally:
+            torch.set_num_threads(threads)  # the setting is process-wide: leave it as it was found
+
+    def _run(self) -> dict[str, Any]:
+        ctx, cfg = self.ctx, self.cfg
+        self.setup()
+        log_cfg = ctx.section("logging")
+        ckpt_cfg = ctx.section("checkpoint")
+        log_every = getattr(log_cfg, "every", 1)
+        save_every = getattr(ckpt_cfg, "every", 0)
+        label = f"{self.trainer.name}" + (f" [{ctx.stage}]" if ctx.stage else "")
+        ctx.reporter.start(cfg.steps, label, completed=self.step)
+        final_eval: dict[str, Any] = {}
+        try:
+            while self.step < cfg.steps:
+                self._check_interrupt()
+                row = self.train_step()
+                step = self.step
+                if step % log_every == 0 or row["skipped"] or step == cfg.steps:
+                    ctx.metrics.write(row)
+                ctx.pm.hook.on_step_end(ctx=ctx, step=step, metrics=row)
+                ctx.reporter.update(step, row)
+                if self.in_a_row >= cfg.max_nonfinite:
+                    path = self.save("nonfinite")
+                    first = step - self.in_a_row + 1
+                    raise RunFailed(
+                        f"the loss or gradient was non-finite for {self.in_a_row} optimizer steps in a row "
+                        f"(steps {first}-{step}; trainer.max_nonfinite = {cfg.max_nonfinite}); stopped. Those updates "
+                        f"were skipped, so {path} holds the weights of the last good step. Lower trainer.lr or "
+                        "raise trainer.warmup_steps, then resume or restart.",
+                        path,
+                    )
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                    self.evaluate()
+                if save_every and step % save_every == 0 and step < cfg.steps:
+                    self.save("interval")
+            self._check_interrupt()
+            final_eval = self.evaluate(examples=3)
+            if self.last_saved_step != self.step:
+                self.save("final")
+        finally:
+            ctx.reporter.stop()
+        return self.summary(final_eval)
+
+    def summary(self, final_eval: dict[str, Any]) -> dict[str, Any]:
+        """Stage summary from ``metrics.jsonl`` (so a resumed run reports what an uninterrupted one would)."""
+        rows = read_metrics(self.ctx.metrics.path)
+        train = [r for r in rows if r.get("kind") == "train"]
+        tail = train[-max(1, len(train) // 10) :]
+        timed = [r for r in train if r.get("step", 0) > 1 and r.get("step_s")]  # step 1 pays one-off set-up costs
+        tokens_per_s = sum(r["tokens"] for r in timed) / sum(r["step_s"] for r in timed) if timed else None
+        out: dict[str, Any] = {
+            "stage": self.ctx.stage,
+            "trainer": self.trainer.name,
+            "status": "completed",
+            "steps": self.cfg.steps,
+            "step": self.step,
+            "final_loss": _mean([r.get("loss") for r in tail]),
+            "last_loss": train[-1].get("loss") if train else None,
+            "final_lm_loss": _mean([r.get("lm_loss") for r in tail]),
+            "moe/maxvio": _mean([r.get("moe/maxvio") for r in tail]),
+            "tokens_per_s": tokens_per_s,
+            "tokens_total": self.tokens_seen,
+            "nonfinite_skipped": self.skipped,
+            "parameters": sum(p.numel() for p in self.params),
+            "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+            "wall_s": time.perf_counter() - self.started,
+        }
+        for key, value in final_eval.items():
+            if key.startswith("eval/") or key == "examples":
+                out[key] = value
+        return out
