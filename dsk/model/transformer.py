@@ -20,10 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsk.data.batching import IGNORE_INDEX
 from dsk.model.config import ModelConfig
 from dsk.model.norm import RMSNorm
-
-IGNORE_INDEX = -100
 
 
 @dataclass

@@ -28,23 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsk.api import ModelContext
+from dsk.data.batching import IGNORE_INDEX
+from dsk.model.norm import RMSNorm
 from dsk_mtp.config import MTPConfig
-
-IGNORE_INDEX = -100
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm computed in at least float32 (spec §1.4)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., D] -> [..., D]."""
-        y = F.rms_norm(x.to(torch.promote_types(x.dtype, torch.float32)), (x.shape[-1],), eps=self.eps)
-        return self.weight * y.to(x.dtype)
 
 
 class SharedHead(nn.Module):
