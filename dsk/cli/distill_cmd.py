@@ -1,0 +1,133 @@
+"""``dsk distill``: a teacher checkpoint writes verified reasoning traces, a smaller student learns them.
+
+The command runs a recipe whose ``[trainer]`` (or one of whose ``[[stages]]``) is ``type = "distill"`` through the
+same build path as ``dsk train`` (run directory, checkpoints, ``--resume``), then prints teacher against student.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from dsk.cli.common import (
+    DskUsageError,
+    echo_json,
+    escape,
+    load_and_validate,
+    run_options,
+    stderr_console,
+    stdout_console,
+)
+
+
+def _distill_stages(result: Any) -> list[str | None]:
+    """Names of the stages that distill (None for a single-stage recipe)."""
+    if result.stages:
+        return [name for name, sections in result.stages if getattr(sections.get("trainer"), "name", None) == "distill"]
+    trainer = result.resolved.get("trainer")
+    return [None] if getattr(trainer, "name", None) == "distill" else []
+
+
+def _teacher_keys(ctx: click.Context, recipe: str, configs, sets, unsets) -> list[str]:
+    """Where ``--teacher`` goes: ``trainer.teacher``, or ``stages.<i>.trainer.teacher`` of every distill stage."""
+    from dsk.cli.common import overrides_from
+    from dsk.recipe import load_recipe
+    from dsk.recipe.errors import RecipeError
+
+    try:
+        data = load_recipe(recipe, configs=configs, overrides=overrides_from(ctx, sets, unsets)).data
+    except (RecipeError, OSError):
+        return ["trainer.teacher"]  # validation reports the problem
+    stages = data.get("stages")
+    if not isinstance(stages, list):
+        return ["trainer.teacher"]
+    keys = [
+        f"stages.{i}.trainer.teacher"
+        for i, stage in enumerate(stages)
+        if isinstance(stage, dict)
+        and isinstance(stage.get("trainer"), dict)
+        and stage["trainer"].get("type") == "distill"
+    ]
+    return keys or ["trainer.teacher"]
+
+
+def _table(summary: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"dsk distill: {summary.get('status', '?')}", title_justify="left")
+    for col in ("stage", "mode", "traces", "teacher params", "student params", "teacher acc", "student acc",
+                "student/teacher", "time"):  # fmt: skip
+        table.add_column(col, justify="left" if col in ("stage", "mode") else "right")
+
+    def pct(value: Any) -> str:
+        return "-" if value is None else f"{100 * value:.1f}%"
+
+    for st in summary.get("stages", []):
+        if st.get("trainer") != "distill":
+            continue
+        table.add_row(
+            st.get("stage") or "-",
+            str(st.get("mode", "-")),
+            str(st.get("traces", "-")),
+            f"{st.get('teacher/parameters', 0):,}",
+            f"{st.get('student/parameters', 0):,}",
+            pct(st.get("teacher/eval/accuracy")),
+            pct(st.get("eval/accuracy")),
+            pct(st.get("student/teacher_accuracy_ratio")),
+            f"{st.get('wall_s', 0):.1f}s",
+        )
+    return table
+
+
+@click.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@run_options
+@click.option("--teacher", metavar="CKPT", help="Teacher checkpoint directory (sets trainer.teacher).")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint of --run-dir.")
+@click.option("--stage", help="Run only this stage of a [[stages]] pipeline.")
+@click.pass_context
+def distill(ctx, recipe, configs, sets, unsets, run_dir, dry_run, as_json, teacher, resume, stage) -> None:
+    """Teacher -> verified reasoning traces -> student (R1-Distill).
+
+    The recipe's [model] is the student; [trainer] type = "distill" names the teacher checkpoint, how many traces
+    to sample and keep, and how the student learns them (mode = "sequence": SFT; "logit": SFT + forward KL to the
+    teacher's next-token distribution).
+
+    \b
+    Examples:
+      dsk distill recipes/distill.toml --teacher runs/r1/stages/final --run-dir runs/distill
+      dsk distill recipes/distill.toml --teacher runs/r1/stages/final --set trainer.mode=logit --json
+    """
+    from dsk.train.runner import default_run_dir
+
+    if teacher is not None:
+        # keep the command-line order of --set/--unset intact; the teacher option applies last
+        for key in _teacher_keys(ctx, recipe, configs, sets, unsets):
+            value = f"{key}={json.dumps(str(teacher))}"
+            ctx.meta.setdefault("dsk.overrides", []).append(("set", value))
+            sets = (*sets, value)
+    result = load_and_validate(ctx, recipe, configs, sets, unsets, require=("model", "trainer"))
+    if not _distill_stages(result):
+        raise DskUsageError(
+            f'{recipe}: no [trainer] with type = "distill"; dsk distill runs distillation recipes '
+            "(use dsk train for the others)"
+        )
+    if resume and not run_dir:
+        raise DskUsageError("--resume needs --run-dir DIR: the run directory to continue")
+    run_path = Path(run_dir) if run_dir else default_run_dir(recipe)
+    from dsk.cli.run_cmd import _dry_run, _run, _save_delay
+
+    if dry_run:
+        _dry_run(result, recipe, run_path, as_json)
+        return
+    app = ctx.find_root().obj
+    console = stderr_console() if as_json else stdout_console()
+    summary = _run(app, result, recipe, run_path, resume, stage, console, _save_delay())
+    if as_json:
+        echo_json(summary)
+        return
+    console.print(_table(summary))
+    console.print(f"run directory: {escape(str(run_path))}")

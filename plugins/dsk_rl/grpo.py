@@ -1,0 +1,561 @@
+"""The GRPO trainer (``[trainer] type = "grpo"``): DeepSeek-R1-Zero's reinforcement learning on verifiable tasks.
+
+One rollout step:
+
+1. take ``prompts_per_step`` training prompts (the record at index ``step * prompts_per_step + j``: the data position
+   is a function of the step, so a resumed run sees the same prompts);
+2. sample ``G = num_generations`` completions of each with the KV-cached batched sampler, from a generator seeded by
+   (seed, step);
+3. score them with every ``[trainer.rewards.<name>]`` (None = not applicable), sum with the weights, and turn the
+   sums into group-relative advantages (:func:`dsk_rl.grpo_loss.group_advantages`);
+4. ``num_iterations`` optimizer updates on the batch: per micro-batch one causal forward of prompt + completion,
+   the clipped surrogate (+ beta * k3 KL to a frozen reference) aggregated by ``loss_type`` and back-propagated;
+   the first pass's log-probs are the old log-probs of the later passes (so rho = 1 on the first pass, TRL's rule);
+5. a metrics row (reward mean/std per reward, frac_reward_zero_std, clip ratios, KL, entropy, completion lengths,
+   truncation ratio), the completions table under ``completions/``, evaluation and checkpoints on their cadence.
+
+Steps count rollouts; the learning-rate schedule runs over ``steps * num_iterations`` optimizer updates.
+Exact resume: weights, optimizer moments, router biases and RNG states come from the checkpoint, prompts and
+sampling generators are functions of the step, and the KL reference is saved beside the checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from dsk.model import after_optimizer_step, step_stat_tensors
+from dsk.train.checkpoint import list_checkpoints, load_checkpoint, load_model_weights, set_rng_state
+from dsk.train.context import RunContext, RunFailed, RunInterrupted, RunSetupError
+from dsk.train.evaluate import test_records
+from dsk.train.metrics import read_metrics
+from dsk.train.optim import build_adamw, load_optimizer_state
+from dsk.train.schedule import lr_at
+from dsk_rl.common import (
+    aux_loss,
+    build_policy,
+    evaluate_row,
+    freeze_unused_heads,
+    mean,
+    moe_metrics,
+    save_run_checkpoint,
+    step_generator,
+    train_record_fn,
+)
+from dsk_rl.config import GRPOConfig
+from dsk_rl.grpo_loss import aggregate, clipped_surrogate, group_advantages, token_entropy, token_logprobs
+from dsk_rl.rollout import Packed, RewardScores, completion_logits, encode_prompts, pack, sample, score
+from dsk_rl.sft import resolve_checkpoint
+
+__all__ = ["GRPOTrainer", "write_completions_table"]
+
+REFERENCE_DIR = "reference"
+COMPLETIONS_DIR = "completions"
+
+
+class GRPOTrainer:
+    """Group Relative Policy Optimization (kind ``trainer``); built as ``GRPOTrainer(config)``, run by ``run(ctx)``."""
+
+    name: ClassVar[str] = "grpo"
+
+    def __init__(self, config: GRPOConfig):
+        self.config = config
+
+    def run(self, ctx: RunContext) -> dict[str, Any]:
+        """Train for ``config.steps`` rollout steps (continuing ``ctx.resume_from`` if set); returns the summary."""
+        return _GRPORun(self, ctx).run()
+
+
+def write_completions_table(
+    directory: Path,
+    step: int,
+    records: list[dict[str, Any]],
+    texts: list[str],
+    scores: RewardScores,
+    advantages: torch.Tensor,
+    truncated: list[bool],
+    limit: int,
+) -> Path:
+    """``completions/step-N.jsonl`` (one row per completion) and ``step-N.md`` (the same as a table).
+
+    Rows come from whole groups, first to last, so a reader sees a prompt's completions side by side.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(min(limit, len(texts))):
+        rows.append(
+            {
+                "step": step,
+                "prompt": records[i]["prompt"],
+                "completion": texts[i],
+                "answer": records[i].get("answer"),
+                "rewards": scores.row(i),
+                "reward": None if torch.isnan(scores.total[i]) else float(scores.total[i]),
+                "advantage": float(advantages[i]),
+                "truncated": bool(truncated[i]),
+            }
+        )
+    jsonl = directory / f"step-{step:06d}.jsonl"
+    tmp = jsonl.with_name(f".{jsonl.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, jsonl)
+
+    def cell(value: Any) -> str:
+        text = "-" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    head = ["prompt", "completion", *scores.names, "reward", "advantage"]
+    lines = [f"# step {step}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        values = [r["prompt"], r["completion"], *(r["rewards"][n] for n in scores.names), r["reward"], r["advantage"]]
+        lines.append("| " + " | ".join(cell(v) for v in values) + " |")
+    (directory / f"step-{step:06d}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return jsonl
+
+
+class _GRPORun:
+    """State of one GRPO run (one stage)."""
+
+    def __init__(self, trainer: GRPOTrainer, ctx: RunContext):
+        self.trainer = trainer
+        self.cfg: GRPOConfig = trainer.config
+        self.ctx = ctx
+        self.device = torch.device(ctx.device)
+        self.step = 0
+        self.in_a_row = 0
+        self.skipped = 0
+        self.tokens_seen = 0
+        self.ref_step = 0
+        self.last_checkpoint: Path | None = None
+        self.last_saved_step = -1
+        self.started = time.perf_counter()
+        self.start_eval: dict[str, Any] = {}
+
+    # -- set-up ------------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        ctx, cfg = self.ctx, self.cfg
+        if ctx.world_size > 1:
+            # groups would straddle ranks: rewards must be gathered before the group statistics and N_glob summed
+            raise RunSetupError("the grpo trainer runs in one process for now (world_size = 1)")
+        self.tokenizer = ctx.build_tokenizer()
+        self.task = ctx.build_task()
+        if not callable(getattr(self.task, "check", None)):
+            raise RunSetupError("GRPO needs a [data] task with a checker (check(record, text)) for its rewards")
+        self.record_at = train_record_fn(self.task)
+        init = ctx.init_from
+        if init is None and cfg.init_checkpoint:
+            init = resolve_checkpoint(ctx, cfg.init_checkpoint)
+        self.model = build_policy(ctx, self.tokenizer.vocab_size, init_from=init)
+        freeze_unused_heads(self.model)
+        self.optimizer = build_adamw(self.model, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.ref = None
+        if cfg.beta > 0:
+            self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.eval_records = test_records(self.task, cfg.eval_samples)
+        if ctx.resume_from is not None:
+            self._resume(ctx.resume_from)
+        elif self.ref is not None:
+            self._save_reference()
+
+    def _reference_path(self, step: int) -> Path:
+        return self.ctx.run_dir / REFERENCE_DIR / f"step-{step}.safetensors"
+
+    def _save_reference(self) -> None:
+        """Keep the KL reference of step ``ref_step`` on disk (atomically), so a resumed run uses the same one."""
+        from safetensors.torch import save_file
+
+        from dsk.train.checkpoint import model_state_for_saving
+
+        path = self._reference_path(self.ref_step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(model_state_for_saving(self.ref), str(tmp))
+        os.replace(tmp, path)
+
+    def _resume(self, path: Path) -> None:
+        ckpt = load_checkpoint(path)
+        state = ckpt.state
+        if state.get("trainer") != self.trainer.name:
+            raise RunSetupError(f"{ckpt.path}: written by trainer {state.get('trainer')!r}, not {self.trainer.name!r}")
+        load_model_weights(self.model, ckpt.model_state, str(ckpt.path))
+        if ckpt.optimizer_meta is None:
+            raise RunSetupError(f"{ckpt.path}: has no optimizer state, so the run cannot continue exactly")
+        load_optimizer_state(self.optimizer, ckpt.optimizer_tensors, ckpt.optimizer_meta, str(ckpt.path))
+        set_rng_state(state["rng"])
+        self.step = ckpt.step
+        self.in_a_row = int(state.get("nonfinite_in_a_row", 0))
+        self.skipped = int(state.get("nonfinite_skipped", 0))
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.start_eval = dict(state.get("start_eval") or {})
+        if self.ref is not None:
+            from safetensors.torch import load_file
+
+            self.ref_step = int(state.get("ref_step", 0))
+            ref_path = self._reference_path(self.ref_step)
+            if not ref_path.is_file():
+                raise RunSetupError(f"{ref_path}: the KL reference of this run is missing, so it cannot resume exactly")
+            load_model_weights(self.ref, load_file(str(ref_path)), str(ref_path))
+        self.last_checkpoint, self.last_saved_step = ckpt.path, ckpt.step
+        dropped = self.ctx.metrics.truncate_after(self.step)
+        note = f" ({dropped} metrics rows after it dropped)" if dropped else ""
+        self.ctx.reporter.message(f"resuming from {ckpt.path} at step {self.step}{note}")
+
+    # -- one rollout step --------------------------------------------------------------------------------------
+    def rollout(self, step: int):
+        """Records, samples and rewards of rollout step ``step`` (1-based)."""
+        cfg = self.cfg
+        first = (step - 1) * cfg.prompts_per_step
+        prompts = [self.record_at(first + j) for j in range(cfg.prompts_per_step)]
+        generator = step_generator(self.device, self.ctx.seed, step)
+        samples = sample(
+            self.model, self.tokenizer, encode_prompts(self.tokenizer, prompts), cfg.num_generations,
+            max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
+            batch_size=cfg.generation_batch_size, generator=generator,
+        )  # fmt: skip
+        records = [r for r in prompts for _ in range(cfg.num_generations)]
+        scores = score(
+            cfg.rewards, [r["prompt"] for r in records], samples.texts, records,
+            completion_ids=samples.completion_ids, truncated=samples.truncated,
+            max_completion_length=cfg.max_completion_length, checker=self.task.check,
+        )  # fmt: skip
+        return records, samples, scores
+
+    def train_step(self) -> dict[str, Any]:
+        """Run rollout step ``self.step + 1``; returns its metrics row."""
+        cfg, model = self.cfg, self.model
+        step = self.step + 1
+        started = time.perf_counter()
+        records, samples, scores = self.rollout(step)
+        gen_s = time.perf_counter() - started
+        adv = group_advantages(scores.total, cfg.num_generations, cfg.scale_rewards, cfg.reward_eps)
+        truncated = torch.tensor(samples.truncated)
+        packed = pack(samples.prompt_ids, samples.completion_ids, self.tokenizer.pad_id)
+        if cfg.mask_truncated_completions:
+            # DAPO overlong filtering: a truncated completion says nothing about its answer, so it leaves the loss
+            packed.mask = packed.mask * (~truncated).to(packed.mask.dtype)[:, None]
+        n_active = packed.mask.sum()  # N_glob of the dapo normaliser: the whole step's active tokens
+        N = len(samples)
+        chunks = [torch.arange(s, min(s + cfg.micro_batch_size, N)) for s in range(0, N, cfg.micro_batch_size)]
+        # Rows whose loss is identically zero are left out of the forward: with beta = 0 a completion with advantage
+        # 0 (a group whose rewards are all equal, frac_reward_zero_std) contributes -0 * rho per token, and a
+        # masked-out completion contributes nothing. The normalisers still count them (aggregate's batch_size and
+        # local_tokens), so the loss and the update are exactly those of the full batch, for less compute.
+        has_tokens = packed.mask.sum(1) > 0
+        signal = has_tokens if cfg.beta > 0 else has_tokens & (adv.advantages != 0)
+        active = [chunk[signal[chunk]] for chunk in chunks]
+        chunk_tokens = [packed.mask[chunk].sum() for chunk in chunks]
+        stats = _StepStats()
+        ref_logps = self._reference_logps(packed, active) if self.ref is not None and n_active > 0 else None
+        old_logps: list[torch.Tensor | None] = [None] * len(chunks)
+        grad_norm = torch.tensor(0.0)
+        finite = True
+        moe: dict[str, float] = {}
+        for it in range(cfg.num_iterations):
+            opt_step = (step - 1) * cfg.num_iterations + it + 1
+            lr = lr_at(
+                opt_step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
+                total_steps=cfg.steps * cfg.num_iterations, schedule=cfg.schedule,
+            )  # fmt: skip
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.zero_grad(set_to_none=True)
+            if n_active == 0:
+                # every completion masked out (e.g. all truncated with mask_truncated_completions): no signal, so no
+                # forward, no update; the loss of the step is 0 (TRL's test of the same case)
+                continue
+            model.train()
+            loss_total = torch.zeros((), device=self.device)
+            for c, chunk in enumerate(chunks):
+                idx = active[c]
+                if idx.numel() == 0:
+                    continue
+                mb = packed.rows(idx).to(self.device)
+                logits = completion_logits(model, mb)  # (B, C, V)
+                logp = token_logprobs(logits, mb.targets)  # (B, C)
+                if old_logps[c] is None:
+                    old_logps[c] = logp.detach()  # pi_old = the policy before this batch's first update
+                old = old_logps[c][:, : logp.shape[1]]
+                token = clipped_surrogate(
+                    logp, old, adv.advantages[idx].to(self.device), epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+                    delta=cfg.delta, ref_logp_BT=None if ref_logps is None else ref_logps[c].to(self.device),
+                    beta=cfg.beta,
+                )  # fmt: skip
+                loss = aggregate(
+                    token.loss, mb.mask, cfg.loss_type, max_completion_length=cfg.max_completion_length,
+                    num_items_in_batch=n_active.to(self.device), grad_accum_steps=len(chunks),
+                    num_processes=self.ctx.world_size, batch_size=len(chunk), local_tokens=chunk_tokens[c],
+                )  # fmt: skip
+                aux = aux_loss(model)
+                total = loss if aux is None else loss + aux * (len(idx) / N)
+                total.backward()
+                loss_total = loss_total + loss.detach()
+                stats.add(token, mb.mask, logits if it == 0 else None, aux, chunk_tokens[c])
+            if not any(idx.numel() for idx in active):
+                # no completion carries a signal: the gradient is exactly zero, and AdamW still applies its momentum,
+                # as it would after a full zero-gradient backward
+                for p in self.params:
+                    p.grad = torch.zeros_like(p)
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=False)
+            finite = bool(torch.isfinite(loss_total)) and bool(torch.isfinite(grad_norm))
+            if finite:
+                self.optimizer.step()
+                moe = moe_metrics(model)  # read before after_optimizer_step resets the counts
+                after_optimizer_step(model)
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    for t in step_stat_tensors(model):
+                        t.zero_()
+                break  # the rest of this batch's passes would start from the same bad point
+            stats.losses.append(float(loss_total))
+        if finite:
+            self.in_a_row = 0
+        else:
+            self.in_a_row += 1
+            self.skipped += 1
+        if self.ref is not None and cfg.ref_update_every and step % cfg.ref_update_every == 0:
+            # R1: "the reference policy is replaced by the latest policy every 400 steps"
+            self.ref.load_state_dict(model.state_dict())
+            self.ref_step = step
+            self._save_reference()
+        self.step = step
+        tokens = sum(len(p) + len(c) for p, c in zip(samples.prompt_ids, samples.completion_ids, strict=True))
+        self.tokens_seen += tokens
+        elapsed = time.perf_counter() - started
+        row = self._row(step, scores, adv, samples, stats, lr, grad_norm, finite, tokens, elapsed, gen_s)
+        row.update(moe)
+        self._last_batch = (records, samples, scores, adv)
+        return row
+
+    @torch.no_grad()
+    def _reference_logps(self, packed: Packed, chunks: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        out: list[torch.Tensor | None] = []
+        for idx in chunks:
+            if idx.numel() == 0:
+                out.append(None)
+                continue
+            mb = packed.rows(idx).to(self.device)
+            out.append(token_logprobs(completion_logits(self.ref, mb), mb.targets))
+        return out
+
+    def _row(self, step, scores, adv, samples, stats, lr, grad_norm, finite, tokens, elapsed, gen_s) -> dict[str, Any]:
+        lengths = torch.tensor([len(c) for c in samples.completion_ids], dtype=torch.float64)
+        truncated = torch.tensor(samples.truncated)
+        terminated = lengths[~truncated]
+        total = scores.total
+        row: dict[str, Any] = {"kind": "train", "step": step}
+        if self.ctx.stage is not None:
+            row["stage"] = self.ctx.stage
+        row.update(
+            {
+                "loss": (sum(stats.losses) / len(stats.losses)) if stats.losses else 0.0,
+                "reward": _nanmean(total),
+                "reward_std": _nanmean(adv.group_std),
+                "frac_reward_zero_std": float(adv.zero_std.double().mean()),
+            }
+        )
+        for k, name in enumerate(scores.names):
+            col = scores.values[:, k]
+            row[f"rewards/{name}/mean"] = _nanmean(col)
+            row[f"rewards/{name}/std"] = _nanstd(col)
+        row.update(stats.metrics())
+        row.update(
+            {
+                "completions/mean_length": float(lengths.mean()),
+                "completions/min_length": float(lengths.min()),
+                "completions/max_length": float(lengths.max()),
+                "completions/mean_terminated_length": float(terminated.mean()) if len(terminated) else None,
+                "completions/clipped_ratio": float(truncated.double().mean()),
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "tokens": tokens,
+                "tokens_total": self.tokens_seen,
+                "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
+                "step_s": elapsed,
+                "generate_s": gen_s,
+                "skipped": not finite,
+                "nonfinite_skipped": self.skipped,
+            }
+        )
+        if not finite:
+            row["loss"] = float("nan")
+        return row
+
+    # -- evaluation, checkpoints ---------------------------------------------------------------------------------
+    def evaluate(self, examples: int = 0) -> dict[str, Any]:
+        return evaluate_row(
+            self.ctx, self.model, self.tokenizer, self.task, self.eval_records, self.step,
+            max_new_tokens=self.cfg.max_completion_length, batch_size=self.cfg.generation_batch_size,
+            rewards=self.cfg.rewards, examples=examples,
+        )  # fmt: skip
+
+    def save(self, reason: str) -> Path:
+        state = {
+            "reason": reason,
+            "steps": self.cfg.steps,
+            "nonfinite_in_a_row": self.in_a_row,
+            "nonfinite_skipped": self.skipped,
+            "tokens_seen": self.tokens_seen,
+            "ref_step": self.ref_step,
+            "start_eval": self.start_eval,
+            "data": {"prompts_consumed": self.step * self.cfg.prompts_per_step},
+        }
+        path = save_run_checkpoint(
+            self.ctx, self.step, trainer=self.trainer.name, model=self.model, optimizer=self.optimizer,
+            tokenizer=self.tokenizer, state=state,
+        )  # fmt: skip
+        self.last_checkpoint, self.last_saved_step = path, self.step
+        self._prune_references()
+        return path
+
+    def _prune_references(self) -> None:
+        """Drop saved references no checkpoint can resume to (older than the oldest kept checkpoint's)."""
+        if self.ref is None:
+            return
+        kept = list_checkpoints(self.ctx.run_dir)
+        if not kept:
+            return
+        oldest = kept[0][0]
+        refs = sorted(int(p.stem.split("-")[1]) for p in (self.ctx.run_dir / REFERENCE_DIR).glob("step-*.safetensors"))
+        needed = max([r for r in refs if r <= oldest], default=None)
+        for r in refs:
+            if needed is not None and r < needed:
+                self._reference_path(r).unlink(missing_ok=True)
+
+    def _check_interrupt(self) -> None:
+        flag = self.ctx.interrupt
+        if flag.requested:
+            path = self.save("interrupt") if self.last_saved_step != self.step else self.last_checkpoint
+            raise RunInterrupted(f"interrupted at step {self.step}; checkpoint saved to {path}", flag.signum, path)
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        ctx, cfg = self.ctx, self.cfg
+        self.setup()
+        log_every = getattr(ctx.section("logging"), "every", 1)
+        save_every = getattr(ctx.section("checkpoint"), "every", 0)
+        label = self.trainer.name + (f" [{ctx.stage}]" if ctx.stage else "")
+        ctx.reporter.start(cfg.steps, label, completed=self.step)
+        if self.step == 0 and self.eval_records:
+            self.start_eval = self.evaluate()  # the base policy's accuracy, the reference point of the run
+        final_eval: dict[str, Any] = {}
+        try:
+            while self.step < cfg.steps:
+                self._check_interrupt()
+                row = self.train_step()
+                step = self.step
+                if step % log_every == 0 or row["skipped"] or step == cfg.steps:
+                    ctx.metrics.write(row)
+                    if cfg.log_completions:
+                        records, samples, scores, adv = self._last_batch
+                        write_completions_table(
+                            ctx.run_dir / COMPLETIONS_DIR, step, records, samples.texts, scores, adv.advantages,
+                            samples.truncated, cfg.log_completions,
+                        )  # fmt: skip
+                ctx.pm.hook.on_step_end(ctx=ctx, step=step, metrics=row)
+                ctx.reporter.update(step, row)
+                if self.in_a_row >= cfg.max_nonfinite:
+                    path = self.save("nonfinite")
+                    raise RunFailed(
+                        f"the GRPO loss or gradient was non-finite for {self.in_a_row} steps in a row (trainer."
+                        f"max_nonfinite = {cfg.max_nonfinite}); stopped with the last good weights in {path}. Lower "
+                        "trainer.lr or raise trainer.warmup_steps.",
+                        path,
+                    )
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                    self.evaluate()
+                if save_every and step % save_every == 0 and step < cfg.steps:
+                    self.save("interval")
+            self._check_interrupt()
+            final_eval = self.evaluate(examples=3)
+            if self.last_saved_step != self.step:
+                self.save("final")
+        finally:
+            ctx.reporter.stop()
+        return self.summary(final_eval)
+
+    def summary(self, final_eval: dict[str, Any]) -> dict[str, Any]:
+        """Stage summary from ``metrics.jsonl`` (a resumed run reports what an uninterrupted one would)."""
+        rows = read_metrics(self.ctx.metrics.path)
+        train = [r for r in rows if r.get("kind") == "train"]
+        head = train[: max(1, len(train) // 10)]
+        tail = train[-max(1, len(train) // 10) :]
+        timed = [r for r in train if r.get("step", 0) > 1 and r.get("step_s")]
+        out: dict[str, Any] = {
+            "stage": self.ctx.stage,
+            "trainer": self.trainer.name,
+            "status": "completed",
+            "steps": self.cfg.steps,
+            "step": self.step,
+            "final_loss": mean([r.get("loss") for r in tail]),
+            "reward_start": mean([r.get("reward") for r in head]),
+            "reward_final": mean([r.get("reward") for r in tail]),
+            "tokens_per_s": sum(r["tokens"] for r in timed) / sum(r["step_s"] for r in timed) if timed else None,
+            "step_s": mean([r.get("step_s") for r in timed]),
+            "tokens_total": self.tokens_seen,
+            "nonfinite_skipped": self.skipped,
+            "parameters": sum(p.numel() for p in self.params),
+            "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+            "wall_s": time.perf_counter() - self.started,
+        }
+        for key, value in self.start_eval.items():
+            if key.startswith("eval/") and key not in ("eval/samples", "eval/seconds"):
+                out[f"{key}_start"] = value
+        for key, value in final_eval.items():
+            if key.startswith("eval/") or key == "examples":
+                out[key] = value
+        return out
+
+
+def _nanmean(x: torch.Tensor) -> float | None:
+    valid = x[~torch.isnan(x)]
+    return float(valid.mean()) if valid.numel() else None
+
+
+def _nanstd(x: torch.Tensor) -> float | None:
+    valid = x[~torch.isnan(x)]
+    return float(valid.std()) if valid.numel() > 1 else None
+
+
+class _StepStats:
+    """Token-level statistics of a step, summed over micro-batches and passes (host syncs once, at the end)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+        self.losses: list[float] = []
+
+    def _acc(self, key: str, total: torch.Tensor, count: torch.Tensor) -> None:
+        self.sums[key] = self.sums.get(key, 0) + total.detach().double().cpu()
+        self.counts[key] = self.counts.get(key, 0) + count.detach().double().cpu()
+
+    @torch.no_grad()
+    def add(
+        self, token: Any, mask: torch.Tensor, logits: torch.Tensor | None, aux: torch.Tensor | None,
+        chunk_tokens: torch.Tensor,
+    ) -> None:  # fmt: skip
+        """Accumulate a micro-batch. Clip ratios are over all active tokens of the micro-batch (the rows left out
+        have advantage 0 and cannot be clipped); KL and entropy over the tokens of the rows that ran."""
+        m = mask.to(torch.float64)
+        n = m.sum()
+        self._acc("clip_ratio/low_mean", (token.low_clipped.double() * m).sum(), chunk_tokens)
+        self._acc("clip_ratio/high_mean", (token.high_clipped.double() * m).sum(), chunk_tokens)
+        region = (token.low_clipped | token.high_clipped).double()
+        self._acc("clip_ratio/region_mean", (region * m).sum(), chunk_tokens)
+        if token.kl is not None:
+            self._acc("kl", (token.kl.double() * m).sum(), n)
+        if logits is not None:
+            self._acc("entropy", (token_entropy(logits).double() * m).sum(), n)
+        if aux is not None:
+            self._acc("aux_loss", aux.double(), torch.ones((), dtype=torch.float64))
+
+    def metrics(self) -> dict[str, float]:
+        return {k: float(self.sums[k] / self.counts[k].clamp(min=1)) for k in self.sums}

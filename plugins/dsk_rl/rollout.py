@@ -1,0 +1,213 @@
+"""Rollouts shared by the post-training trainers: prompts -> sampled completions -> rewards -> training tensors.
+
+- :func:`encode_prompts` writes prompts as evaluation and SFT do (``[BOS] + encode(prompt)``), so the policy sees the
+  same tokens in every stage;
+- :func:`sample` draws ``n`` completions per prompt with the model's batched KV-cached :func:`dsk.model.generate`;
+- :func:`score` calls the reward slots and returns the ``[N, K]`` reward matrix (NaN = None);
+- :func:`pack` lays prompt + completion rows out right-padded for one causal forward, with the index of the logit
+  that predicts each completion token.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["Packed", "RewardScores", "Samples", "encode_prompts", "pack", "sample", "score"]
+
+
+def encode_prompts(tokenizer: Any, records: Sequence[dict[str, Any]]) -> list[list[int]]:
+    """``[BOS] + encode(prompt)`` per record (the layout of ``dsk.train.evaluate`` and of SFT examples)."""
+    head = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    return [head + tokenizer.encode(r["prompt"]) for r in records]
+
+
+@dataclass
+class Samples:
+    """Completions of a batch of prompts, ``n`` consecutive ones per prompt (one GRPO group each).
+
+    Attributes:
+        prompt_ids: token ids of each completion's prompt (repeated per completion).
+        completion_ids: generated ids, EOS included when produced.
+        truncated: the completion stopped at the length limit, not at EOS.
+        texts: completions decoded without control tokens (markup such as ``<think>`` kept).
+    """
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    truncated: list[bool]
+    texts: list[str]
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+
+@torch.no_grad()
+def sample(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[list[int]],
+    n: int,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    batch_size: int,
+    generator: torch.Generator | None,
+) -> Samples:
+    """``n`` completions of each prompt (KV-cached, batched ``batch_size`` completions per call).
+
+    The budget is capped by the model's context: a prompt of P tokens leaves ``max_seq_len - P`` new tokens.
+    """
+    from dsk.model.generate import generate
+
+    repeated = [list(p) for p in prompt_ids for _ in range(n)]
+    room = model.config.max_seq_len - max(len(p) for p in repeated)
+    budget = min(max_new_tokens, room)
+    if budget < 1:
+        raise ValueError(f"a prompt of {max(len(p) for p in repeated)} tokens leaves no room under model.max_seq_len")
+    tokens: list[list[int]] = []
+    truncated: list[bool] = []
+    for start in range(0, len(repeated), batch_size):
+        out = generate(
+            model, repeated[start : start + batch_size], budget, temperature=temperature, top_p=top_p,
+            eos_id=tokenizer.eos_id, generator=generator, pad_id=tokenizer.pad_id,
+        )  # fmt: skip
+        tokens.extend(out.tokens)
+        truncated.extend(out.truncated)
+    texts = [tokenizer.decode(t) for t in tokens]
+    return Samples(repeated, tokens, truncated, texts)
+
+
+@dataclass
+class RewardScores:
+    """Rewards of N completions under K reward functions.
+
+    Attributes:
+        names: the recipe keys of the rewards (``[trainer.rewards.<name>]``), in order.
+        weights: [K] weight of each.
+        values: [N, K] float64, NaN where a reward returned None.
+        total: [N] weighted sum over the rewards that applied (NaN when none did).
+    """
+
+    names: list[str]
+    weights: torch.Tensor
+    values: torch.Tensor
+    total: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        from dsk_rl.grpo_loss import combine_rewards
+
+        self.total = combine_rewards(self.values, self.weights)
+
+    def row(self, i: int) -> dict[str, float | None]:
+        """Rewards of completion ``i`` by name (None where not applicable)."""
+        return {n: (None if math.isnan(v) else v) for n, v in zip(self.names, self.values[i].tolist(), strict=True)}
+
+
+def score(
+    rewards: dict[str, Any],
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    records: Sequence[dict[str, Any]],
+    *,
+    completion_ids: Sequence[Sequence[int]] | None = None,
+    truncated: Sequence[bool] | None = None,
+    max_completion_length: int | None = None,
+    checker: Callable[[dict[str, Any], str], bool] | None = None,
+) -> RewardScores:
+    """Call every reward slot on the batch: ``fn(config, prompts, completions, **columns)``.
+
+    Columns are the records' keys (one list each; a key missing from a record is None there, except ``prompt`` and
+    ``completion``, which would clash with the reference completion of SFT data), plus ``completion_ids``,
+    ``truncated``, and the scalars ``max_completion_length`` and ``checker`` (the task's ``check``).
+
+    Raises:
+        ValueError: a reward returned a list of the wrong length or a non-number.
+    """
+    n = len(completions)
+    keys = sorted({k for r in records for k in r} - {"prompt", "completion"})
+    columns: dict[str, Any] = {k: [r.get(k) for r in records] for k in keys}
+    if completion_ids is not None:
+        columns["completion_ids"] = [list(c) for c in completion_ids]
+    if truncated is not None:
+        columns["truncated"] = list(truncated)
+    names = list(rewards)
+    values = torch.full((n, len(names)), float("nan"), dtype=torch.float64)
+    for k, name in enumerate(names):
+        slot = rewards[name]
+        out = slot.load()(
+            slot.config, list(prompts), list(completions), **columns,
+            max_completion_length=max_completion_length, checker=checker,
+        )  # fmt: skip
+        if len(out) != n:
+            raise ValueError(f"reward '{name}' returned {len(out)} values for {n} completions")
+        for i, v in enumerate(out):
+            if v is None:
+                continue
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise ValueError(f"reward '{name}' returned {v!r}; expected a float or None")
+            values[i, k] = float(v)
+    weights = torch.tensor([float(getattr(rewards[k].config, "weight", 1.0)) for k in names], dtype=torch.float64)
+    return RewardScores(names, weights, values)
+
+
+@dataclass
+class Packed:
+    """Rows ``prompt + completion``, right-padded, for one causal forward (no attention mask needed: padding only
+    follows real tokens, so a causal model never lets a real token see it).
+
+    Attributes:
+        input_ids: [N, S].
+        logit_index: [N, C], position of the logit that predicts completion token c of row n (prompt_len - 1 + c;
+            clamped inside the row for padding columns).
+        targets: [N, C] completion tokens (pad where the completion is shorter than C).
+        mask: [N, C] float, 1 on real completion tokens.
+    """
+
+    input_ids: torch.Tensor
+    logit_index: torch.Tensor
+    targets: torch.Tensor
+    mask: torch.Tensor
+
+    def to(self, device: torch.device | str) -> Packed:
+        return Packed(*(t.to(device) for t in (self.input_ids, self.logit_index, self.targets, self.mask)))
+
+    def rows(self, index: torch.Tensor | slice) -> Packed:
+        """A micro-batch of rows, trimmed to its own longest row."""
+        ids, li, tg, m = (t[index] for t in (self.input_ids, self.logit_index, self.targets, self.mask))
+        c = int(m.sum(1).max().item()) if m.numel() else 0
+        c = max(c, 1)
+        s = int(li[:, :c].max().item()) + 2 if li.numel() else ids.shape[1]
+        return Packed(ids[:, : min(s, ids.shape[1])], li[:, :c], tg[:, :c], m[:, :c])
+
+
+def pack(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], pad_id: int) -> Packed:
+    """Lay out N (prompt, completion) pairs as right-padded rows (see :class:`Packed`)."""
+    n = len(prompt_ids)
+    p_len = torch.tensor([len(p) for p in prompt_ids], dtype=torch.long)
+    c_len = torch.tensor([len(c) for c in completion_ids], dtype=torch.long)
+    S = int((p_len + c_len).max())
+    C = max(int(c_len.max()), 1)
+    input_ids = torch.full((n, S), pad_id, dtype=torch.long)
+    targets = torch.full((n, C), pad_id, dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True)):  # building rows, not a per-token loop
+        row = list(p) + list(c)
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        if len(c):
+            targets[i, : len(c)] = torch.tensor(list(c), dtype=torch.long)
+    cols = torch.arange(C)[None, :]  # (1, C)
+    mask = (cols < c_len[:, None]).to(torch.float32)  # (N, C)
+    logit_index = (p_len[:, None] - 1 + cols).clamp(max=S - 1)  # (N, C)
+    return Packed(input_ids, logit_index, targets, mask)
+
+
+def completion_logits(model: Any, packed: Packed) -> torch.Tensor:
+    """Logits [N, C, V] that predict each completion token of ``packed`` (one causal forward)."""
+    logits = model(packed.input_ids).logits  # (N, S, V)
+    V = logits.shape[-1]
+    return logits.gather(1, packed.logit_index[:, :, None].expand(-1, -1, V))
