@@ -10,5 +10,6 @@ Modules (import the one you need; only ``schedule``, ``metrics`` and ``context``
 - :mod:`dsk.train.metrics`: ``metrics.jsonl`` writer;
 - :mod:`dsk.train.evaluate`: greedy accuracy and pass@k on a task's test split;
 - :mod:`dsk.train.progress`: the rich progress bar and summary table;
+- :mod:`dsk.train.loop`: the step loop, resume and summary the trainers share, and the skip-on-non-finite update;
 - :mod:`dsk.train.runner`: run directory, ``[[stages]]`` chaining, resume, signals.
 """

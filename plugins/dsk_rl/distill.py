@@ -25,10 +25,10 @@ import torch
 
 from dsk.data.batching import IGNORE_INDEX, BatchIterator, ExampleStream, encode_record
 from dsk.data.jsonl import read_jsonl
-from dsk.model import after_optimizer_step, step_stat_tensors
 from dsk.train.checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, set_rng_state
 from dsk.train.context import RunContext, RunFailed, RunInterrupted, RunSetupError
 from dsk.train.evaluate import test_records
+from dsk.train.loop import apply_update, skip_update
 from dsk.train.optim import build_adamw, load_optimizer_state
 from dsk.train.schedule import lr_at
 from dsk_rl.common import build_policy, evaluate_row, mean, save_run_checkpoint, step_generator, train_record_fn
@@ -249,14 +249,10 @@ class _LogitRun:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=False)
         finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
         if finite:
-            self.optimizer.step()
-            after_optimizer_step(model)
+            apply_update(self.optimizer, model)
             self.in_a_row = 0
         else:
-            self.optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for t in step_stat_tensors(model):
-                    t.zero_()
+            skip_update(self.optimizer, model)
             self.in_a_row += 1
             self.skipped += 1
         self.step = step

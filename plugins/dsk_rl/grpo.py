@@ -30,12 +30,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from dsk.model import after_optimizer_step, step_stat_tensors
-from dsk.train.checkpoint import list_checkpoints, load_checkpoint, load_model_weights, set_rng_state
-from dsk.train.context import RunContext, RunFailed, RunInterrupted, RunSetupError
+from dsk.train.checkpoint import list_checkpoints, load_model_weights
+from dsk.train.context import RunContext, RunSetupError
 from dsk.train.evaluate import test_records
-from dsk.train.metrics import read_metrics
-from dsk.train.optim import build_adamw, load_optimizer_state
+from dsk.train.loop import TrainerRun, apply_update, skip_update, tokens_per_s
+from dsk.train.optim import build_adamw
 from dsk.train.schedule import lr_at
 from dsk_rl.common import (
     aux_loss,
@@ -119,23 +118,15 @@ def write_completions_table(
     return jsonl
 
 
-class _GRPORun:
-    """State of one GRPO run (one stage)."""
+class _GRPORun(TrainerRun):
+    """State of one GRPO run (one stage); the loop is :class:`dsk.train.loop.TrainerRun`'s."""
+
+    trainer: GRPOTrainer
+    cfg: GRPOConfig
 
     def __init__(self, trainer: GRPOTrainer, ctx: RunContext):
-        self.trainer = trainer
-        self.cfg: GRPOConfig = trainer.config
-        self.ctx = ctx
-        self.device = torch.device(ctx.device)
-        self.step = 0
-        self.in_a_row = 0
-        self.skipped = 0
-        self.tokens_seen = 0
+        super().__init__(trainer, ctx)
         self.ref_step = 0
-        self.last_checkpoint: Path | None = None
-        self.last_saved_step = -1
-        self.started = time.perf_counter()
-        self.start_eval: dict[str, Any] = {}
 
     # -- set-up ------------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -179,20 +170,7 @@ class _GRPORun:
         save_file(model_state_for_saving(self.ref), str(tmp))
         os.replace(tmp, path)
 
-    def _resume(self, path: Path) -> None:
-        ckpt = load_checkpoint(path)
-        state = ckpt.state
-        if state.get("trainer") != self.trainer.name:
-            raise RunSetupError(f"{ckpt.path}: written by trainer {state.get('trainer')!r}, not {self.trainer.name!r}")
-        load_model_weights(self.model, ckpt.model_state, str(ckpt.path))
-        if ckpt.optimizer_meta is None:
-            raise RunSetupError(f"{ckpt.path}: has no optimizer state, so the run cannot continue exactly")
-        load_optimizer_state(self.optimizer, ckpt.optimizer_tensors, ckpt.optimizer_meta, str(ckpt.path))
-        set_rng_state(state["rng"])
-        self.step = ckpt.step
-        self.in_a_row = int(state.get("nonfinite_in_a_row", 0))
-        self.skipped = int(state.get("nonfinite_skipped", 0))
-        self.tokens_seen = int(state.get("tokens_seen", 0))
+    def restore(self, state: dict[str, Any]) -> None:
         self.start_eval = dict(state.get("start_eval") or {})
         if self.ref is not None:
             from safetensors.torch import load_file
@@ -202,10 +180,6 @@ class _GRPORun:
             if not ref_path.is_file():
                 raise RunSetupError(f"{ref_path}: the KL reference of this run is missing, so it cannot resume exactly")
             load_model_weights(self.ref, load_file(str(ref_path)), str(ref_path))
-        self.last_checkpoint, self.last_saved_step = ckpt.path, ckpt.step
-        dropped = self.ctx.metrics.truncate_after(self.step)
-        note = f" ({dropped} metrics rows after it dropped)" if dropped else ""
-        self.ctx.reporter.message(f"resuming from {ckpt.path} at step {self.step}{note}")
 
     # -- one rollout step --------------------------------------------------------------------------------------
     def rollout(self, step: int):
@@ -306,14 +280,9 @@ class _GRPORun:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=False)
             finite = bool(torch.isfinite(loss_total)) and bool(torch.isfinite(grad_norm))
             if finite:
-                self.optimizer.step()
-                moe = moe_metrics(model)  # read before after_optimizer_step resets the counts
-                after_optimizer_step(model)
+                moe = apply_update(self.optimizer, model, moe_metrics)
             else:
-                self.optimizer.zero_grad(set_to_none=True)
-                with torch.no_grad():
-                    for t in step_stat_tensors(model):
-                        t.zero_()
+                skip_update(self.optimizer, model)
                 break  # the rest of this batch's passes would start from the same bad point
             stats.losses.append(float(loss_total))
         if finite:
@@ -430,89 +399,37 @@ class _GRPORun:
             if needed is not None and r < needed:
                 self._reference_path(r).unlink(missing_ok=True)
 
-    def _check_interrupt(self) -> None:
-        flag = self.ctx.interrupt
-        if flag.requested:
-            path = self.save("interrupt") if self.last_saved_step != self.step else self.last_checkpoint
-            raise RunInterrupted(f"interrupted at step {self.step}; checkpoint saved to {path}", flag.signum, path)
-
-    # -- the loop ----------------------------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
-        ctx, cfg = self.ctx, self.cfg
-        self.setup()
-        log_every = getattr(ctx.section("logging"), "every", 1)
-        save_every = getattr(ctx.section("checkpoint"), "every", 0)
-        label = self.trainer.name + (f" [{ctx.stage}]" if ctx.stage else "")
-        ctx.reporter.start(cfg.steps, label, completed=self.step)
+    # -- the loop's hooks (dsk.train.loop.TrainerRun) ----------------------------------------------------------
+    def before_loop(self) -> None:
         if self.step == 0 and self.eval_records:
             self.start_eval = self.evaluate()  # the base policy's accuracy, the reference point of the run
-        final_eval: dict[str, Any] = {}
-        try:
-            while self.step < cfg.steps:
-                self._check_interrupt()
-                row = self.train_step()
-                step = self.step
-                if step % log_every == 0 or row["skipped"] or step == cfg.steps:
-                    ctx.metrics.write(row)
-                    if cfg.log_completions:
-                        records, samples, scores, adv = self._last_batch
-                        write_completions_table(
-                            ctx.run_dir / COMPLETIONS_DIR, step, records, samples.texts, scores, adv.advantages,
-                            samples.truncated, cfg.log_completions,
-                        )  # fmt: skip
-                ctx.pm.hook.on_step_end(ctx=ctx, step=step, metrics=row)
-                ctx.reporter.update(step, row)
-                if self.in_a_row >= cfg.max_nonfinite:
-                    path = self.save("nonfinite")
-                    raise RunFailed(
-                        f"the GRPO loss or gradient was non-finite for {self.in_a_row} steps in a row (trainer."
-                        f"max_nonfinite = {cfg.max_nonfinite}); stopped with the last good weights in {path}. Lower "
-                        "trainer.lr or raise trainer.warmup_steps.",
-                        path,
-                    )
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                    self.evaluate()
-                if save_every and step % save_every == 0 and step < cfg.steps:
-                    self.save("interval")
-            self._check_interrupt()
-            final_eval = self.evaluate(examples=3)
-            if self.last_saved_step != self.step:
-                self.save("final")
-        finally:
-            ctx.reporter.stop()
-        return self.summary(final_eval)
 
-    def summary(self, final_eval: dict[str, Any]) -> dict[str, Any]:
-        """Stage summary from ``metrics.jsonl`` (a resumed run reports what an uninterrupted one would)."""
-        rows = read_metrics(self.ctx.metrics.path)
-        train = [r for r in rows if r.get("kind") == "train"]
+    def log_row(self, row: dict[str, Any]) -> None:
+        super().log_row(row)
+        if self.cfg.log_completions:
+            records, samples, scores, adv = self._last_batch
+            write_completions_table(
+                self.ctx.run_dir / COMPLETIONS_DIR, self.step, records, samples.texts, scores, adv.advantages,
+                samples.truncated, self.cfg.log_completions,
+            )  # fmt: skip
+
+    def nonfinite_message(self, path: Path) -> str:
+        return (
+            f"the GRPO loss or gradient was non-finite for {self.in_a_row} steps in a row (trainer."
+            f"max_nonfinite = {self.cfg.max_nonfinite}); stopped with the last good weights in {path}. Lower "
+            "trainer.lr or raise trainer.warmup_steps."
+        )
+
+    def summary_metrics(self, train: list[dict[str, Any]], timed: list[dict[str, Any]]) -> dict[str, Any]:
         head = train[: max(1, len(train) // 10)]
         tail = train[-max(1, len(train) // 10) :]
-        timed = [r for r in train if r.get("step", 0) > 1 and r.get("step_s")]
-        out: dict[str, Any] = {
-            "stage": self.ctx.stage,
-            "trainer": self.trainer.name,
-            "status": "completed",
-            "steps": self.cfg.steps,
-            "step": self.step,
+        return {
             "final_loss": mean([r.get("loss") for r in tail]),
             "reward_start": mean([r.get("reward") for r in head]),
             "reward_final": mean([r.get("reward") for r in tail]),
-            "tokens_per_s": sum(r["tokens"] for r in timed) / sum(r["step_s"] for r in timed) if timed else None,
+            "tokens_per_s": tokens_per_s(timed),
             "step_s": mean([r.get("step_s") for r in timed]),
-            "tokens_total": self.tokens_seen,
-            "nonfinite_skipped": self.skipped,
-            "parameters": sum(p.numel() for p in self.params),
-            "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
-            "wall_s": time.perf_counter() - self.started,
         }
-        for key, value in self.start_eval.items():
-            if key.startswith("eval/") and key not in ("eval/samples", "eval/seconds"):
-                out[f"{key}_start"] = value
-        for key, value in final_eval.items():
-            if key.startswith("eval/") or key == "examples":
-                out[key] = value
-        return out
 
 
 def _nanmean(x: torch.Tensor) -> float | None:

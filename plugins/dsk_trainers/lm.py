@@ -26,18 +26,12 @@ from typing import Any, ClassVar
 import torch
 
 from dsk.data.batching import IGNORE_INDEX, BatchIterator, ExampleStream, document_causal_mask, encode_example
-from dsk.model import after_optimizer_step, step_metrics, step_stat_tensors
-from dsk.train.checkpoint import (
-    load_checkpoint,
-    load_model_weights,
-    remove_stale_temporaries,
-    save_checkpoint,
-    set_rng_state,
-)
-from dsk.train.context import RunContext, RunFailed, RunInterrupted, RunSetupError
+from dsk.model import step_metrics
+from dsk.train.checkpoint import load_checkpoint, load_model_weights, remove_stale_temporaries, save_checkpoint
+from dsk.train.context import RunContext, RunSetupError
 from dsk.train.evaluate import evaluate_task, test_records
-from dsk.train.metrics import read_metrics
-from dsk.train.optim import build_adamw, load_optimizer_state
+from dsk.train.loop import TrainerRun, apply_update, skip_update, tokens_per_s
+from dsk.train.optim import build_adamw
 from dsk.train.schedule import lr_at
 from dsk_trainers.config import LMTrainerConfig
 
@@ -138,21 +132,11 @@ class SFTTrainer(LMTrainer):
     mode = "sft"
 
 
-class _Run:
-    """State of one trainer run (one stage)."""
+class _Run(TrainerRun):
+    """State of one trainer run (one stage); the loop is :class:`dsk.train.loop.TrainerRun`'s."""
 
-    def __init__(self, trainer: LMTrainer, ctx: RunContext):
-        self.trainer = trainer
-        self.cfg: LMTrainerConfig = trainer.config
-        self.ctx = ctx
-        self.device = torch.device(ctx.device)
-        self.step = 0
-        self.in_a_row = 0
-        self.skipped = 0
-        self.tokens_seen = 0
-        self.last_checkpoint: Path | None = None
-        self.last_saved_step = -1
-        self.started = time.perf_counter()
+    trainer: LMTrainer
+    cfg: LMTrainerConfig
 
     # -- set-up ------------------------------------------------------------------------------------------------
     def _check_sizes(self) -> None:
@@ -187,25 +171,8 @@ class _Run:
         if ctx.resume_from is not None:
             self._resume(ctx.resume_from)
 
-    def _resume(self, path: Path) -> None:
-        ckpt = load_checkpoint(path)
-        state = ckpt.state
-        if state.get("trainer") != self.trainer.name:
-            raise RunSetupError(f"{ckpt.path}: written by trainer {state.get('trainer')!r}, not {self.trainer.name!r}")
-        load_model_weights(self.model, ckpt.model_state, str(ckpt.path))
-        if ckpt.optimizer_meta is None:
-            raise RunSetupError(f"{ckpt.path}: has no optimizer state, so the run cannot continue exactly")
-        load_optimizer_state(self.optimizer, ckpt.optimizer_tensors, ckpt.optimizer_meta, str(ckpt.path))
+    def restore(self, state: dict[str, Any]) -> None:
         self.batches.load_state_dict(state["data"])
-        set_rng_state(state["rng"])
-        self.step = ckpt.step
-        self.in_a_row = int(state.get("nonfinite_in_a_row", 0))
-        self.skipped = int(state.get("nonfinite_skipped", 0))
-        self.tokens_seen = int(state.get("tokens_seen", 0))
-        self.last_checkpoint, self.last_saved_step = ckpt.path, ckpt.step
-        dropped = self.ctx.metrics.truncate_after(self.step)
-        note = f" ({dropped} metrics rows after it dropped)" if dropped else ""
-        self.ctx.reporter.message(f"resuming from {ckpt.path} at step {self.step}{note}")
 
     # -- one optimizer step ------------------------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
@@ -256,16 +223,10 @@ class _Run:
         finite = bool(torch.isfinite(loss_total)) and bool(torch.isfinite(grad_norm))
         moe: dict[str, float] = {}
         if finite:
-            self.optimizer.step()
-            moe = moe_metrics(model)  # read before after_optimizer_step resets the counts
-            after_optimizer_step(model)
+            moe = apply_update(self.optimizer, model, moe_metrics)
             self.in_a_row = 0
         else:
-            # Skip the update; drop the step's expert counts too, so a skipped batch never moves a router bias.
-            self.optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for t in step_stat_tensors(model):
-                    t.zero_()
+            skip_update(self.optimizer, model)
             self.in_a_row += 1
             self.skipped += 1
         self.step = step
@@ -342,88 +303,31 @@ class _Run:
         self.last_checkpoint, self.last_saved_step = path, self.step
         return path
 
-    def _check_interrupt(self) -> None:
-        flag = self.ctx.interrupt
-        if flag.requested:
-            path = self.save("interrupt") if self.last_saved_step != self.step else self.last_checkpoint
-            raise RunInterrupted(f"interrupted at step {self.step}; checkpoint saved to {path}", flag.signum, path)
-
     # -- the loop ----------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         threads = torch.get_num_threads()
         if self.cfg.cpu_threads is not None:
             torch.set_num_threads(self.cfg.cpu_threads)
         try:
-            return self._run()
+            return super().run()
         finally:
             torch.set_num_threads(threads)  # the setting is process-wide: leave it as it was found
 
-    def _run(self) -> dict[str, Any]:
-        ctx, cfg = self.ctx, self.cfg
-        self.setup()
-        log_cfg = ctx.section("logging")
-        ckpt_cfg = ctx.section("checkpoint")
-        log_every = getattr(log_cfg, "every", 1)
-        save_every = getattr(ckpt_cfg, "every", 0)
-        label = f"{self.trainer.name}" + (f" [{ctx.stage}]" if ctx.stage else "")
-        ctx.reporter.start(cfg.steps, label, completed=self.step)
-        final_eval: dict[str, Any] = {}
-        try:
-            while self.step < cfg.steps:
-                self._check_interrupt()
-                row = self.train_step()
-                step = self.step
-                if step % log_every == 0 or row["skipped"] or step == cfg.steps:
-                    ctx.metrics.write(row)
-                ctx.pm.hook.on_step_end(ctx=ctx, step=step, metrics=row)
-                ctx.reporter.update(step, row)
-                if self.in_a_row >= cfg.max_nonfinite:
-                    path = self.save("nonfinite")
-                    first = step - self.in_a_row + 1
-                    raise RunFailed(
-                        f"the loss or gradient was non-finite for {self.in_a_row} optimizer steps in a row "
-                        f"(steps {first}-{step}; trainer.max_nonfinite = {cfg.max_nonfinite}); stopped. Those updates "
-                        f"were skipped, so {path} holds the weights of the last good step. Lower trainer.lr or "
-                        "raise trainer.warmup_steps, then resume or restart.",
-                        path,
-                    )
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                    self.evaluate()
-                if save_every and step % save_every == 0 and step < cfg.steps:
-                    self.save("interval")
-            self._check_interrupt()
-            final_eval = self.evaluate(examples=3)
-            if self.last_saved_step != self.step:
-                self.save("final")
-        finally:
-            ctx.reporter.stop()
-        return self.summary(final_eval)
+    def nonfinite_message(self, path: Path) -> str:
+        step, first = self.step, self.step - self.in_a_row + 1
+        return (
+            f"the loss or gradient was non-finite for {self.in_a_row} optimizer steps in a row "
+            f"(steps {first}-{step}; trainer.max_nonfinite = {self.cfg.max_nonfinite}); stopped. Those updates "
+            f"were skipped, so {path} holds the weights of the last good step. Lower trainer.lr or "
+            "raise trainer.warmup_steps, then resume or restart."
+        )
 
-    def summary(self, final_eval: dict[str, Any]) -> dict[str, Any]:
-        """Stage summary from ``metrics.jsonl`` (so a resumed run reports what an uninterrupted one would)."""
-        rows = read_metrics(self.ctx.metrics.path)
-        train = [r for r in rows if r.get("kind") == "train"]
+    def summary_metrics(self, train: list[dict[str, Any]], timed: list[dict[str, Any]]) -> dict[str, Any]:
         tail = train[-max(1, len(train) // 10) :]
-        timed = [r for r in train if r.get("step", 0) > 1 and r.get("step_s")]  # step 1 pays one-off set-up costs
-        tokens_per_s = sum(r["tokens"] for r in timed) / sum(r["step_s"] for r in timed) if timed else None
-        out: dict[str, Any] = {
-            "stage": self.ctx.stage,
-            "trainer": self.trainer.name,
-            "status": "completed",
-            "steps": self.cfg.steps,
-            "step": self.step,
+        return {
             "final_loss": _mean([r.get("loss") for r in tail]),
             "last_loss": train[-1].get("loss") if train else None,
             "final_lm_loss": _mean([r.get("lm_loss") for r in tail]),
             "moe/maxvio": _mean([r.get("moe/maxvio") for r in tail]),
-            "tokens_per_s": tokens_per_s,
-            "tokens_total": self.tokens_seen,
-            "nonfinite_skipped": self.skipped,
-            "parameters": sum(p.numel() for p in self.params),
-            "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
-            "wall_s": time.perf_counter() - self.started,
+            "tokens_per_s": tokens_per_s(timed),
         }
-        for key, value in final_eval.items():
-            if key.startswith("eval/") or key == "examples":
-                out[key] = value
-        return out

@@ -12,46 +12,13 @@ from pathlib import Path
 import pytest
 
 from dsk.testing import run_dsk
+from tests.unit.train.helpers import tiny_model
 
 pytestmark = [pytest.mark.xdist_group("post_training")]
 
-MODEL = """\
-[dsk]
-seed = 0
-
-[model]
-dim = 32
-n_layers = 2
-first_k_dense = 1
-max_seq_len = 32
-
-[model.attention]
-type = "mla"
-n_heads = 2
-q_lora_rank = 16
-kv_lora_rank = 16
-qk_nope_head_dim = 8
-qk_rope_head_dim = 4
-v_head_dim = 8
-
-[model.ffn]
-type = "moe"
-n_routed_experts = 4
-n_shared_experts = 1
-expert_hidden_dim = 16
-
-[model.ffn.router]
-type = "noaux_tc"
-top_k = 2
-
-[model.dense_ffn]
-type = "dense"
-hidden_dim = 64
-
-[model.mtp]
-type = "mtp"
-depth = 1
-
+MODEL = (
+    tiny_model(32)
+    + """\
 [data]
 type = "modular"
 modulus = 5
@@ -63,6 +30,7 @@ test_size = 5
 [logging]
 progress = false
 """
+)
 
 BASE = """\
 [dsk]

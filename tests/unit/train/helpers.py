@@ -6,7 +6,10 @@ import copy
 from pathlib import Path
 from typing import Any
 
-TINY_RECIPE = """\
+
+def tiny_model(max_seq_len: int) -> str:
+    """The ``[dsk]`` seed and ``[model]`` sections of the tiny test recipes (MLA, MoE, MTP), ending in a blank line."""
+    return f"""\
 [dsk]
 seed = 0
 
@@ -14,7 +17,7 @@ seed = 0
 dim = 32
 n_layers = 2
 first_k_dense = 1
-max_seq_len = 48
+max_seq_len = {max_seq_len}
 
 [model.attention]
 type = "mla"
@@ -43,6 +46,12 @@ hidden_dim = 64
 type = "mtp"
 depth = 1
 
+"""
+
+
+TINY_RECIPE = (
+    tiny_model(48)
+    + """\
 [data]
 type = "arithmetic"
 min_digits = 1
@@ -65,6 +74,7 @@ eval_max_new_tokens = 32
 every = 4
 keep = 2
 """
+)
 
 
 def write_recipe(directory: Path, text: str = TINY_RECIPE, name: str = "tiny.toml") -> Path:
@@ -88,28 +98,31 @@ def validated(table: dict[str, Any], registry: Any) -> Any:
     return validate_recipe(Recipe(data=copy.deepcopy(table)), registry, check=True)
 
 
-def make_run(tmp_path: Path, table: dict[str, Any], registry: Any, pm: Any, *, resume_from: Path | None = None):
-    """A trainer run (``dsk_trainers.lm._Run``) on ``table`` writing into ``tmp_path``, set up and ready to step."""
-    from dsk_trainers.lm import _Run
-
+def make_context(tmp_path: Path, table: dict[str, Any], registry: Any, pm: Any, **kwargs: Any):
+    """A :class:`RunContext` for ``table`` writing into ``tmp_path`` (progress display off)."""
     from dsk.train.context import RunContext
     from dsk.train.metrics import MetricsWriter
     from dsk.train.progress import Reporter
 
-    result = validated(table, registry)
-    sections = result.resolved
-    reporter = Reporter(_NullConsole(), enabled=False)
-    ctx = RunContext(
+    sections = validated(table, registry).resolved
+    return RunContext(
         run_dir=Path(tmp_path),
         sections=sections,
         registry=registry,
         pm=pm,
         metrics=MetricsWriter(Path(tmp_path) / "metrics.jsonl"),
-        reporter=reporter,
+        reporter=Reporter(_NullConsole(), enabled=False),
         seed=sections["dsk"].seed,
-        resume_from=resume_from,
+        **kwargs,
     )
-    run = _Run(sections["trainer"].build(), ctx)
+
+
+def make_run(tmp_path: Path, table: dict[str, Any], registry: Any, pm: Any, *, resume_from: Path | None = None):
+    """A trainer run (``dsk_trainers.lm._Run``) on ``table`` writing into ``tmp_path``, set up and ready to step."""
+    from dsk_trainers.lm import _Run
+
+    ctx = make_context(tmp_path, table, registry, pm, resume_from=resume_from)
+    run = _Run(ctx.sections["trainer"].build(), ctx)
     run.setup()
     return run
 

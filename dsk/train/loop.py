@@ -1,0 +1,194 @@
+"""The step loop shared by the trainers (``dsk_trainers.lm``, ``dsk_rl.grpo``) and their skip-on-non-finite update.
+
+:class:`TrainerRun` holds one run's counters and drives it: set-up (resume included), then per step the trainer's
+``train_step``, the ``metrics.jsonl`` row on the logging cadence, the ``on_step_end`` hook, the progress bar, the
+stop after ``max_nonfinite`` non-finite steps in a row, evaluation and checkpoints on their cadence; at the end the
+final evaluation, the final checkpoint and the stage summary (read from ``metrics.jsonl``, so a resumed run reports
+what an uninterrupted one would).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsk.model import after_optimizer_step, step_stat_tensors
+from dsk.train.checkpoint import load_checkpoint, load_model_weights, set_rng_state
+from dsk.train.context import RunContext, RunFailed, RunInterrupted, RunSetupError
+from dsk.train.metrics import read_metrics
+from dsk.train.optim import load_optimizer_state
+
+__all__ = ["TrainerRun", "apply_update", "skip_update", "tokens_per_s"]
+
+
+def apply_update(
+    optimizer: torch.optim.Optimizer,
+    model: torch.nn.Module,
+    read: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+) -> dict[str, float]:
+    """``optimizer.step()`` then ``after_optimizer_step`` (router bias updates); returns ``read(model)`` (the
+    components' step metrics), read between the two since ``after_optimizer_step`` resets the counts."""
+    optimizer.step()
+    out = read(model) if read is not None else {}
+    after_optimizer_step(model)
+    return out
+
+
+def skip_update(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
+    """Skip a non-finite step's update; drop its expert counts too, so a skipped batch never moves a router bias."""
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for t in step_stat_tensors(model):
+            t.zero_()
+
+
+class TrainerRun:
+    """State and loop of one trainer run (one stage); ``run()`` returns the stage summary.
+
+    A subclass implements ``setup`` (which calls :meth:`_resume` when ``ctx.resume_from`` is set), ``train_step``
+    (returns the step's metrics row with ``skipped``), ``evaluate``, ``save``, ``nonfinite_message`` and
+    ``summary_metrics``; ``restore``, ``before_loop`` and ``log_row`` are optional hooks. ``trainer.config`` has
+    ``steps``, ``max_nonfinite`` and ``eval_every``.
+    """
+
+    def __init__(self, trainer: Any, ctx: RunContext):
+        self.trainer = trainer
+        self.cfg = trainer.config
+        self.ctx = ctx
+        self.device = torch.device(ctx.device)
+        self.step = 0
+        self.in_a_row = 0
+        self.skipped = 0
+        self.tokens_seen = 0
+        self.last_checkpoint: Path | None = None
+        self.last_saved_step = -1
+        self.started = time.perf_counter()
+        self.start_eval: dict[str, Any] = {}  # the evaluation before the first step, where a trainer runs one
+
+    # -- hooks -------------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        raise NotImplementedError
+
+    def train_step(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def evaluate(self, examples: int = 0) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def save(self, reason: str) -> Path:
+        raise NotImplementedError
+
+    def nonfinite_message(self, path: Path) -> str:
+        """The message of the :class:`RunFailed` raised after ``max_nonfinite`` non-finite steps in a row."""
+        raise NotImplementedError
+
+    def summary_metrics(self, train: list[dict[str, Any]], timed: list[dict[str, Any]]) -> dict[str, Any]:
+        """The trainer's summary keys from its train rows (``timed``: those after step 1 with a ``step_s``)."""
+        raise NotImplementedError
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Restore the trainer's own part of a checkpoint's state on resume."""
+
+    def before_loop(self) -> None:
+        """Runs once after the progress bar starts, before the first step."""
+
+    def log_row(self, row: dict[str, Any]) -> None:
+        """Log a train row (on the logging cadence, and every skipped or last step)."""
+        self.ctx.metrics.write(row)
+
+    # -- resume, interrupt -------------------------------------------------------------------------------------
+    def _resume(self, path: Path) -> None:
+        ckpt = load_checkpoint(path)
+        state = ckpt.state
+        if state.get("trainer") != self.trainer.name:
+            raise RunSetupError(f"{ckpt.path}: written by trainer {state.get('trainer')!r}, not {self.trainer.name!r}")
+        load_model_weights(self.model, ckpt.model_state, str(ckpt.path))
+        if ckpt.optimizer_meta is None:
+            raise RunSetupError(f"{ckpt.path}: has no optimizer state, so the run cannot continue exactly")
+        load_optimizer_state(self.optimizer, ckpt.optimizer_tensors, ckpt.optimizer_meta, str(ckpt.path))
+        self.restore(state)
+        set_rng_state(state["rng"])
+        self.step = ckpt.step
+        self.in_a_row = int(state.get("nonfinite_in_a_row", 0))
+        self.skipped = int(state.get("nonfinite_skipped", 0))
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.last_checkpoint, self.last_saved_step = ckpt.path, ckpt.step
+        dropped = self.ctx.metrics.truncate_after(self.step)
+        note = f" ({dropped} metrics rows after it dropped)" if dropped else ""
+        self.ctx.reporter.message(f"resuming from {ckpt.path} at step {self.step}{note}")
+
+    def _check_interrupt(self) -> None:
+        flag = self.ctx.interrupt
+        if flag.requested:
+            path = self.save("interrupt") if self.last_saved_step != self.step else self.last_checkpoint
+            raise RunInterrupted(f"interrupted at step {self.step}; checkpoint saved to {path}", flag.signum, path)
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Train for ``cfg.steps`` steps (continuing ``ctx.resume_from`` if set); returns the summary."""
+        ctx, cfg = self.ctx, self.cfg
+        self.setup()
+        log_every = getattr(ctx.section("logging"), "every", 1)
+        save_every = getattr(ctx.section("checkpoint"), "every", 0)
+        label = self.trainer.name + (f" [{ctx.stage}]" if ctx.stage else "")
+        ctx.reporter.start(cfg.steps, label, completed=self.step)
+        self.before_loop()
+        final_eval: dict[str, Any] = {}
+        try:
+            while self.step < cfg.steps:
+                self._check_interrupt()
+                row = self.train_step()
+                step = self.step
+                if step % log_every == 0 or row["skipped"] or step == cfg.steps:
+                    self.log_row(row)
+                ctx.pm.hook.on_step_end(ctx=ctx, step=step, metrics=row)
+                ctx.reporter.update(step, row)
+                if self.in_a_row >= cfg.max_nonfinite:
+                    path = self.save("nonfinite")
+                    raise RunFailed(self.nonfinite_message(path), path)
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                    self.evaluate()
+                if save_every and step % save_every == 0 and step < cfg.steps:
+                    self.save("interval")
+            self._check_interrupt()
+            final_eval = self.evaluate(examples=3)
+            if self.last_saved_step != self.step:
+                self.save("final")
+        finally:
+            ctx.reporter.stop()
+        return self.summary(final_eval)
+
+    def summary(self, final_eval: dict[str, Any]) -> dict[str, Any]:
+        """Stage summary from ``metrics.jsonl`` (so a resumed run reports what an uninterrupted one would)."""
+        rows = read_metrics(self.ctx.metrics.path)
+        train = [r for r in rows if r.get("kind") == "train"]
+        timed = [r for r in train if r.get("step", 0) > 1 and r.get("step_s")]  # step 1 pays one-off set-up costs
+        out: dict[str, Any] = {
+            "stage": self.ctx.stage,
+            "trainer": self.trainer.name,
+            "status": "completed",
+            "steps": self.cfg.steps,
+            "step": self.step,
+            **self.summary_metrics(train, timed),
+            "tokens_total": self.tokens_seen,
+            "nonfinite_skipped": self.skipped,
+            "parameters": sum(p.numel() for p in self.params),
+            "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+            "wall_s": time.perf_counter() - self.started,
+        }
+        for key, value in self.start_eval.items():
+            if key.startswith("eval/") and key not in ("eval/samples", "eval/seconds"):
+                out[f"{key}_start"] = value
+        for key, value in final_eval.items():
+            if key.startswith("eval/") or key == "examples":
+                out[key] = value
+        return out
+
+
+def tokens_per_s(timed: list[dict[str, Any]]) -> float | None:
+    """Training throughput over the timed train rows."""
+    return sum(r["tokens"] for r in timed) / sum(r["step_s"] for r in timed) if timed else None
