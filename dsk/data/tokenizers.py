@@ -20,6 +20,7 @@ characters): only ``add_bos``/``add_eos`` add them, so data cannot inject an EOS
 
 from __future__ import annotations
 
+import abc
 import json
 import re
 import string
@@ -115,7 +116,7 @@ def _as_dict(data: str | dict[str, Any], expected_type: str) -> dict[str, Any]:
     return payload
 
 
-class _SpecialsTokenizer:
+class _SpecialsTokenizer(abc.ABC):
     """Shared encode/decode for tokenizers whose ids are a fixed table of specials plus plain symbols.
 
     Subclasses set ``self._special_to_id`` through ``_init_specials`` and implement ``_encode_plain`` (text without
@@ -136,11 +137,13 @@ class _SpecialsTokenizer:
         self.bos_id = special_to_id[BOS]
         self.eos_id = special_to_id[EOS]
 
+    @abc.abstractmethod
     def _encode_plain(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """Ids of text that holds no markup tag."""
 
+    @abc.abstractmethod
     def _decode_plain(self, ids: list[int]) -> str:
-        raise NotImplementedError
+        """Text of ids that hold no special id."""
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         """Token ids of ``text``; ``<think>``, ``</answer>``... written in the text become single ids."""

@@ -9,6 +9,7 @@ what an uninterrupted one would).
 
 from __future__ import annotations
 
+import abc
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,7 +47,7 @@ def skip_update(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> Non
             t.zero_()
 
 
-class TrainerRun:
+class TrainerRun(abc.ABC):
     """State and loop of one trainer run (one stage); ``run()`` returns the stage summary.
 
     A subclass implements ``setup`` (which calls :meth:`_resume` when ``ctx.resume_from`` is set), ``train_step``
@@ -70,30 +71,34 @@ class TrainerRun:
         self.start_eval: dict[str, Any] = {}  # the evaluation before the first step, where a trainer runs one
 
     # -- hooks -------------------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def setup(self) -> None:
-        raise NotImplementedError
+        """Implemented by each trainer."""
 
+    @abc.abstractmethod
     def train_step(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """Implemented by each trainer."""
 
+    @abc.abstractmethod
     def evaluate(self, examples: int = 0) -> dict[str, Any]:
-        raise NotImplementedError
+        """Implemented by each trainer."""
 
+    @abc.abstractmethod
     def save(self, reason: str) -> Path:
-        raise NotImplementedError
+        """Implemented by each trainer."""
 
+    @abc.abstractmethod
     def nonfinite_message(self, path: Path) -> str:
         """The message of the :class:`RunFailed` raised after ``max_nonfinite`` non-finite steps in a row."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def summary_metrics(self, train: list[dict[str, Any]], timed: list[dict[str, Any]]) -> dict[str, Any]:
         """The trainer's summary keys from its train rows (``timed``: those after step 1 with a ``step_s``)."""
-        raise NotImplementedError
 
-    def restore(self, state: dict[str, Any]) -> None:
+    def restore(self, state: dict[str, Any]) -> None:  # noqa: B027 - optional hook, empty by default
         """Restore the trainer's own part of a checkpoint's state on resume."""
 
-    def before_loop(self) -> None:
+    def before_loop(self) -> None:  # noqa: B027 - optional hook, empty by default
         """Runs once after the progress bar starts, before the first step."""
 
     def log_row(self, row: dict[str, Any]) -> None:
