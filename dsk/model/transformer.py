@@ -187,7 +187,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, denominator: torch
     return total / denominator.clamp(min=1).to(total.dtype)
 
 
-# -- side channels (docs/CONTRACTS-dev.md): found by walking the modules --------------------------------
+# -- side channels (docs/plugins.md): found by walking the modules --------------------------------
 def _side_channel_modules(model: nn.Module, method: str) -> Iterator[nn.Module]:
     for m in model.modules():
         if m is not model and not isinstance(m, DSKModel) and callable(getattr(m, method, None)):

@@ -73,7 +73,7 @@ class MoE(nn.Module):
         y_ND = self.shared_experts(x_ND) if self.shared_experts is not None else torch.zeros_like(x_ND)
         return y_ND.index_add(0, token_R, out_RD).view(B, T, D)
 
-    # -- ffn side channels (contract in docs/CONTRACTS-dev.md) ------------------------------------------------
+    # -- ffn side channels (contract in docs/plugins.md) ------------------------------------------------
 
     def aux_loss(self) -> torch.Tensor | None:
         """Weighted balance loss of the last training forward, ready to add to the loss (None if the router has none)."""

@@ -70,7 +70,7 @@ def aux_loss(model: torch.nn.Module) -> torch.Tensor | None:
     """Sum of the components' auxiliary losses of the last forward (MoE sequence-wise balance loss), or None.
 
     ``DSKModel.forward`` adds them only when given labels; policy-gradient trainers call it without labels, so they
-    collect the side channel themselves (docs/CONTRACTS-dev.md).
+    collect the side channel themselves (docs/plugins.md).
     """
     parts = []
     for m in model.modules():
