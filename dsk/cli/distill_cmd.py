@@ -7,19 +7,15 @@ same build path as ``dsk train`` (run directory, checkpoints, ``--resume``), the
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import click
 
 from dsk.cli.common import (
     DskUsageError,
-    echo_json,
     escape,
     load_and_validate,
     run_options,
-    stderr_console,
-    stdout_console,
 )
 
 
@@ -101,8 +97,6 @@ def distill(ctx, recipe, configs, sets, unsets, run_dir, dry_run, as_json, teach
       dsk distill recipes/distill.toml --teacher runs/r1/stages/final --run-dir runs/distill
       dsk distill recipes/distill.toml --teacher runs/r1/stages/final --set trainer.mode=logit --json
     """
-    from dsk.train.runner import default_run_dir
-
     if teacher is not None:
         # keep the command-line order of --set/--unset intact; the teacher option applies last
         for key in _teacher_keys(ctx, recipe, configs, sets, unsets):
@@ -115,19 +109,11 @@ def distill(ctx, recipe, configs, sets, unsets, run_dir, dry_run, as_json, teach
             f'{recipe}: no [trainer] with type = "distill"; dsk distill runs distillation recipes '
             "(use dsk train for the others)"
         )
-    if resume and not run_dir:
-        raise DskUsageError("--resume needs --run-dir DIR: the run directory to continue")
-    run_path = Path(run_dir) if run_dir else default_run_dir(recipe)
-    from dsk.cli.run_cmd import _dry_run, _run, _save_delay
+    from dsk.cli.run_cmd import execute
 
-    if dry_run:
-        _dry_run(result, recipe, run_path, as_json)
+    done = execute(ctx, result, recipe, run_dir, resume, stage, dry_run, as_json)
+    if done is None:
         return
-    app = ctx.find_root().obj
-    console = stderr_console() if as_json else stdout_console()
-    summary = _run(app, result, recipe, run_path, resume, stage, console, _save_delay())
-    if as_json:
-        echo_json(summary)
-        return
+    summary, console, run_path = done
     console.print(_table(summary))
     console.print(f"run directory: {escape(str(run_path))}")

@@ -98,22 +98,11 @@ def train(ctx, recipe, configs, sets, unsets, run_dir, dry_run, as_json, resume,
       dsk train recipes/quickstart.toml --run-dir runs/quickstart --resume
       dsk train recipes/quickstart.toml --set trainer.steps=50 --set model.ffn.router.type=aux_loss --json
     """
-    from dsk.train.runner import default_run_dir
-
     result = load_and_validate(ctx, recipe, configs, sets, unsets, require=("model", "trainer"))
-    if resume and not run_dir:
-        raise DskUsageError("--resume needs --run-dir DIR: the run directory to continue")
-    run_path = Path(run_dir) if run_dir else default_run_dir(recipe)
-    if dry_run:
-        _dry_run(result, recipe, run_path, as_json)
+    done = execute(ctx, result, recipe, run_dir, resume, stage, dry_run, as_json)
+    if done is None:
         return
-    save_delay = _save_delay()
-    app = ctx.find_root().obj
-    console = stderr_console() if as_json else stdout_console()
-    summary = _run(app, result, recipe, run_path, resume, stage, console, save_delay)
-    if as_json:
-        echo_json(summary)
-        return
+    summary, console, run_path = done
     from dsk.train.progress import summary_table
 
     console.print(summary_table(summary))
@@ -125,6 +114,37 @@ def train(ctx, recipe, configs, sets, unsets, run_dir, dry_run, as_json, resume,
     n = next((st.get("eval/samples") for st in reversed(summary.get("stages", [])) if "eval/samples" in st), None)
     tail = f"; held-out greedy accuracy {100 * acc:.1f}% on {n} test problems" if acc is not None else ""
     console.print(f"run directory: {escape(str(run_path))}{tail}")
+
+
+def execute(
+    ctx: click.Context,
+    result: Any,
+    recipe: str,
+    run_dir: str | None,
+    resume: bool,
+    stage: str | None,
+    dry_run: bool,
+    as_json: bool,
+) -> tuple[dict[str, Any], Any, Path] | None:
+    """Run a validated recipe (the shared part of ``dsk train`` and ``dsk distill``).
+
+    Returns ``(summary, console, run_path)`` for the caller to print, or None when nothing is left to print
+    (a dry run, or ``--json``, whose summary has been written to stdout).
+    """
+    from dsk.train.runner import default_run_dir
+
+    if resume and not run_dir:
+        raise DskUsageError("--resume needs --run-dir DIR: the run directory to continue")
+    run_path = Path(run_dir) if run_dir else default_run_dir(recipe)
+    if dry_run:
+        _dry_run(result, recipe, run_path, as_json)
+        return None
+    console = stderr_console() if as_json else stdout_console()
+    summary = _run(ctx.find_root().obj, result, recipe, run_path, resume, stage, console, _save_delay())
+    if as_json:
+        echo_json(summary)
+        return None
+    return summary, console, run_path
 
 
 def _run(app: Any, result: Any, recipe: str, run_path: Path, resume: bool, stage: str | None, console: Any,
@@ -167,15 +187,6 @@ def _run(app: Any, result: Any, recipe: str, run_path: Path, resume: bool, stage
         reporter.stop()
         err.print("[yellow]Aborted[/] by a second interrupt, without saving; the previous checkpoint is intact.")
         raise SystemExit(128 + signal.SIGINT) from None
-
-
-@click.command()
-@click.argument("recipe", type=click.Path(dir_okay=False))
-@run_options
-@click.pass_context
-def distill(ctx, recipe, configs, sets, unsets, run_dir, dry_run, as_json) -> None:
-    """Teacher -> reasoning traces -> student."""
-    _not_built(ctx, "distill", recipe, configs, sets, unsets, as_json, "distillation lands with issue 5")
 
 
 @click.command()

@@ -13,6 +13,7 @@ reward functions use them too.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import random
 import re
@@ -71,7 +72,7 @@ class Problem:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
-class VerifiableTask:
+class VerifiableTask(abc.ABC):
     """Base of the built-in tasks: ``Task(config)``; see docs/tasks.md for the interface."""
 
     name: ClassVar[str] = "task"
@@ -84,17 +85,17 @@ class VerifiableTask:
 
     # ---- implemented by each task ------------------------------------------------------------------------------
 
+    @abc.abstractmethod
     def draw(self, rng: random.Random) -> Problem:
         """One random problem (any split); ``sample`` keeps drawing until the split matches."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def prompt_body(self, problem: Problem, language: str) -> str:
         """The short prompt of ``problem`` with its words in ``language``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def check_answer(self, record: dict[str, Any], answer: str) -> bool:
         """Whether an extracted answer is right for ``record``; must not raise on any string."""
-        raise NotImplementedError
 
     # ---- shared ------------------------------------------------------------------------------------------------
 
