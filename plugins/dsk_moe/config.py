@@ -139,10 +139,11 @@ class MoEConfig(BaseConfig):
     router: Annotated[ResolvedSlot, Slot("router")] = SlotField(
         "router", default="noaux_tc", description="router choosing top_k routed experts per token"
     )
-    dispatch: Literal["grouped_mm", "loop_slices", "auto"] = Field(
+    dispatch: Literal["cpu_kernel", "grouped_mm", "loop_slices", "auto"] = Field(
         "auto",
-        description="routed-expert GEMMs: one torch._grouped_mm per projection, one matmul per expert slice, "
-        "or auto (grouped_mm where torch supports it for the device/dtype and it is the faster path)",
+        description="routed-expert GEMMs: the CPU kernel (experts split over threads, SwiGLU fused), one "
+        "torch._grouped_mm per projection, one matmul per expert slice, or auto (the CPU kernel for small "
+        "experts on CPU, else grouped_mm where torch supports the device/dtype, else slices)",
     )
 
     @model_validator(mode="after")

@@ -14,11 +14,18 @@ from torch import nn
 
 from dsk.api import ModelContext
 
+from . import cpu_kernel
 from .config import DenseConfig
 
 __all__ = ["SwiGLU", "Dense", "RoutedExperts", "grouped_mm_supported"]
 
-Dispatch = Literal["grouped_mm", "loop_slices", "auto"]
+Dispatch = Literal["cpu_kernel", "grouped_mm", "loop_slices", "auto"]
+Resolved = Literal["cpu_kernel", "grouped_mm", "loop_slices"]
+
+# "auto" takes the CPU kernel while experts average at most this many rows: below it, splitting the experts over
+# the threads beats splitting each GEMM (bench/bench_moe.py: 1.2-2x at 64 experts with 64-192 rows each); with a
+# few large experts (8 experts x 512 rows) ATen's multi-threaded GEMMs win.
+CPU_KERNEL_MAX_MEAN_ROWS = 384
 
 
 class SwiGLU(nn.Module):
@@ -90,13 +97,25 @@ class RoutedExperts(nn.Module):
         for w in (self.w_gate, self.w_up, self.w_down):
             nn.init.normal_(w, mean=0.0, std=init_std)
 
-    def resolve_dispatch(self, x_RD: torch.Tensor, dispatch: Dispatch) -> Literal["grouped_mm", "loop_slices"]:
-        """The GEMM path for these inputs: ``auto`` takes grouped_mm wherever it is supported, else loop slices.
+    def resolve_dispatch(self, x_RD: torch.Tensor, dispatch: Dispatch, n_rows: int | None = None) -> Resolved:
+        """The GEMM path for these inputs.
 
-        grouped_mm needs no host sync and builds 3 autograd nodes instead of 3 * E; on CPU (torch 2.13) it runs
-        about as fast as the slices for the GEMMs themselves (bench/bench_moe.py reports both).
+        ``auto`` takes the CPU kernel (:mod:`dsk_moe.cpu_kernel`) for float32/float64 on CPU while the experts
+        average at most ``CPU_KERNEL_MAX_MEAN_ROWS`` rows and the kernel is built, else ``torch._grouped_mm``
+        where supported (no host sync, 3 autograd nodes instead of 3 * E), else one matmul per expert slice.
+        Forcing a path the inputs cannot take raises a ValueError naming ``ffn.dispatch``. ``n_rows`` is the
+        number of routed rows when ``x_RD`` is not them (the MoE layer passes its tokens and N * K).
         """
         params = (self.w_gate, self.w_up, self.w_down)
+        if dispatch == "cpu_kernel":
+            if not cpu_kernel.supports(x_RD, *params):
+                raise ValueError(
+                    f"ffn.dispatch = 'cpu_kernel': the CPU expert kernel runs float32/float64 on cpu, not "
+                    f"{x_RD.dtype} on {x_RD.device.type} (or DSK_CPU_KERNEL=0 is set); use dispatch = 'auto'"
+                )
+            if cpu_kernel.load() is None:
+                raise ValueError(f"ffn.dispatch = 'cpu_kernel': {cpu_kernel.status()}; use dispatch = 'auto'")
+            return "cpu_kernel"
         if dispatch == "grouped_mm":
             if not grouped_mm_supported(x_RD, *params):
                 raise ValueError(
@@ -106,8 +125,13 @@ class RoutedExperts(nn.Module):
                     "use dispatch = 'auto' or 'loop_slices'"
                 )
             return "grouped_mm"
-        if dispatch == "auto" and grouped_mm_supported(x_RD, *params):
-            return "grouped_mm"
+        if dispatch == "auto":
+            rows = x_RD.shape[0] if n_rows is None else n_rows
+            few_rows = rows <= CPU_KERNEL_MAX_MEAN_ROWS * self.n_experts
+            if few_rows and cpu_kernel.supports(x_RD, *params) and cpu_kernel.load() is not None:
+                return "cpu_kernel"
+            if grouped_mm_supported(x_RD, *params):
+                return "grouped_mm"
         return "loop_slices"
 
     def forward(
@@ -124,12 +148,15 @@ class RoutedExperts(nn.Module):
             load_E: rows per expert [E] (long).
             scale_R: per-row factor (the routing weight) or None. It multiplies the hidden activation before
                 the down projection, which is linear, so the result equals scaling the output at H/D the cost.
-            dispatch: ``grouped_mm``, ``loop_slices`` or ``auto`` (see :meth:`resolve_dispatch`).
+            dispatch: ``cpu_kernel``, ``grouped_mm``, ``loop_slices`` or ``auto`` (see :meth:`resolve_dispatch`).
 
         Returns:
             expert outputs [R, D], in the same row order.
         """
-        if self.resolve_dispatch(x_RD, dispatch) == "grouped_mm":
+        path = self.resolve_dispatch(x_RD, dispatch)
+        if path == "cpu_kernel":
+            return cpu_kernel.experts_cpu(x_RD, load_E, self.w_gate, self.w_up, self.w_down, scale_R)
+        if path == "grouped_mm":
             return self._grouped(x_RD, load_E, scale_R)
         return self._loop_slices(x_RD, load_E, scale_R)
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from dsk.api import ModelContext
 
+from . import cpu_kernel
 from .config import MoEConfig, router_fit_problems
 from .experts import RoutedExperts, SwiGLU
 
@@ -63,6 +64,14 @@ class MoE(nn.Module):
 
         # Dispatch: sort the N*K slots by expert (stable, so a token's rows keep token order within an expert).
         order_R = torch.argsort(idx_NK.flatten(), stable=True)
+        y_ND = self.shared_experts(x_ND) if self.shared_experts is not None else None
+        if self.experts.resolve_dispatch(x_ND, self.cfg.dispatch, n_rows=N * K) == "cpu_kernel":
+            # The kernel gathers each slot's token row and sums each token's K outputs itself.
+            ex = self.experts
+            routed_ND = cpu_kernel.routed_experts(
+                x_ND, weights_NK, order_R, stats["load"], ex.w_gate, ex.w_up, ex.w_down, K
+            )
+            return (routed_ND if y_ND is None else y_ND + routed_ND).view(B, T, D)
         token_R = order_R // K  # slot n*K + k belongs to token n
         x_RD = x_ND.index_select(0, token_R)
         scale_R = weights_NK.flatten().index_select(0, order_R)
@@ -70,7 +79,8 @@ class MoE(nn.Module):
 
         # Combine: add each slot's weighted output into its token's row (one pass over R x D; backward is a
         # gather). index_add is deterministic on CPU, and on CUDA under torch.use_deterministic_algorithms.
-        y_ND = self.shared_experts(x_ND) if self.shared_experts is not None else torch.zeros_like(x_ND)
+        if y_ND is None:
+            y_ND = torch.zeros_like(x_ND)
         return y_ND.index_add(0, token_R, out_RD).view(B, T, D)
 
     # -- ffn side channels (contract in docs/plugins.md) ------------------------------------------------

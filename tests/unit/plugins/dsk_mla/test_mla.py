@@ -269,3 +269,18 @@ def test_gradients_flow_through_the_training_path():
     x, pos = inputs(dtype=torch.float32)
     m(x, pos).square().sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attend_gives_the_same_result_with_and_without_padding_v(monkeypatch, causal):
+    from dsk_mla import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 7, 12, generator=g, dtype=torch.float64), torch.randn(2, 3, 7, 12, generator=g)
+    k, v = k.double(), torch.randn(2, 3, 7, 8, generator=g, dtype=torch.float64)
+    bias = None if causal else attention.attention_bias(None, 7, 7, 0, torch.float64, q.device)
+    unpadded = attention.attend(q, k, v, bias, 0.3, causal=causal)
+    monkeypatch.setattr(attention, "PAD_V_MIN_SCORES", 0)  # every size takes the padded (fused-kernel) route
+    padded = attention.attend(q, k, v, bias, 0.3, causal=causal)
+    assert padded.shape == unpadded.shape == (2, 3, 7, 8)
+    torch.testing.assert_close(padded, unpadded, rtol=1e-12, atol=1e-12)

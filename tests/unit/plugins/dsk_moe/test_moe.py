@@ -111,8 +111,11 @@ def test_grouped_mm_forward_and_backward_match_float64_reference():
         torch.testing.assert_close(g[name].double(), g_ref[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_experts_without_tokens_get_zero_gradient_in_both_dispatch_modes():
-    for dispatch, dtype in [("loop_slices", torch.float64), ("auto", torch.float32)]:
+def test_experts_without_tokens_get_zero_gradient_in_every_dispatch_mode():
+    cases = [("loop_slices", torch.float64), ("cpu_kernel", torch.float64), ("auto", torch.float32)]
+    if grouped_mm_supported(torch.zeros(1, DIM), torch.zeros(1, HIDDEN, DIM)):
+        cases.append(("grouped_mm", torch.float32))
+    for dispatch, dtype in cases:
         moe = make_moe(dispatch, n_experts=16, top_k=1, dtype=dtype).eval()
         x = torch.randn(1, 2, DIM, dtype=dtype)  # 2 tokens x top-1: at least 14 experts idle
         moe(x).sum().backward()
@@ -121,13 +124,24 @@ def test_experts_without_tokens_get_zero_gradient_in_both_dispatch_modes():
         assert moe.experts.w_gate.grad[idle].abs().sum() == 0
 
 
-def test_dispatch_auto_uses_grouped_mm_where_supported_and_slices_for_float64():
+def test_dispatch_auto_takes_the_cpu_kernel_for_small_experts_else_grouped_mm_or_slices(monkeypatch):
+    from dsk_moe import cpu_kernel, experts
+
     moe = make_moe("auto")
     x64 = torch.randn(4, DIM, dtype=torch.float64)
+    assert moe.experts.resolve_dispatch(x64, "auto") == "cpu_kernel"
+    # experts averaging more rows than the threshold: ATen's multi-threaded GEMMs (grouped_mm has no float64)
+    monkeypatch.setattr(experts, "CPU_KERNEL_MAX_MEAN_ROWS", 0)
     assert moe.experts.resolve_dispatch(x64, "auto") == "loop_slices"
     moe32 = make_moe("auto", dtype=torch.float32)
     expected = "grouped_mm" if grouped_mm_supported(x64.float(), moe32.experts.w_gate) else "loop_slices"
     assert moe32.experts.resolve_dispatch(x64.float(), "auto") == expected
+    monkeypatch.setattr(experts, "CPU_KERNEL_MAX_MEAN_ROWS", 384)
+    monkeypatch.setenv("DSK_CPU_KERNEL", "0")
+    assert not cpu_kernel.supports(x64, moe.experts.w_gate)
+    assert moe.experts.resolve_dispatch(x64, "auto") == "loop_slices"
+    with pytest.raises(ValueError, match=r"ffn\.dispatch = 'cpu_kernel'.*DSK_CPU_KERNEL=0"):
+        moe.experts.resolve_dispatch(x64, "cpu_kernel")
 
 
 def test_forced_grouped_mm_on_unsupported_dtype_raises_naming_the_key():

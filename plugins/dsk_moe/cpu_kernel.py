@@ -1,0 +1,202 @@
+"""The CPU routed-expert kernel (``csrc/experts_cpu.cpp``): build on first use, BLAS wiring, autograd function.
+
+On CPU the routed experts of a fine-grained MoE are many small GEMMs. ATen runs them one after another and splits
+each over the threads, where CPU BLAS is least efficient; the kernel splits the *experts* over the threads instead
+and runs each expert's GEMMs single-threaded with the SwiGLU fused in between (see the source's header comment and
+``bench/bench_moe.py`` for the measured gain).
+
+The extension is compiled once per machine with ``torch.utils.cpp_extension.load`` (about 25 s; cached under
+``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) the first time a CPU MoE runs, or ahead of time
+with ``python -m dsk_moe.cpu_kernel`` (``make setup`` does this). It needs a C++ compiler with OpenMP and
+``ninja``; where it cannot be built, or ``DSK_CPU_KERNEL=0`` is set, :func:`load` returns None, says why once in a
+warning and in :func:`status`, and the MoE falls back to ``torch._grouped_mm`` or per-expert matmuls.
+
+GEMMs go straight to the BLAS that torch links (``sgemm_`` / ``dgemm_`` of MKL in the x86 wheels, found with
+ctypes in ``libtorch_cpu``); without those symbols the kernel calls ATen's ``mm`` on views, which is correct but
+pays the dispatcher per call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+__all__ = ["load", "status", "supports", "routed_experts", "experts_cpu"]
+
+_SOURCE = Path(__file__).parent / "csrc" / "experts_cpu.cpp"
+_NAME = "dsk_moe_experts_cpu"
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _disabled_reason() -> str | None:
+    flag = os.environ.get("DSK_CPU_KERNEL", "1").strip().lower()
+    if flag in ("0", "false", "no", "off"):
+        return "disabled by DSK_CPU_KERNEL=0"
+    if not _SOURCE.is_file():
+        return f"kernel source {_SOURCE} is missing"
+    return None
+
+
+def _blas_pointers() -> tuple[int, int, int]:
+    """Addresses of ``sgemm_``, ``dgemm_`` and MKL's per-thread thread-count setter in libtorch_cpu (0 if absent)."""
+    lib_dir = Path(torch.__file__).parent / "lib"
+    candidates = sorted(lib_dir.glob("libtorch_cpu.*"))
+    if not candidates:
+        return 0, 0, 0
+    try:
+        lib = ctypes.CDLL(str(candidates[0]))
+    except OSError:
+        return 0, 0, 0
+
+    def address(name: str) -> int:
+        try:
+            return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value or 0
+        except AttributeError:
+            return 0
+
+    sgemm, dgemm = address("sgemm_"), address("dgemm_")
+    if not (sgemm and dgemm):
+        return 0, 0, 0
+    # The C entry point (int by value); the lower-case one is MKL's Fortran binding and takes a pointer.
+    return sgemm, dgemm, address("MKL_Set_Num_Threads_Local")
+
+
+def _build(verbose: bool = False) -> ModuleType:
+    from torch.utils.cpp_extension import load as load_extension
+
+    flags = ["-O3", "-fopenmp"]  # OpenMP: ATen's parallel_for is inline and needs it in this translation unit
+    module = load_extension(
+        name=_NAME,
+        sources=[str(_SOURCE)],
+        extra_cflags=flags,
+        extra_ldflags=["-fopenmp"],
+        verbose=verbose,
+    )
+    module.set_blas(*_blas_pointers())
+    return module
+
+
+def load(verbose: bool = False) -> ModuleType | None:
+    """The compiled kernel module, building it on first call; None (with a one-time warning) when unavailable."""
+    if "module" in _state:
+        return _state["module"]  # type: ignore[return-value]
+    with _lock:
+        if "module" in _state:
+            return _state["module"]  # type: ignore[return-value]
+        reason = _disabled_reason()
+        module = None
+        if reason is None:
+            try:
+                module = _build(verbose)
+            except Exception as exc:  # no compiler, no ninja, no OpenMP: fall back, say why
+                reason = f"could not build the CPU expert kernel ({type(exc).__name__}: {str(exc).strip()[:300]})"
+        if module is None and reason and not reason.startswith("disabled"):
+            warnings.warn(f"dsk_moe: {reason}; using torch._grouped_mm / per-expert matmuls", stacklevel=2)
+        _state["module"], _state["reason"] = module, reason
+        return module
+
+
+def status() -> str:
+    """One line: whether the kernel is in use, with which GEMM backend, or why not (builds it if needed)."""
+    module = load()
+    if module is None:
+        return f"unavailable: {_state.get('reason')}"
+    return "available, GEMMs by " + ("BLAS sgemm_/dgemm_" if module.has_blas() else "ATen mm (no BLAS symbols)")
+
+
+def supports(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether the kernel can run ``x`` with these expert weights (CPU, float32/float64, one dtype); no build."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and all(w.device.type == "cpu" and w.dtype == x.dtype for w in weights)
+        and _disabled_reason() is None
+    )
+
+
+class _RoutedExperts(torch.autograd.Function):
+    """The kernel as an autograd node; the backward recomputes the activation from the saved pre-activations."""
+
+    @staticmethod
+    def forward(ctx, x_ND, weight_S, w_gate, w_up, w_down, order_R, starts_E1, k):  # type: ignore[override]
+        module = _state["module"]
+        y_ND, g_RH, u_RH = module.experts_forward(x_ND, order_R, starts_E1, k, weight_S, w_gate, w_up, w_down)
+        ctx.save_for_backward(x_ND, weight_S, w_gate, w_up, w_down, order_R, starts_E1, g_RH, u_RH)
+        ctx.k = k
+        return y_ND
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy_ND):  # type: ignore[override]
+        x_ND, weight_S, w_gate, w_up, w_down, order_R, starts_E1, g_RH, u_RH = ctx.saved_tensors
+        module = _state["module"]
+        dx, dw_gate, dw_up, dw_down, dweight = module.experts_backward(
+            dy_ND.contiguous(), x_ND, g_RH, u_RH, order_R, starts_E1, ctx.k, weight_S, w_gate, w_up, w_down
+        )
+        return dx, (dweight if weight_S.numel() else None), dw_gate, dw_up, dw_down, None, None, None
+
+
+def routed_experts(
+    x_ND: torch.Tensor,
+    weights_NK: torch.Tensor | None,
+    order_R: torch.Tensor,
+    load_E: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    k: int,
+) -> torch.Tensor:
+    """The routed part of a MoE layer: ``y[n] = sum_k weight[n, k] * expert_{idx[n, k]}(x[n])``, via the kernel.
+
+    Args:
+        x_ND: tokens [N, D].
+        weights_NK: routing weights [N, K] (or None: weight 1); differentiable.
+        order_R: the R routed slots (slot = n * K + k) sorted by expert; expert e owns the next ``load_E[e]``.
+        load_E: slots per expert [E].
+        w_gate, w_up: [E, H, D]; w_down: [E, D, H] (as :class:`dsk_moe.experts.RoutedExperts` stores them).
+        k: slots per token K.
+
+    Returns:
+        y [N, D]; differentiable in x, the routing weights and the expert weights. Call :func:`load` first.
+    """
+    starts_E1 = torch.zeros(load_E.numel() + 1, dtype=torch.long)
+    torch.cumsum(load_E.to(torch.long), dim=0, out=starts_E1[1:])
+    weight_S = weights_NK.reshape(-1).contiguous() if weights_NK is not None else x_ND.new_empty(0)
+    weights = (w_gate.contiguous(), w_up.contiguous(), w_down.contiguous())
+    x_ND, order_R = x_ND.contiguous(), order_R.to(torch.long).contiguous()
+    if not torch.is_grad_enabled() or not (
+        x_ND.requires_grad or weight_S.requires_grad or any(w.requires_grad for w in weights)
+    ):
+        module = _state["module"]
+        return module.experts_forward(x_ND, order_R, starts_E1, k, weight_S, *weights)[0]  # type: ignore[union-attr]
+    return _RoutedExperts.apply(x_ND, weight_S, *weights, order_R, starts_E1, k)
+
+
+def experts_cpu(
+    x_RD: torch.Tensor,
+    load_E: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    scale_R: torch.Tensor | None,
+) -> torch.Tensor:
+    """``(silu(x Wg_e^T) * x Wu_e^T * scale) Wd_e^T`` on rows already sorted by expert (:meth:`RoutedExperts.forward`).
+
+    x [R, D] with expert e owning the next ``load_E[e]`` rows, scale [R] or None; returns [R, D] in the same order.
+    """
+    order_R = torch.arange(x_RD.shape[0])
+    scale = scale_R.unsqueeze(-1) if scale_R is not None else None
+    return routed_experts(x_RD, scale, order_R, load_E, w_gate, w_up, w_down, k=1)
+
+
+if __name__ == "__main__":  # python -m dsk_moe.cpu_kernel: build ahead of time and report
+    print(f"dsk_moe CPU expert kernel: {status()}")
+    sys.exit(0)
