@@ -23,7 +23,9 @@ def kernel():
 
 def loop_experts(x, load, w_gate, w_up, w_down, scale):
     outs = []
-    for xe, se, wg, wu, wd in zip(x.split(load.tolist()), scale.split(load.tolist()), w_gate, w_up, w_down):
+    for xe, se, wg, wu, wd in zip(
+        x.split(load.tolist()), scale.split(load.tolist()), w_gate, w_up, w_down, strict=True
+    ):
         outs.append((F.silu(xe @ wg.t()) * (xe @ wu.t()) * se[:, None]) @ wd.t())
     return torch.cat(outs)
 
