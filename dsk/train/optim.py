@@ -52,7 +52,16 @@ def build_adamw(
         {"params": [p for _, p in no_decay], "names": [n for n, _ in no_decay], "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=_fused_supported(model))
+
+
+def _fused_supported(model: nn.Module) -> bool:
+    """Whether torch's fused AdamW kernel (one pass over each tensor instead of ~10 foreach ops) takes these
+    parameters: floating point, all on CPU or all on CUDA. Measured ~2 % of a small CPU training step."""
+    params = [p for _, p in named_unique_parameters(model)]
+    devices = {p.device.type for p in params}
+    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    return bool(params) and len(devices) == 1 and devices <= {"cpu", "cuda"} and all(p.dtype in floats for p in params)
 
 
 def _group_names(optimizer: torch.optim.Optimizer) -> list[list[str]]:

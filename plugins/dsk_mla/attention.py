@@ -98,7 +98,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, c
         return torch.matmul(probs.to(v.dtype), v)  # b h 1 s, b h s d -> b h 1 d
     attn_mask = None if bias is None else bias[:, None]  # b t s -> b 1 t s (broadcast over heads)
     dk, dv = q.shape[-1], v.shape[-1]
-    pad = dv < dk and q.shape[-2] * k.shape[-2] > PAD_V_MIN_SCORES
+    small = q.shape[-2] * k.shape[-2] <= PAD_V_MIN_SCORES
+    if small and causal and bias is None and q.shape[-2] == k.shape[-2] and q.dtype in (torch.float32, torch.float64):
+        return _causal_attention_small(q, k, v, scale)
+    pad = dv < dk and not small
     if pad:
         # MLA has dv < dk (V3: 128 vs 192). The fused (flash) kernels need equal head sizes and otherwise SDPA
         # takes the unfused math kernel, which materialises the T x S scores: 2-3x slower forward+backward at
@@ -107,3 +110,26 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, c
         v = F.pad(v, (0, dk - dv))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal and bias is None, scale=scale)
     return out[..., :dv] if pad else out
+
+
+_CAUSAL_BIAS: dict[tuple, Tensor] = {}
+
+
+def _causal_attention_small(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """Causal softmax attention for short sequences as three batched GEMM-like ops (baddbmm, softmax, bmm).
+
+    SDPA's math kernel, which these sizes take, rebuilds the causal mask on every call and checks for fully
+    masked rows (ones, tril, where, isneginf, all); the additive bias here is built once per (T, dtype, device).
+    Measured forward + backward at B 8, 4 heads, T 128, dk 48, dv 32 on 2 CPU threads: 2.7 vs 2.9-3.1 ms.
+    """
+    B, H, T, dk = q.shape
+    key = (T, q.dtype, q.device, torch.is_inference_mode_enabled())
+    bias = _CAUSAL_BIAS.get(key)
+    if bias is None:
+        bias = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
+        if len(_CAUSAL_BIAS) >= 8:  # a few sequence lengths recur in training; generation brings many
+            _CAUSAL_BIAS.pop(next(iter(_CAUSAL_BIAS)))
+        _CAUSAL_BIAS[key] = bias
+    scores = torch.baddbmm(bias, q.reshape(B * H, T, dk), k.reshape(B * H, T, dk).transpose(1, 2), alpha=scale)
+    out = torch.bmm(torch.softmax(scores, dim=-1), v.reshape(B * H, T, v.shape[-1]))
+    return out.view(B, H, T, v.shape[-1])

@@ -13,26 +13,12 @@ import torch
 from torch import Tensor, nn
 
 from dsk.api import ModelContext
+from dsk.model.norm import RMSNorm
 from dsk_mla.attention import KVCache, attend, attention_bias
 from dsk_mla.config import MLAConfig
 from dsk_mla.rope import RotaryEmbedding, softmax_mscale
 
 __all__ = ["MLA", "RMSNorm"]
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm with HF DeepseekV3 numerics: normalise in >= fp32, cast back, then scale by ``weight``."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``x [..., dim] -> [..., dim]``."""
-        h = x.to(torch.promote_types(x.dtype, torch.float32))
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
 
 
 class MLA(nn.Module):

@@ -20,9 +20,9 @@ import re
 import torch
 from torch import nn
 
+from dsk import kernels
 from dsk.api import ModelContext
 
-from . import cpu_kernel
 from .config import MoEConfig, router_fit_problems
 from .experts import RoutedExperts, SwiGLU
 
@@ -63,12 +63,14 @@ class MoE(nn.Module):
         weights_NK, idx_NK, stats = self.gate(x_ND, seq_shape=(B, T))
 
         # Dispatch: sort the N*K slots by expert (stable, so a token's rows keep token order within an expert).
-        order_R = torch.argsort(idx_NK.flatten(), stable=True)
+        order_R = stats.get("order")  # routers on the CPU kernel sort while selecting
+        if order_R is None:
+            order_R = torch.argsort(idx_NK.flatten(), stable=True)
         y_ND = self.shared_experts(x_ND) if self.shared_experts is not None else None
         if self.experts.resolve_dispatch(x_ND, self.cfg.dispatch, n_rows=N * K) == "cpu_kernel":
             # The kernel gathers each slot's token row and sums each token's K outputs itself.
             ex = self.experts
-            routed_ND = cpu_kernel.routed_experts(
+            routed_ND = kernels.routed_experts(
                 x_ND, weights_NK, order_R, stats["load"], ex.w_gate, ex.w_up, ex.w_down, K
             )
             return (routed_ND if y_ND is None else y_ND + routed_ND).view(B, T, D)

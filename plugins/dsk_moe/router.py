@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsk import kernels
 from dsk.api import ModelContext
 
 from .config import AuxLossConfig, GreedyConfig, NoauxTCConfig, router_fit_problems
@@ -72,23 +73,29 @@ class TopKRouter(nn.Module):
 
         Returns:
             weights_NK (dtype of x), idx_NK (long, expert ids), stats ``{"load": load_E}`` (long token counts of
-            this call).
+            this call), plus ``"order"`` (the N*K slots sorted by expert, as ``argsort(idx_NK.flatten(),
+            stable=True)``) when the CPU routing kernel selected.
         """
         scores_NE = self.scores(x_ND)
         # Selection never carries gradient (top-k is piecewise constant); only the gathered weights do.
-        idx_NK = self.select(scores_NE.detach())
+        if kernels.supports(scores_NE) and kernels.load() is not None:
+            # one pass: selection, and the slots sorted by expert that the MoE layer's dispatch needs
+            idx_NK, order_R, load_E = kernels.route_topk(scores_NE, *self._kernel_routing())
+        else:
+            idx_NK, order_R = self.select(scores_NE.detach()), None
+            load_E = torch.bincount(idx_NK.flatten(), minlength=self.n_experts)
         weights_NK = scores_NE.gather(1, idx_NK)
         if self.cfg.norm_topk_prob:
             weights_NK = weights_NK / (weights_NK.sum(dim=-1, keepdim=True) + _NORM_EPS)
         weights_NK = weights_NK * self.cfg.route_scale
-        load_E = torch.bincount(idx_NK.flatten(), minlength=self.n_experts)
         if self.training:
             # Eval and generation forwards must not move the balancing bias, so only training counts.
             self.step_load += load_E.to(self.step_load.dtype)
             self._loss = self.compute_balance_loss(scores_NE, idx_NK, load_E, seq_shape)
         else:
             self._loss = None
-        return weights_NK.to(x_ND.dtype), idx_NK, {"load": load_E}
+        stats = {"load": load_E} if order_R is None else {"load": load_E, "order": order_R}
+        return weights_NK.to(x_ND.dtype), idx_NK, stats
 
     def scores(self, x_ND: torch.Tensor) -> torch.Tensor:
         """Affinities s [N, E] in at least float32 (HF runs the router GEMM in fp32: bf16 logits flip top-k ties)."""
@@ -101,6 +108,10 @@ class TopKRouter(nn.Module):
     def select(self, scores_NE: torch.Tensor) -> torch.Tensor:
         """Expert ids [N, K] of the K highest affinities (unsorted)."""
         return scores_NE.topk(self.top_k, dim=-1, sorted=False).indices
+
+    def _kernel_routing(self) -> tuple[torch.Tensor | None, int, int, int, bool]:
+        """The selection :meth:`select` makes, as arguments of :func:`dsk.kernels.route_topk`."""
+        return None, 1, 1, self.top_k, True
 
     # -- balance loss ----------------------------------------------------------------------------------------
 
@@ -205,13 +216,21 @@ class NoauxTCRouter(TopKRouter):
         if self.n_groups > 1:
             choice_NGe = choice_NE.view(n_tokens, self.n_groups, n_experts // self.n_groups)  # n (g e) -> n g e
             if self.cfg.group_score == "top2_sum":
-                group_NG = choice_NGe.topk(2, dim=-1).values.sum(dim=-1)
+                # best + second best: the same two values topk(2) would sum (ties included), in half the time
+                # of CPU topk over these short rows
+                best_NG, arg_NG = choice_NGe.max(dim=-1)
+                second_NG = choice_NGe.scatter(-1, arg_NG.unsqueeze(-1), float("-inf")).amax(dim=-1)
+                group_NG = best_NG + second_NG
             else:
                 group_NG = choice_NGe.amax(dim=-1)
             keep_NM = group_NG.topk(self.cfg.topk_groups, dim=-1, sorted=False).indices
             keep_NG = torch.zeros_like(group_NG, dtype=torch.bool).scatter_(1, keep_NM, True)
             choice_NE = choice_NGe.masked_fill(~keep_NG.unsqueeze(-1), float("-inf")).view(n_tokens, n_experts)
         return choice_NE.topk(self.top_k, dim=-1, sorted=False).indices
+
+    def _kernel_routing(self) -> tuple[torch.Tensor | None, int, int, int, bool]:
+        groups = (self.n_groups, self.cfg.topk_groups) if self.n_groups > 1 else (1, 1)
+        return self.e_score_correction_bias, *groups, self.top_k, self.cfg.group_score == "top2_sum"
 
     def compute_balance_loss(self, scores_NE, idx_NK, load_E, seq_shape):
         """Complementary sequence-wise balance loss (spec §4.4, eqs 17-20), averaged over the B sequences.

@@ -72,8 +72,39 @@ def test_rope_scores_depend_only_on_relative_position():
     torch.testing.assert_close(score(7, 3), score(107, 103), rtol=1e-10, atol=1e-12)
 
 
-def test_output_is_deinterleaved_rotation_of_interleaved_pairs():
+def test_interleaved_pairs_are_rotated_in_place():
     x = torch.tensor([[[1.0, 2.0, 3.0, 4.0]]], dtype=torch.float64)  # pairs (1, 2), (3, 4)
     cos, sin = torch.tensor([[0.0, 1.0]], dtype=torch.float64), torch.tensor([[1.0, 0.0]], dtype=torch.float64)
-    # pair 0 rotated by 90 degrees: (1, 2) -> (-2, 1); pair 1 unrotated; layout [reals | imaginaries]
-    assert apply_rope(x, cos, sin).tolist() == [[[-2.0, 3.0, 1.0, 4.0]]]
+    # pair 0 rotated by 90 degrees: (1, 2) -> (-2, 1); pair 1 unrotated; the layout stays interleaved
+    assert apply_rope(x, cos, sin).tolist() == [[[-2.0, 1.0, 3.0, 4.0]]]
+
+
+def test_rope_gives_hf_scores_and_keeps_dtype_on_strided_views():
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import apply_rotary_pos_emb_interleave
+
+    g = torch.Generator().manual_seed(0)
+    rope = RotaryEmbedding(8, 1000.0)
+    pos = torch.arange(5)
+    base = torch.randn(1, 5, 2, 11, generator=g)  # the rope slice of q at an odd offset: a strided view
+    q, k = base[..., 3:], torch.randn(1, 5, 8, generator=g)
+    angles = pos[:, None].float() * rope.inv_freq.float()[None]
+    cos, sin = torch.cat((angles, angles), -1).cos()[None], torch.cat((angles, angles), -1).sin()[None]
+    q_hf, k_hf = apply_rotary_pos_emb_interleave(q.transpose(1, 2), k[:, None], cos, sin)  # [1, H, T, d]
+    ours = torch.einsum("bthd,bsd->bhts", rope(q, pos), rope(k, pos))
+    torch.testing.assert_close(ours, q_hf @ k_hf.transpose(-1, -2), rtol=1e-5, atol=1e-5)
+    assert rope(q.bfloat16(), pos).dtype == torch.bfloat16
+
+
+def test_rotation_table_is_shared_per_pos_tensor_and_rebuilt_when_pos_changes():
+    a, b = RotaryEmbedding(8, 1000.0), RotaryEmbedding(8, 1000.0)
+    pos = torch.arange(6)
+    table = a.rotation(pos, torch.float32)
+    assert b.rotation(pos, torch.float32) is table  # the layers of one forward share the table
+    pos.add_(3)  # an in-place change of the positions must not reuse the stale table
+    moved = a.rotation(pos, torch.float32)
+    assert moved is not table
+    with torch.inference_mode():  # inference tensors must never leak into a training graph
+        assert a.rotation(pos, torch.float32) is not moved
+    assert a.rotation(pos, torch.float32) is moved
+    assert RotaryEmbedding(8, 500.0).rotation(pos, torch.float32) is not moved  # other frequencies, other table
+    torch.testing.assert_close(moved, RotaryEmbedding(8, 1000.0).rotation(torch.arange(3, 9), torch.float32))

@@ -1,4 +1,4 @@
-"""The CPU routed-expert kernel (dsk_moe/csrc/experts_cpu.cpp) against the float64 per-expert loop reference."""
+"""The CPU routed-expert kernel (dsk/kernels/csrc/cpu_kernels.cpp) against the float64 per-expert loop reference."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from dsk_moe import cpu_kernel
+
+from dsk import kernels as cpu_kernel
 
 from .test_moe import DIM, forward_backward, make_moe, reference_moe
 
-pytestmark = pytest.mark.skipif(os.environ.get("DSK_CPU_KERNEL") == "0", reason="CPU kernel disabled")
+pytestmark = pytest.mark.skipif(os.environ.get("DSK_CPU_KERNELS") == "0", reason="CPU kernels disabled")
 
 
 @pytest.fixture(scope="module")

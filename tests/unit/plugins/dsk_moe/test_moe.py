@@ -125,7 +125,9 @@ def test_experts_without_tokens_get_zero_gradient_in_every_dispatch_mode():
 
 
 def test_dispatch_auto_takes_the_cpu_kernel_for_small_experts_else_grouped_mm_or_slices(monkeypatch):
-    from dsk_moe import cpu_kernel, experts
+    from dsk_moe import experts
+
+    from dsk import kernels as cpu_kernel
 
     moe = make_moe("auto")
     x64 = torch.randn(4, DIM, dtype=torch.float64)
@@ -137,10 +139,10 @@ def test_dispatch_auto_takes_the_cpu_kernel_for_small_experts_else_grouped_mm_or
     expected = "grouped_mm" if grouped_mm_supported(x64.float(), moe32.experts.w_gate) else "loop_slices"
     assert moe32.experts.resolve_dispatch(x64.float(), "auto") == expected
     monkeypatch.setattr(experts, "CPU_KERNEL_MAX_MEAN_ROWS", 384)
-    monkeypatch.setenv("DSK_CPU_KERNEL", "0")
+    monkeypatch.setenv("DSK_CPU_KERNELS", "0")
     assert not cpu_kernel.supports(x64, moe.experts.w_gate)
     assert moe.experts.resolve_dispatch(x64, "auto") == "loop_slices"
-    with pytest.raises(ValueError, match=r"ffn\.dispatch = 'cpu_kernel'.*DSK_CPU_KERNEL=0"):
+    with pytest.raises(ValueError, match=r"ffn\.dispatch = 'cpu_kernel'.*DSK_CPU_KERNELS=0"):
         moe.experts.resolve_dispatch(x64, "cpu_kernel")
 
 

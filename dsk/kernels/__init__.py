@@ -1,15 +1,21 @@
-"""The CPU routed-expert kernel (``csrc/experts_cpu.cpp``): build on first use, BLAS wiring, autograd function.
+"""dsk's CPU kernels (``csrc/cpu_kernels.cpp``): build on first use, BLAS wiring, autograd functions.
 
-On CPU the routed experts of a fine-grained MoE are many small GEMMs. ATen runs them one after another and splits
-each over the threads, where CPU BLAS is least efficient; the kernel splits the *experts* over the threads instead
-and runs each expert's GEMMs single-threaded with the SwiGLU fused in between (see the source's header comment and
-``bench/bench_moe.py`` for the measured gain).
+Three kernels, each with a pure-PyTorch path the callers fall back to:
 
-The extension is compiled once per machine with ``torch.utils.cpp_extension.load`` (about 25 s; cached under
-``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) the first time a CPU MoE runs, or ahead of time
-with ``python -m dsk_moe.cpu_kernel`` (``make setup`` does this). It needs a C++ compiler with OpenMP and
-``ninja``; where it cannot be built, or ``DSK_CPU_KERNEL=0`` is set, :func:`load` returns None, says why once in a
-warning and in :func:`status`, and the MoE falls back to ``torch._grouped_mm`` or per-expert matmuls.
+* :func:`routed_experts`: the routed experts of a DeepSeekMoE layer. On CPU they are many small GEMMs; ATen runs
+  them one after another and splits each over the threads, where CPU BLAS is least efficient. The kernel splits
+  the *experts* over the threads instead, runs each expert's GEMMs single-threaded with the SwiGLU fused in
+  between, and gathers / combines the token rows itself (``bench/bench_moe.py`` measures the gain).
+* :func:`rms_norm`: RMSNorm forward and backward in one pass each, where ATen's composition is ~8 element-wise
+  kernels forward and ~12 backward.
+* :func:`route_topk`: the router's group-limited top-k and the sort of the routed slots by expert, one pass over
+  the tokens where the PyTorch path takes ~15 small kernels (bias add, group scores, two topk, masks, argsort).
+
+The extension is compiled once per machine with ``torch.utils.cpp_extension.load`` (about 30 s; cached under
+``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) the first time a kernel is needed, or ahead of
+time with ``python -m dsk.kernels`` (``make setup`` does this). It needs a C++ compiler with OpenMP and ``ninja``;
+where it cannot be built, or ``DSK_CPU_KERNELS=0`` is set, :func:`load` returns None, says why once in a warning
+and in :func:`status`, and the callers use their PyTorch paths.
 
 GEMMs go straight to the BLAS that torch links (``sgemm_`` / ``dgemm_`` of MKL in the x86 wheels, found with
 ctypes in ``libtorch_cpu``); without those symbols the kernel calls ATen's ``mm`` on views, which is correct but
@@ -20,7 +26,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import sys
 import threading
 import warnings
 from pathlib import Path
@@ -28,18 +33,18 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["load", "status", "supports", "routed_experts", "experts_cpu"]
+__all__ = ["load", "status", "supports", "routed_experts", "experts_cpu", "rms_norm", "route_topk"]
 
-_SOURCE = Path(__file__).parent / "csrc" / "experts_cpu.cpp"
-_NAME = "dsk_moe_experts_cpu"
+_SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+_NAME = "dsk_cpu_kernels"
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
 def _disabled_reason() -> str | None:
-    flag = os.environ.get("DSK_CPU_KERNEL", "1").strip().lower()
+    flag = os.environ.get("DSK_CPU_KERNELS", "1").strip().lower()
     if flag in ("0", "false", "no", "off"):
-        return "disabled by DSK_CPU_KERNEL=0"
+        return "disabled by DSK_CPU_KERNELS=0"
     if not _SOURCE.is_file():
         return f"kernel source {_SOURCE} is missing"
     return None
@@ -97,9 +102,9 @@ def load(verbose: bool = False) -> ModuleType | None:
             try:
                 module = _build(verbose)
             except Exception as exc:  # no compiler, no ninja, no OpenMP: fall back, say why
-                reason = f"could not build the CPU expert kernel ({type(exc).__name__}: {str(exc).strip()[:300]})"
+                reason = f"could not build the CPU kernels ({type(exc).__name__}: {str(exc).strip()[:300]})"
         if module is None and reason and not reason.startswith("disabled"):
-            warnings.warn(f"dsk_moe: {reason}; using torch._grouped_mm / per-expert matmuls", stacklevel=2)
+            warnings.warn(f"dsk.kernels: {reason}; using the PyTorch paths", stacklevel=2)
         _state["module"], _state["reason"] = module, reason
         return module
 
@@ -113,7 +118,7 @@ def status() -> str:
 
 
 def supports(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether the kernel can run ``x`` with these expert weights (CPU, float32/float64, one dtype); no build."""
+    """Whether the kernels take ``x`` with these weights (CPU, float32/float64, one dtype); does not build."""
     return (
         x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.float64)
@@ -197,6 +202,49 @@ def experts_cpu(
     return routed_experts(x_RD, scale, order_R, load_E, w_gate, w_up, w_down, k=1)
 
 
-if __name__ == "__main__":  # python -m dsk_moe.cpu_kernel: build ahead of time and report
-    print(f"dsk_moe CPU expert kernel: {status()}")
-    sys.exit(0)
+def route_topk(
+    scores_NE: torch.Tensor,
+    bias_E: torch.Tensor | None,
+    n_groups: int,
+    topk_groups: int,
+    top_k: int,
+    top2_sum: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group-limited top-k of ``scores + bias`` and the stable counting sort of the slots by expert.
+
+    Per token, with ``n_groups > 1``: the ``topk_groups`` groups of highest score (sum of the group's two best, or
+    its best) are kept; then the ``top_k`` best experts among them, best first (ties: lower index first).
+    Returns ``idx [N, K]`` (long), ``order [N * K]`` (slots ``n * K + k`` sorted by expert, stable, i.e.
+    ``argsort(idx.flatten(), stable=True)``) and ``load [E]`` (long). No gradient. Call :func:`load` first.
+    """
+    bias = bias_E.float().contiguous() if bias_E is not None else scores_NE.new_empty(0, dtype=torch.float32)
+    module = _state["module"]
+    return tuple(  # type: ignore[return-value]
+        module.route_topk(scores_NE.detach().contiguous(), bias, n_groups, topk_groups, top_k, top2_sum)
+    )
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_2d, weight, eps):  # type: ignore[override]
+        y, rstd = _state["module"].rms_norm_forward(x_2d, weight, eps)
+        ctx.save_for_backward(x_2d, weight, rstd)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):  # type: ignore[override]
+        x_2d, weight, rstd = ctx.saved_tensors
+        dx, dw = _state["module"].rms_norm_backward(dy.contiguous(), x_2d, weight, rstd)
+        return dx, dw, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * x / sqrt(mean(x^2, -1) + eps)`` over the last dim, via the kernel; call :func:`load` first.
+
+    x [..., D] and weight [D] float32/float64 of one dtype on CPU; differentiable in both.
+    """
+    x_2d = x.reshape(-1, x.shape[-1]).contiguous()
+    if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
+        return _state["module"].rms_norm_forward(x_2d, weight.contiguous(), eps)[0].view(x.shape)  # type: ignore[union-attr]
+    return _RMSNorm.apply(x_2d, weight.contiguous(), eps).view(x.shape)

@@ -1,7 +1,6 @@
-// Routed-expert SwiGLU of a DeepSeekMoE layer on CPU, forward and backward, with the token gather and the
-// combine fused in.
+// dsk's CPU kernels: the routed experts of a DeepSeekMoE layer and RMSNorm, forward and backward.
 //
-// Why a kernel: the experts of a fine-grained MoE are many small GEMMs (64 experts, ~100 rows each). ATen runs
+// Routed experts. The experts of a fine-grained MoE are many small GEMMs (64 experts, ~100 rows each). ATen runs
 // them one after another and splits each small GEMM over the threads, which is where CPU BLAS is least efficient
 // (measured: ~60-110 GFLOP/s on 2 cores against ~200 for one large GEMM). Here the threads split the *experts*
 // instead: each thread owns a contiguous run of experts holding about the same number of rows and runs their
@@ -15,6 +14,10 @@
 // Forward: y[n] = sum over the slots s of token n of (silu(x_n Wg^T) * (x_n Wu^T) * weight[s]) Wd^T, for the
 // expert owning s. It also returns the pre-activations g, u [R, H] (rows in expert order) for the backward, which
 // recomputes a = silu(g) * u * weight rather than storing it.
+//
+// RMSNorm. y = w * x / sqrt(mean(x^2) + eps) over rows of width D: one pass forward (saving 1/rms per row) and one
+// backward, where ATen's composition takes ~8 element-wise kernels forward and ~12 backward, each a full pass over
+// the activations plus its dispatch.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -22,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -314,6 +318,171 @@ std::vector<at::Tensor> experts_backward(const at::Tensor& dy, const at::Tensor&
   return {dx, dwg, dwu, dwd, dweight};
 }
 
+template <typename T>
+void rms_norm_forward_impl(const T* X, const T* W, int64_t rows, int64_t D, double eps, T* Y, T* RSTD) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* x = X + r * D;
+      T* y = Y + r * D;
+      double ss = 0;  // double accumulation: exact enough for any D in float32
+      for (int64_t d = 0; d < D; ++d) ss += static_cast<double>(x[d]) * x[d];
+      const T rstd = static_cast<T>(1.0 / std::sqrt(ss / static_cast<double>(D) + eps));
+      RSTD[r] = rstd;
+      for (int64_t d = 0; d < D; ++d) y[d] = W[d] * (x[d] * rstd);
+    }
+  });
+}
+
+std::vector<at::Tensor> rms_norm_forward(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() == 2, "x must be a contiguous CPU [rows, D] tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "x must be float32 or float64");
+  TORCH_CHECK(weight.is_contiguous() && weight.dim() == 1 && weight.size(0) == x.size(1) &&
+                  weight.scalar_type() == x.scalar_type() && weight.device().is_cpu(),
+              "weight must be a contiguous CPU [D] tensor of x's dtype");
+  auto y = at::empty_like(x);
+  auto rstd = at::empty({x.size(0)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dsk_rms_norm_forward", [&] {
+    rms_norm_forward_impl<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), x.size(0), x.size(1), eps,
+                                    y.data_ptr<scalar_t>(), rstd.data_ptr<scalar_t>());
+  });
+  return {y, rstd};
+}
+
+// With xh = x * rstd: dw = sum_rows dy * xh; dx = rstd * (dy * w - xh * mean(dy * w * xh)).
+template <typename T>
+void rms_norm_backward_impl(const T* DY, const T* X, const T* W, const T* RSTD, int64_t rows, int64_t D, T* DX,
+                            T* DW) {
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
+  // per-part sums of dw in double, added in a fixed order: deterministic for a given thread count
+  std::vector<double> partial(parts * D, 0.0);
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      double* dw = partial.data() + p * D;
+      for (int64_t r = rows * p / parts; r < rows * (p + 1) / parts; ++r) {
+        const T *x = X + r * D, *dy = DY + r * D;
+        const T rstd = RSTD[r];
+        double dot = 0;
+        for (int64_t d = 0; d < D; ++d) {
+          const T xh = x[d] * rstd;
+          dw[d] += static_cast<double>(dy[d]) * xh;
+          dot += static_cast<double>(dy[d]) * W[d] * xh;
+        }
+        const T mean = static_cast<T>(dot / static_cast<double>(D));
+        T* dx = DX + r * D;
+        for (int64_t d = 0; d < D; ++d) dx[d] = rstd * (dy[d] * W[d] - x[d] * rstd * mean);
+      }
+    }
+  });
+  for (int64_t d = 0; d < D; ++d) {
+    double sum = 0;
+    for (int64_t p = 0; p < parts; ++p) sum += partial[p * D + d];
+    DW[d] = static_cast<T>(sum);
+  }
+}
+
+std::vector<at::Tensor> rms_norm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+                                          const at::Tensor& rstd) {
+  TORCH_CHECK(dy.sizes() == x.sizes() && dy.is_contiguous() && dy.scalar_type() == x.scalar_type(),
+              "dy must be a contiguous tensor shaped like x");
+  TORCH_CHECK(rstd.numel() == x.size(0) && rstd.is_contiguous(), "rstd must be the [rows] tensor of the forward");
+  auto dx = at::empty_like(x);
+  auto dw = at::empty_like(weight);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dsk_rms_norm_backward", [&] {
+    rms_norm_backward_impl<scalar_t>(dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                                     rstd.data_ptr<scalar_t>(), x.size(0), x.size(1), dx.data_ptr<scalar_t>(),
+                                     dw.data_ptr<scalar_t>());
+  });
+  return {dx, dw};
+}
+
+// ---- routing: group-limited top-k selection and the counting sort of the slots by expert -------------------
+
+// Per token: c = scores + bias; with n_groups > 1 keep the topk_groups groups of highest score (sum of the group's
+// two best c, or its best), then the top_k experts of highest c among the kept groups, best first (ties: lower
+// index first). Returns idx [N, K], the slots (n * K + k) sorted by expert, stable [N * K], and the load [E].
+template <typename T>
+void route_impl(const T* S, const float* bias, int64_t N, int64_t E, int64_t G, int64_t M, int64_t K,
+                bool top2_sum, int64_t* IDX) {
+  const int64_t P = E / G;
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    std::vector<T> c(E), group(G), best(K);
+    std::vector<char> keep(G);
+    for (int64_t n = n0; n < n1; ++n) {
+      const T* s = S + n * E;
+      for (int64_t e = 0; e < E; ++e) c[e] = bias ? s[e] + static_cast<T>(bias[e]) : s[e];
+      if (G > 1) {
+        for (int64_t g = 0; g < G; ++g) {
+          T first = -std::numeric_limits<T>::infinity(), second = first;
+          for (int64_t e = g * P; e < (g + 1) * P; ++e) {
+            if (c[e] > first) {
+              second = first;
+              first = c[e];
+            } else if (c[e] > second) {
+              second = c[e];
+            }
+          }
+          group[g] = top2_sum ? first + second : first;
+          keep[g] = 0;
+        }
+        for (int64_t m = 0; m < M; ++m) {  // M passes of "best group not kept yet"; G is small (V3: 8)
+          int64_t arg = -1;
+          for (int64_t g = 0; g < G; ++g)
+            if (!keep[g] && (arg < 0 || group[g] > group[arg])) arg = g;
+          keep[arg] = 1;
+        }
+      }
+      int64_t* idx = IDX + n * K;
+      int64_t filled = 0;
+      for (int64_t e = 0; e < E; ++e) {  // insertion into the sorted top-K list
+        if (G > 1 && !keep[e / P]) continue;
+        const T v = c[e];
+        if (filled == K && !(v > best[K - 1])) continue;
+        int64_t pos = filled < K ? filled++ : K - 1;
+        while (pos > 0 && v > best[pos - 1]) {
+          best[pos] = best[pos - 1];
+          idx[pos] = idx[pos - 1];
+          --pos;
+        }
+        best[pos] = v;
+        idx[pos] = e;
+      }
+    }
+  });
+}
+
+std::vector<at::Tensor> route_topk(const at::Tensor& scores, const at::Tensor& bias, int64_t n_groups,
+                                   int64_t topk_groups, int64_t top_k, bool top2_sum) {
+  TORCH_CHECK(scores.device().is_cpu() && scores.dim() == 2 && scores.is_contiguous(),
+              "scores must be a contiguous CPU [N, E] tensor");
+  TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble,
+              "scores must be float32 or float64");
+  const int64_t N = scores.size(0), E = scores.size(1), G = n_groups, M = topk_groups, K = top_k;
+  TORCH_CHECK(G >= 1 && E % G == 0, "n_groups must divide the expert count");
+  TORCH_CHECK(M >= 1 && M <= G, "topk_groups must be in [1, n_groups]");
+  TORCH_CHECK(K >= 1 && K <= M * (E / G), "top_k must be in [1, topk_groups * experts per group]");
+  TORCH_CHECK(!(G > 1 && top2_sum && E / G < 2), "top2_sum needs at least 2 experts per group");
+  if (bias.numel() > 0) {
+    TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == E,
+                "bias must be a contiguous float32 [E] tensor");
+  }
+  auto idx = at::empty({N, K}, scores.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "dsk_route_topk", [&] {
+    route_impl<scalar_t>(scores.data_ptr<scalar_t>(), bias.numel() > 0 ? bias.data_ptr<float>() : nullptr, N, E, G,
+                         M, K, top2_sum, idx.data_ptr<int64_t>());
+  });
+  // counting sort of the N * K slots by expert, stable (a slot's rank within its expert follows slot order)
+  auto load = at::zeros({E}, idx.options());
+  auto order = at::empty({N * K}, idx.options());
+  const int64_t* I = idx.data_ptr<int64_t>();
+  int64_t* L = load.data_ptr<int64_t>();
+  int64_t* O = order.data_ptr<int64_t>();
+  for (int64_t r = 0; r < N * K; ++r) ++L[I[r]];
+  std::vector<int64_t> next(E, 0);
+  for (int64_t e = 1; e < E; ++e) next[e] = next[e - 1] + L[e - 1];
+  for (int64_t r = 0; r < N * K; ++r) O[next[I[r]]++] = r;
+  return {idx, order, load};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -324,4 +493,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("experts_backward", &experts_backward,
         "experts_backward(dy, x, g, u, order, starts, K, weight, w_gate, w_up, w_down) -> "
         "(dx, dw_gate, dw_up, dw_down, dweight)");
+  m.def("route_topk", &route_topk,
+        "route_topk(scores [N, E], bias [E] or empty, n_groups, topk_groups, top_k, top2_sum) -> (idx, order, load)");
+  m.def("rms_norm_forward", &rms_norm_forward, "rms_norm_forward(x [rows, D], weight [D], eps) -> (y, rstd)");
+  m.def("rms_norm_backward", &rms_norm_backward, "rms_norm_backward(dy, x, weight, rstd) -> (dx, dweight)");
 }
