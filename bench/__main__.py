@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from dsk.kernels import pin_malloc_thresholds
+
+    # Both sides of every row run in this process: without pinned thresholds, glibc's adaptive mmap threshold
+    # lets one implementation's frees change the other's page faults (see dsk.kernels.pin_malloc_thresholds).
+    pinned = pin_malloc_thresholds()
     threads = int(os.environ.get("DSK_BENCH_THREADS", os.cpu_count() or 1))
     torch.set_num_threads(threads)
     rows = []
@@ -76,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
     table = Table(
         title=f"dsk benchmarks ({'quick' if args.quick else 'full'}; torch {torch.__version__}, "
-        f"{threads} threads, {platform.machine()})",
+        f"{threads} threads, {platform.machine()}, malloc thresholds {'pinned' if pinned else 'default'})",
         header_style="bold",
     )
     for col in ("bench", "case", "dsk", "peer", "unit", "ratio", "target"):

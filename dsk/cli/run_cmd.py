@@ -140,6 +140,9 @@ def execute(
         _dry_run(result, recipe, run_path, as_json)
         return None
     console = stderr_console() if as_json else stdout_console()
+    from dsk.kernels import pin_malloc_thresholds
+
+    pin_malloc_thresholds()  # steady page reuse step after step (see its docstring)
     summary = _run(ctx.find_root().obj, result, recipe, run_path, resume, stage, console, _save_delay())
     if as_json:
         echo_json(summary)

@@ -1,6 +1,6 @@
 """dsk's CPU kernels (``csrc/cpu_kernels.cpp``): build on first use, BLAS wiring, autograd functions.
 
-Three kernels, each with a pure-PyTorch path the callers fall back to:
+Four kernels, each with a pure-PyTorch path the callers fall back to:
 
 * :func:`routed_experts`: the routed experts of a DeepSeekMoE layer. On CPU they are many small GEMMs; ATen runs
   them one after another and splits each over the threads, where CPU BLAS is least efficient. The kernel splits
@@ -8,6 +8,9 @@ Three kernels, each with a pure-PyTorch path the callers fall back to:
   between, and gathers / combines the token rows itself (``bench/bench_moe.py`` measures the gain).
 * :func:`rms_norm`: RMSNorm forward and backward in one pass each, where ATen's composition is ~8 element-wise
   kernels forward and ~12 backward.
+* :func:`mla_attention`: MLA's causal attention core for short sequences, one (batch, head) per task with its
+  scores in cache, the rope key shared by the heads (no concatenation, no per-head copy), operands read through
+  their strides and the output written in the layout the output projection reads.
 * :func:`route_topk`: the router's group-limited top-k and the sort of the routed slots by expert, one pass over
   the tokens where the PyTorch path takes ~15 small kernels (bias add, group scores, two topk, masks, argsort).
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -33,7 +37,17 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["load", "status", "supports", "routed_experts", "experts_cpu", "rms_norm", "route_topk"]
+__all__ = [
+    "load",
+    "status",
+    "supports",
+    "routed_experts",
+    "experts_cpu",
+    "rms_norm",
+    "route_topk",
+    "mla_attention",
+    "pin_malloc_thresholds",
+]
 
 _SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 _NAME = "dsk_cpu_kernels"
@@ -224,6 +238,41 @@ def route_topk(
     )
 
 
+class _MLAAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q_nope, q_pe, k_nope, k_pe, v, scale):  # type: ignore[override]
+        o, probs = _state["module"].mla_attention_forward(q_nope, q_pe, k_nope, k_pe, v, scale)
+        ctx.save_for_backward(q_nope, q_pe, k_nope, k_pe, v, probs)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):  # type: ignore[override]
+        q_nope, q_pe, k_nope, k_pe, v, probs = ctx.saved_tensors
+        grads = _state["module"].mla_attention_backward(
+            do.contiguous(), q_nope, q_pe, k_nope, k_pe, v, probs, ctx.scale
+        )
+        return (*grads, None)
+
+
+def mla_attention(
+    q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Causal MLA attention over one sequence block: ``q_nope, k_nope [B, T, H, dn], q_pe [B, T, H, dr], k_pe [B, T,
+    dr]`` (the rope key shared by the heads), ``v [B, T, H, dv]`` -> ``o [B, T, H, dv]``; differentiable.
+
+    Scores ``scale * (q_nope . k_nope + q_pe . k_pe)`` over keys ``s <= t``. Operands may be strided views (last
+    dim contiguous). Keeps the [B, H, T, T] probabilities for the backward: meant for short sequences (the MLA layer
+    uses it up to T = 512). Call :func:`load` first.
+    """
+    module = _state["module"]
+    args = [t if t.stride(-1) == 1 else t.contiguous() for t in (q_nope, q_pe, k_nope, k_pe, v)]
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in args):
+        return module.mla_attention_forward(*args, scale)[0]  # type: ignore[union-attr]
+    return _MLAAttention.apply(*args, scale)
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_2d, weight, eps):  # type: ignore[override]
@@ -248,3 +297,27 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
         return _state["module"].rms_norm_forward(x_2d, weight.contiguous(), eps)[0].view(x.shape)  # type: ignore[union-attr]
     return _RMSNorm.apply(x_2d, weight.contiguous(), eps).view(x.shape)
+
+
+def pin_malloc_thresholds() -> bool:
+    """Fix glibc malloc's mmap and trim thresholds for a training process; True when applied.
+
+    glibc raises its mmap threshold each time a large mmapped block is freed and trims the heap top past twice
+    that, so which buffers come back as fresh pages (a page fault per 4 KiB) depends on the history of frees. A
+    training step allocates and frees the same large activations every step; with the thresholds pinned high
+    they are reused from the heap instead. Measured on the whole-model step of ``bench/bench_model.py`` (2
+    threads): dsk 72.7 -> 63.6 ms, and the transformers peer, run in the same process after dsk steps, 130 ->
+    99 ms (the history dsk's frees left made it fault). The cost: freed memory stays in the process (it is
+    reused by the next step). ``DSK_PIN_MALLOC=0`` turns it off; other C libraries (macOS, musl) are left alone.
+    """
+    if os.environ.get("DSK_PIN_MALLOC", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))

@@ -10,11 +10,13 @@ kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj), so an HF state dict load
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dsk import kernels
 from dsk.api import ModelContext
 from dsk.model.norm import RMSNorm
-from dsk_mla.attention import KVCache, attend, attention_bias
+from dsk_mla.attention import PAD_V_MIN_SCORES, KVCache, attend, attention_bias
 from dsk_mla.config import MLAConfig
 from dsk_mla.rope import RotaryEmbedding, softmax_mscale
 
@@ -70,20 +72,37 @@ class MLA(nn.Module):
 
     # -- projections -------------------------------------------------------------------------------------------
 
-    def _queries(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
-        """``x [B, T, D] -> q_nope [B, T, H, dn], q_pe [B, T, H, dr]`` (rope applied)."""
+    def _down_projections(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``x [B, T, D] -> (q or q's latent [B, T, H*dk | q_lora_rank], kv_a [B, T, c + dr])`` in one GEMM.
+
+        Both projections read x, so their stacked weights make one wider product (and one dX GEMM in the backward)
+        instead of two thin ones; the parameters keep their HF names.
+        """
+        w_q = self.q_proj.weight if self.q_lora_rank is None else self.q_a_proj.weight
+        both = F.linear(x, torch.cat((w_q, self.kv_a_proj_with_mqa.weight)))
+        return both.split([w_q.shape[0], self.kv_a_proj_with_mqa.weight.shape[0]], dim=-1)
+
+    def _queries(self, x: Tensor, pos: Tensor, q_down: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``x [B, T, D] -> q_nope [B, T, H, dn], q_pe [B, T, H, dr]`` (rope applied).
+
+        ``q_down``: the first output of :meth:`_down_projections`, when the caller already has it.
+        """
         B, T, _ = x.shape
-        if self.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        if q_down is None:
+            q_down = self.q_proj(x) if self.q_lora_rank is None else self.q_a_proj(x)
+        q = q_down if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(q_down))
         q = q.view(B, T, self.n_heads, self.qk_head_dim)  # b t (h d) -> b t h d
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         return q_nope, self.rope(q_pe, pos)
 
-    def _latents(self, x: Tensor, pos: Tensor) -> Tensor:
-        """``x [B, T, D] -> kv [B, T, c + dr]``: normalised latent c_KV, then the rope'd shared key k^R."""
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+    def _latents(self, x: Tensor, pos: Tensor, kv_a: Tensor | None = None) -> Tensor:
+        """``x [B, T, D] -> kv [B, T, c + dr]``: normalised latent c_KV, then the rope'd shared key k^R.
+
+        ``kv_a``: the second output of :meth:`_down_projections`, when the caller already has it.
+        """
+        if kv_a is None:
+            kv_a = self.kv_a_proj_with_mqa(x)
+        latent, k_pe = kv_a.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         return torch.cat((self.kv_a_layernorm(latent), self.rope(k_pe, pos)), dim=-1)
 
     def _expand(self, kv: Tensor) -> tuple[Tensor, Tensor]:
@@ -101,6 +120,12 @@ class MLA(nn.Module):
     def _attend_naive(self, q_nope: Tensor, q_pe: Tensor, kv: Tensor, mask: Tensor | None, offset: int) -> Tensor:
         """Expand the latents to per-head K/V and attend: ``-> o [B, T, H, dv]``."""
         B, T, _, _ = q_nope.shape
+        if offset == 0 and mask is None and kv.shape[1] == T and T * T <= PAD_V_MIN_SCORES and self._kernel_ok(kv):
+            # CPU, short causal self-attention: the fused kernel reads the projections' views as they are
+            latent, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+            kv_b = self.kv_b_proj(latent).view(B, T, self.n_heads, self.qk_nope_head_dim + self.v_head_dim)
+            k_nope, v = kv_b.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+            return kernels.mla_attention(q_nope, q_pe, k_nope, k_pe, v, self.softmax_scale)
         k, v = self._expand(kv)
         q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # b t h d -> b h t d
         bias = attention_bias(mask, T, kv.shape[1], offset, q.dtype, q.device) if offset or mask is not None else None
@@ -130,6 +155,10 @@ class MLA(nn.Module):
         o_c = torch.matmul(probs.view(B, T * H, S), kv[..., :c])  # b (t h) s, b s c -> b (t h) c
         return torch.einsum("bthc,hdc->bthd", o_c.view(B, T, H, c), w_uv)  # fold W_UV on the output
 
+    @staticmethod
+    def _kernel_ok(kv: Tensor) -> bool:
+        return kernels.supports(kv) and kernels.load() is not None
+
     def _absorb_is_cheaper(self, n_queries: int) -> bool:
         """Whether the absorbed path needs fewer multiply-adds than expanding the cached latents, per key and head.
 
@@ -147,8 +176,9 @@ class MLA(nn.Module):
         With a cache the T tokens are appended at slots ``cache.length ..`` and attend over all S cached keys.
         """
         B, T, _ = x.shape
-        q_nope, q_pe = self._queries(x, pos)  # [B, T, H, dn], [B, T, H, dr]
-        kv = self._latents(x, pos)  # [B, T, c + dr]
+        q_down, kv_a = self._down_projections(x)
+        q_nope, q_pe = self._queries(x, pos, q_down)  # [B, T, H, dn], [B, T, H, dr]
+        kv = self._latents(x, pos, kv_a)  # [B, T, c + dr]
         if cache is None:
             o = self._attend_naive(q_nope, q_pe, kv, mask, offset=0)
         elif cache.layout == "latent":

@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -112,9 +113,60 @@ void for_each_expert(const int64_t* starts, int64_t n_experts, const Fn& fn) {
   });
 }
 
-template <typename T>
-inline T sigmoid(T v) {
-  return T(1) / (T(1) + std::exp(-v));
+// Sigmoid over a row of n values. float32 uses a Cephes-style exp (range reduction to [-ln2/2, ln2/2], degree-6
+// polynomial, 2^n by exponent bits; relative error ~1e-7, i.e. float32 rounding) written so that the compiler
+// vectorises it, compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time (target_clones); libm's
+// scalar expf was ~20 % of the expert forward. float64 keeps std::exp for float64-exact tests.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DSK_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define DSK_VECTOR_CLONES
+#endif
+
+// exp(v) for v in float32's range (clamped to [-87, 88]); inlined into each vectorised clone below.
+inline float exp_approx(float v) {
+  v = std::min(std::max(v, -87.0f), 88.0f);
+  const float k = (v * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(v / ln2), |.| < 2^22
+  const float r = (v - k * 0.693359375f) + k * 2.12194440e-4f;            // v - k ln2 in two parts (Cody-Waite)
+  float q = 1.9875691500e-4f;
+  q = q * r + 1.3981999507e-3f;
+  q = q * r + 8.3334519073e-3f;
+  q = q * r + 4.1665795894e-2f;
+  q = q * r + 1.6666665459e-1f;
+  q = q * r + 5.0000001201e-1f;
+  const float e_r = q * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;  // 2^k
+  float two_k;
+  std::memcpy(&two_k, &bits, sizeof two_k);
+  return e_r * two_k;
+}
+
+DSK_VECTOR_CLONES void sigmoid_row(const float* x, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = 1.0f / (1.0f + exp_approx(-x[i]));
+}
+
+// x[i] = exp(x[i] * a - b), returning the sum (softmax numerators).
+DSK_VECTOR_CLONES float exp_scaled_row(float* x, int64_t n, float a, float b) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = exp_approx(x[i] * a - b);
+    sum += x[i];
+  }
+  return sum;
+}
+
+double exp_scaled_row(double* x, int64_t n, double a, double b) {
+  double sum = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = std::exp(x[i] * a - b);
+    sum += x[i];
+  }
+  return sum;
+}
+
+void sigmoid_row(const double* x, int64_t n, double* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = 1.0 / (1.0 + std::exp(-x[i]));
 }
 
 struct Problem {
@@ -200,12 +252,10 @@ void forward_impl(const Problem& p, const at::Tensor& x, const at::Tensor& order
     T *ge = G + r0 * H, *ue = U + r0 * H;
     gemm_rm<T>(false, true, m, H, D, xe, D, WG + e * H * D, D, T(0), ge, H);
     gemm_rm<T>(false, true, m, H, D, xe, D, WU + e * H * D, D, T(0), ue, H);
+    sigmoid_row(ge, m * H, ae);
     for (int64_t i = 0; i < m; ++i) {
       const T s = W ? W[slots[i]] : T(1);
-      for (int64_t h = 0; h < H; ++h) {
-        const T gv = ge[i * H + h];
-        ae[i * H + h] = gv * sigmoid(gv) * ue[i * H + h] * s;
-      }
+      for (int64_t h = 0; h < H; ++h) ae[i * H + h] *= ge[i * H + h] * ue[i * H + h] * s;
     }
     gemm_rm<T>(false, true, m, D, H, ae, H, WD + e * D * H, H, T(0), ye, D);
     for (int64_t i = 0; i < m; ++i) std::copy_n(ye + i * D, D, SO + slots[i] * D);
@@ -272,12 +322,13 @@ void backward_impl(const Problem& p, const at::Tensor& dy, const at::Tensor& x, 
     // dA = dY Wd  [m, H]
     gemm_rm<T>(false, false, m, H, D, dye, D, WD + e * D * H, H, T(0), dae, H);
     // a = silu(g) * u * w, and the gradients of the SwiGLU product
+    sigmoid_row(ge, m * H, dge);  // dG's buffer holds sigmoid(g) until overwritten element by element below
     for (int64_t i = 0; i < m; ++i) {
       const T s = W ? W[slots[i]] : T(1);
       T ds = 0;
       for (int64_t h = 0; h < H; ++h) {
         const int64_t j = i * H + h;
-        const T gv = ge[j], sg = sigmoid(gv), silu = gv * sg, uv = ue[j], dav = dae[j];
+        const T gv = ge[j], sg = dge[j], silu = gv * sg, uv = ue[j], dav = dae[j];
         ae[j] = silu * uv * s;
         ds += dav * silu * uv;
         due[j] = dav * silu * s;
@@ -325,6 +376,7 @@ void rms_norm_forward_impl(const T* X, const T* W, int64_t rows, int64_t D, doub
       const T* x = X + r * D;
       T* y = Y + r * D;
       double ss = 0;  // double accumulation: exact enough for any D in float32
+#pragma omp simd reduction(+ : ss)
       for (int64_t d = 0; d < D; ++d) ss += static_cast<double>(x[d]) * x[d];
       const T rstd = static_cast<T>(1.0 / std::sqrt(ss / static_cast<double>(D) + eps));
       RSTD[r] = rstd;
@@ -362,6 +414,7 @@ void rms_norm_backward_impl(const T* DY, const T* X, const T* W, const T* RSTD, 
         const T *x = X + r * D, *dy = DY + r * D;
         const T rstd = RSTD[r];
         double dot = 0;
+#pragma omp simd reduction(+ : dot)
         for (int64_t d = 0; d < D; ++d) {
           const T xh = x[d] * rstd;
           dw[d] += static_cast<double>(dy[d]) * xh;
@@ -483,6 +536,156 @@ std::vector<at::Tensor> route_topk(const at::Tensor& scores, const at::Tensor& b
   return {idx, order, load};
 }
 
+// ---- MLA attention core, causal, short sequences ---------------------------------------------------------
+//
+// o[b, t, h] = softmax_s(scale * (q_nope[b,t,h] . k_nope[b,s,h] + q_pe[b,t,h] . k_pe[b,s]), s <= t) @ v[b, :, h].
+// One (batch, head) pair per task, its T x T scores in the thread's cache: two GEMMs for the scores (the rope key
+// is shared by the heads, so no per-head copy of it and no concatenation of the nope and rope parts), the causal
+// softmax in place, one GEMM for the output, written straight into the [B, T, H, dv] layout the output projection
+// reads. Operands are read through their strides (last dim contiguous), so the views of the projections need no
+// transposes or copies. The probabilities are kept for the backward ([B, H, T, T]).
+struct AttnView {
+  int64_t sb, st, sh;  // strides of batch, position, head (elements); sh unused for k_pe
+};
+
+AttnView view_of(const at::Tensor& t, bool has_head) {
+  TORCH_CHECK(t.stride(-1) == 1, "attention operands must have a contiguous last dim");
+  return {t.stride(0), t.stride(1), has_head ? t.stride(2) : 0};
+}
+
+template <typename T>
+void softmax_causal_rows(T* S, int64_t Tn, T scale) {
+  for (int64_t i = 0; i < Tn; ++i) {
+    T* row = S + i * Tn;
+    T mx = -std::numeric_limits<T>::infinity();
+    for (int64_t j = 0; j <= i; ++j) mx = std::max(mx, row[j] * scale);
+    const T inv = T(1) / exp_scaled_row(row, i + 1, scale, mx);
+    for (int64_t j = 0; j <= i; ++j) row[j] *= inv;
+    std::fill(row + i + 1, row + Tn, T(0));
+  }
+}
+
+template <typename T>
+void mla_attention_forward_impl(const at::Tensor& qn, const at::Tensor& qp, const at::Tensor& kn, const at::Tensor& kp,
+                                const at::Tensor& v, double scale, at::Tensor& o, at::Tensor& P) {
+  const int64_t B = qn.size(0), Tn = qn.size(1), H = qn.size(2), dn = qn.size(3), dr = qp.size(3), dv = v.size(3);
+  const AttnView vqn = view_of(qn, true), vqp = view_of(qp, true), vkn = view_of(kn, true), vkp = view_of(kp, false),
+                 vv = view_of(v, true);
+  const T *QN = qn.data_ptr<T>(), *QP = qp.data_ptr<T>(), *KN = kn.data_ptr<T>(), *KP = kp.data_ptr<T>(),
+          *V = v.data_ptr<T>();
+  T *O = o.data_ptr<T>(), *PP = P.data_ptr<T>();
+  at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
+    const int saved = g_set_local_threads ? g_set_local_threads(1) : 0;
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / H, h = task % H;
+      T* S = PP + task * Tn * Tn;
+      gemm_rm<T>(false, true, Tn, Tn, dn, QN + b * vqn.sb + h * vqn.sh, vqn.st, KN + b * vkn.sb + h * vkn.sh, vkn.st,
+                 T(0), S, Tn);
+      gemm_rm<T>(false, true, Tn, Tn, dr, QP + b * vqp.sb + h * vqp.sh, vqp.st, KP + b * vkp.sb, vkp.st, T(1), S, Tn);
+      softmax_causal_rows<T>(S, Tn, static_cast<T>(scale));
+      gemm_rm<T>(false, false, Tn, dv, Tn, S, Tn, V + b * vv.sb + h * vv.sh, vv.st, T(0), O + (b * Tn * H + h) * dv,
+                 H * dv);
+    }
+    if (g_set_local_threads) g_set_local_threads(saved);
+  });
+}
+
+void check_attention(const at::Tensor& qn, const at::Tensor& qp, const at::Tensor& kn, const at::Tensor& kp,
+                     const at::Tensor& v) {
+  TORCH_CHECK(qn.dim() == 4 && qp.dim() == 4 && kn.dim() == 4 && kp.dim() == 3 && v.dim() == 4,
+              "expected q_nope, q_pe, k_nope, v [B, T, H, d] and k_pe [B, T, dr]");
+  TORCH_CHECK(qn.scalar_type() == at::kFloat || qn.scalar_type() == at::kDouble, "float32 or float64 only");
+  for (const auto* t : {&qp, &kn, &kp, &v}) {
+    TORCH_CHECK(t->scalar_type() == qn.scalar_type() && t->device().is_cpu(), "operands must share dtype, on CPU");
+  }
+  const int64_t B = qn.size(0), Tn = qn.size(1), H = qn.size(2);
+  TORCH_CHECK(qp.size(0) == B && qp.size(1) == Tn && qp.size(2) == H, "q_pe must be [B, T, H, dr]");
+  TORCH_CHECK(kn.size(0) == B && kn.size(1) == Tn && kn.size(2) == H && kn.size(3) == qn.size(3),
+              "k_nope must be [B, T, H, dn] (causal self-attention: as many keys as queries)");
+  TORCH_CHECK(kp.size(0) == B && kp.size(1) == Tn && kp.size(2) == qp.size(3), "k_pe must be [B, T, dr]");
+  TORCH_CHECK(v.size(0) == B && v.size(1) == Tn && v.size(2) == H, "v must be [B, T, H, dv]");
+}
+
+std::vector<at::Tensor> mla_attention_forward(const at::Tensor& q_nope, const at::Tensor& q_pe,
+                                              const at::Tensor& k_nope, const at::Tensor& k_pe, const at::Tensor& v,
+                                              double scale) {
+  check_attention(q_nope, q_pe, k_nope, k_pe, v);
+  const int64_t B = q_nope.size(0), Tn = q_nope.size(1), H = q_nope.size(2);
+  auto o = at::empty({B, Tn, H, v.size(3)}, q_nope.options());
+  auto P = at::empty({B, H, Tn, Tn}, q_nope.options());
+  AT_DISPATCH_FLOATING_TYPES(q_nope.scalar_type(), "dsk_mla_attention_forward", [&] {
+    mla_attention_forward_impl<scalar_t>(q_nope, q_pe, k_nope, k_pe, v, scale, o, P);
+  });
+  return {o, P};
+}
+
+// With S = scale * (q k^T), P = softmax(S), o = P v:  dP = do v^T, dS = P * (dP - rowsum(dP * P)) * scale,
+// dq = dS k, dk = dS^T q, dv = P^T do. The rope key is shared by the heads: each head's dk_pe goes to its own
+// slice of a [B, H, T, dr] buffer, summed over heads after the parallel region (no two threads write one row).
+template <typename T>
+void mla_attention_backward_impl(const at::Tensor& dO, const at::Tensor& qn, const at::Tensor& qp,
+                                 const at::Tensor& kn, const at::Tensor& kp, const at::Tensor& v, const at::Tensor& P,
+                                 double scale, at::Tensor& dqn, at::Tensor& dqp, at::Tensor& dkn,
+                                 at::Tensor& dkp_heads, at::Tensor& dv) {
+  const int64_t B = qn.size(0), Tn = qn.size(1), H = qn.size(2), dn = qn.size(3), dr = qp.size(3), Dv = v.size(3);
+  const AttnView vqn = view_of(qn, true), vqp = view_of(qp, true), vkn = view_of(kn, true), vkp = view_of(kp, false),
+                 vv = view_of(v, true);
+  const T *QN = qn.data_ptr<T>(), *QP = qp.data_ptr<T>(), *KN = kn.data_ptr<T>(), *KP = kp.data_ptr<T>(),
+          *V = v.data_ptr<T>(), *PP = P.data_ptr<T>(), *DO = dO.data_ptr<T>();
+  T *DQN = dqn.data_ptr<T>(), *DQP = dqp.data_ptr<T>(), *DKN = dkn.data_ptr<T>(), *DKPH = dkp_heads.data_ptr<T>(),
+    *DV = dv.data_ptr<T>();
+  const T sc = static_cast<T>(scale);
+  at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
+    const int saved = g_set_local_threads ? g_set_local_threads(1) : 0;
+    std::vector<T> dS(Tn * Tn);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / H, h = task % H;
+      const T* Pm = PP + task * Tn * Tn;
+      const T* dOb = DO + (b * Tn * H + h) * Dv;  // dO is contiguous [B, T, H, dv]
+      // dP = dO v^T
+      gemm_rm<T>(false, true, Tn, Tn, Dv, dOb, H * Dv, V + b * vv.sb + h * vv.sh, vv.st, T(0), dS.data(), Tn);
+      for (int64_t i = 0; i < Tn; ++i) {
+        T* row = dS.data() + i * Tn;
+        const T* p = Pm + i * Tn;
+        T dot = 0;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t j = 0; j <= i; ++j) dot += row[j] * p[j];
+        for (int64_t j = 0; j <= i; ++j) row[j] = p[j] * (row[j] - dot) * sc;
+        std::fill(row + i + 1, row + Tn, T(0));
+      }
+      // dv = P^T dO, dq = dS k, dk = dS^T q (contiguous [B, T, H, d] outputs)
+      gemm_rm<T>(true, false, Tn, Dv, Tn, Pm, Tn, dOb, H * Dv, T(0), DV + (b * Tn * H + h) * Dv, H * Dv);
+      gemm_rm<T>(false, false, Tn, dn, Tn, dS.data(), Tn, KN + b * vkn.sb + h * vkn.sh, vkn.st, T(0),
+                 DQN + (b * Tn * H + h) * dn, H * dn);
+      gemm_rm<T>(false, false, Tn, dr, Tn, dS.data(), Tn, KP + b * vkp.sb, vkp.st, T(0), DQP + (b * Tn * H + h) * dr,
+                 H * dr);
+      gemm_rm<T>(true, false, Tn, dn, Tn, dS.data(), Tn, QN + b * vqn.sb + h * vqn.sh, vqn.st, T(0),
+                 DKN + (b * Tn * H + h) * dn, H * dn);
+      gemm_rm<T>(true, false, Tn, dr, Tn, dS.data(), Tn, QP + b * vqp.sb + h * vqp.sh, vqp.st, T(0),
+                 DKPH + task * Tn * dr, dr);
+    }
+    if (g_set_local_threads) g_set_local_threads(saved);
+  });
+}
+
+std::vector<at::Tensor> mla_attention_backward(const at::Tensor& dO, const at::Tensor& q_nope, const at::Tensor& q_pe,
+                                               const at::Tensor& k_nope, const at::Tensor& k_pe, const at::Tensor& v,
+                                               const at::Tensor& P, double scale) {
+  check_attention(q_nope, q_pe, k_nope, k_pe, v);
+  const int64_t B = q_nope.size(0), Tn = q_nope.size(1), H = q_nope.size(2);
+  TORCH_CHECK(dO.is_contiguous() && dO.size(0) == B && dO.size(1) == Tn && dO.size(2) == H && dO.size(3) == v.size(3),
+              "dO must be a contiguous [B, T, H, dv] tensor");
+  TORCH_CHECK(P.is_contiguous() && P.numel() == B * H * Tn * Tn, "P must be the probabilities of the forward");
+  auto opts = q_nope.options();
+  auto dqn = at::empty({B, Tn, H, q_nope.size(3)}, opts), dqp = at::empty({B, Tn, H, q_pe.size(3)}, opts);
+  auto dkn = at::empty({B, Tn, H, k_nope.size(3)}, opts), dv = at::empty({B, Tn, H, v.size(3)}, opts);
+  auto dkp_heads = at::empty({B, H, Tn, q_pe.size(3)}, opts);
+  AT_DISPATCH_FLOATING_TYPES(q_nope.scalar_type(), "dsk_mla_attention_backward", [&] {
+    mla_attention_backward_impl<scalar_t>(dO, q_nope, q_pe, k_nope, k_pe, v, P, scale, dqn, dqp, dkn, dkp_heads, dv);
+  });
+  return {dqn, dqp, dkn, dkp_heads.sum(1), dv};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -495,6 +698,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(dx, dw_gate, dw_up, dw_down, dweight)");
   m.def("route_topk", &route_topk,
         "route_topk(scores [N, E], bias [E] or empty, n_groups, topk_groups, top_k, top2_sum) -> (idx, order, load)");
+  m.def("mla_attention_forward", &mla_attention_forward,
+        "mla_attention_forward(q_nope, q_pe, k_nope, k_pe, v, scale) -> (o [B, T, H, dv], probs [B, H, T, T])");
+  m.def("mla_attention_backward", &mla_attention_backward,
+        "mla_attention_backward(do, q_nope, q_pe, k_nope, k_pe, v, probs, scale) -> (dq_nope, dq_pe, dk_nope, dk_pe, "
+        "dv)");
   m.def("rms_norm_forward", &rms_norm_forward, "rms_norm_forward(x [rows, D], weight [D], eps) -> (y, rstd)");
   m.def("rms_norm_backward", &rms_norm_backward, "rms_norm_backward(dy, x, weight, rstd) -> (dx, dweight)");
 }

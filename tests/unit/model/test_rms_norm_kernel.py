@@ -79,3 +79,12 @@ def test_bfloat16_takes_the_pytorch_path():
     x = torch.randn(2, 16, dtype=torch.bfloat16)
     assert not kernels.supports(x, norm.weight.float())
     assert norm(x).dtype == torch.bfloat16
+
+
+def test_pin_malloc_thresholds_applies_on_linux_and_can_be_turned_off(monkeypatch):
+    import sys
+
+    monkeypatch.setenv("DSK_PIN_MALLOC", "0")
+    assert kernels.pin_malloc_thresholds() is False
+    monkeypatch.delenv("DSK_PIN_MALLOC")
+    assert kernels.pin_malloc_thresholds() is sys.platform.startswith("linux")

@@ -182,3 +182,17 @@ def test_routed_experts_gather_and_combine_match_a_per_slot_loop_float64(kernel,
     want = grads(loop, inputs, dy)
     for name, a, b in zip(["y", "dx", "dweights", "dw_gate", "dw_up", "dw_down"], got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_float32_activation_is_accurate_over_the_whole_range(kernel):
+    # pre-activations from -120 to 120: the vectorised float32 exp clamps and rounds but must stay at float32
+    # accuracy, including where sigmoid saturates to 0 or 1
+    g = torch.linspace(-120, 120, 4001, dtype=torch.float64)
+    x = torch.stack([g, torch.ones_like(g)], dim=1)  # [R, 2]: the gate reads column 0, up reads column 1
+    w_gate = torch.tensor([[[1.0, 0.0]]], dtype=torch.float64)
+    w_up = torch.tensor([[[0.0, 1.0]]], dtype=torch.float64)
+    w_down = torch.tensor([[[1.0], [0.0]]], dtype=torch.float64)
+    load = torch.tensor([x.shape[0]])
+    got = cpu_kernel.experts_cpu(x.float(), load, w_gate.float(), w_up.float(), w_down.float(), None)[:, 0]
+    want = F.silu(g.float()).double()  # the same float32 inputs through ATen's silu
+    assert ((got.double() - want).abs() <= 1e-6 * want.abs() + 1e-35).all()
