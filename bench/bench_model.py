@@ -18,6 +18,7 @@ Rows:
 
 from __future__ import annotations
 
+import gc
 import statistics
 import tempfile
 import time
@@ -106,7 +107,14 @@ def _train_step_rows(quick: bool) -> list[dict]:
         loss.backward()
         opt_peer.step()
 
-    times = _interleaved_times({"dsk": dsk_step, "peer": peer_step}, repeats=3 if quick else 15, warmup=2)
+    # Both models live for the whole measurement: take them out of the cyclic GC's scans (dsk's trainer does the
+    # same before its loop), for both sides alike.
+    gc.collect()
+    gc.freeze()
+    try:
+        times = _interleaved_times({"dsk": dsk_step, "peer": peer_step}, repeats=3 if quick else 15, warmup=2)
+    finally:
+        gc.unfreeze()
     t = {k: statistics.median(v) for k, v in times.items()}
     # median of the per-round ratios: load from other processes shifts whole rounds, hitting both sides alike
     ratio = statistics.median(p / d for p, d in zip(times["peer"], times["dsk"], strict=True))

@@ -147,18 +147,18 @@ class _RoutedExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND, weight_S, w_gate, w_up, w_down, order_R, starts_E1, k):  # type: ignore[override]
         module = _state["module"]
-        y_ND, g_RH, u_RH = module.experts_forward(x_ND, order_R, starts_E1, k, weight_S, w_gate, w_up, w_down)
-        ctx.save_for_backward(x_ND, weight_S, w_gate, w_up, w_down, order_R, starts_E1, g_RH, u_RH)
+        y_ND, gu_R2H = module.experts_forward(x_ND, order_R, starts_E1, k, weight_S, w_gate, w_up, w_down)
+        ctx.save_for_backward(x_ND, weight_S, w_gate, w_up, w_down, order_R, starts_E1, gu_R2H)
         ctx.k = k
         return y_ND
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy_ND):  # type: ignore[override]
-        x_ND, weight_S, w_gate, w_up, w_down, order_R, starts_E1, g_RH, u_RH = ctx.saved_tensors
+        x_ND, weight_S, w_gate, w_up, w_down, order_R, starts_E1, gu_R2H = ctx.saved_tensors
         module = _state["module"]
         dx, dw_gate, dw_up, dw_down, dweight = module.experts_backward(
-            dy_ND.contiguous(), x_ND, g_RH, u_RH, order_R, starts_E1, ctx.k, weight_S, w_gate, w_up, w_down
+            dy_ND.contiguous(), x_ND, gu_R2H, order_R, starts_E1, ctx.k, weight_S, w_gate, w_up, w_down
         )
         return dx, (dweight if weight_S.numel() else None), dw_gate, dw_up, dw_down, None, None, None
 

@@ -129,7 +129,9 @@ class DSKModel(nn.Module):
         logits = self.lm_head(h)  # (B, T, V)
         out = ModelOutput(logits=logits, hidden=h)
 
-        out.lm_loss = cross_entropy(logits[:, :-1], labels[:, 1:])  # logits at t-1 score the token at t
+        # logits at t-1 score the token at t: shift the labels, not the logits (slicing [B, T, V] would copy it
+        # forward and scatter its gradient into a zero [B, T, V] backward); the last position scores nothing
+        out.lm_loss = cross_entropy(logits, F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX))
         loss = out.lm_loss
         if self.mtp is not None:
             # The MTP chain starts at the main model's final-norm output h^0 (spec §4.6), as the engines that

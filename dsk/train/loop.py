@@ -10,6 +10,7 @@ what an uninterrupted one would).
 from __future__ import annotations
 
 import abc
+import gc
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -143,6 +144,11 @@ class TrainerRun(abc.ABC):
         ctx.reporter.start(cfg.steps, label, completed=self.step)
         self.before_loop()
         final_eval: dict[str, Any] = {}
+        # Everything built so far (model, optimizer, data, plugins) lives for the whole run: move it out of the
+        # cyclic collector's generations, whose full passes otherwise re-scan it while the steps allocate
+        # (measured ~5 % of a small CPU step). Released objects are still freed by reference counting.
+        gc.collect()
+        gc.freeze()
         try:
             while self.step < cfg.steps:
                 self._check_interrupt()
@@ -164,6 +170,7 @@ class TrainerRun(abc.ABC):
             if self.last_saved_step != self.step:
                 self.save("final")
         finally:
+            gc.unfreeze()
             ctx.reporter.stop()
         return self.summary(final_eval)
 

@@ -12,8 +12,10 @@
 // expert, expert e owning order[starts[e] .. starts[e+1]); weight [N * K] routing weights by slot, or empty for
 // none; w_gate, w_up [E, H, D] and w_down [E, D, H] (nn.Linear layout [out, in]).
 // Forward: y[n] = sum over the slots s of token n of (silu(x_n Wg^T) * (x_n Wu^T) * weight[s]) Wd^T, for the
-// expert owning s. It also returns the pre-activations g, u [R, H] (rows in expert order) for the backward, which
-// recomputes a = silu(g) * u * weight rather than storing it.
+// expert owning s. It also returns the pre-activations gu = [g | u] [R, 2H] (rows in expert order) for the
+// backward, which recomputes a = silu(g) * u * weight rather than storing it. Gate and up run as one GEMM over
+// the expert's two weights stacked (copied into the thread's scratch: 2 H D values against the m H D
+// multiply-adds of the product).
 //
 // RMSNorm. y = w * x / sqrt(mean(x^2) + eps) over rows of width D: one pass forward (saving 1/rms per row) and one
 // backward, where ATen's composition takes ~8 element-wise kernels forward and ~12 backward, each a full pass over
@@ -228,16 +230,24 @@ void sum_slots(const T* slots_out, int64_t N, int64_t K, int64_t D, T* out) {
   });
 }
 
+// Expert e's gate and up weights stacked into one [2H, D] operand (rows 0..H-1 gate, H..2H-1 up), so that both
+// projections are one GEMM of width 2H forward and the input gradient one GEMM of depth 2H backward.
+template <typename T>
+void stack_gate_up(const T* WG, const T* WU, int64_t e, int64_t H, int64_t D, T* wgu) {
+  std::copy_n(WG + e * H * D, H * D, wgu);
+  std::copy_n(WU + e * H * D, H * D, wgu + H * D);
+}
+
 template <typename T>
 void forward_impl(const Problem& p, const at::Tensor& x, const at::Tensor& order_t, const at::Tensor& starts_t,
                   const at::Tensor& weight, const at::Tensor& wg, const at::Tensor& wu, const at::Tensor& wd,
-                  at::Tensor& y, at::Tensor& g, at::Tensor& u) {
+                  at::Tensor& y, at::Tensor& gu) {
   const int64_t D = p.D, H = p.H, K = p.K;
   const int64_t *starts = starts_t.data_ptr<int64_t>(), *order = order_t.data_ptr<int64_t>();
   const T* X = x.data_ptr<T>();
   const T* W = weight.numel() > 0 ? weight.data_ptr<T>() : nullptr;
   const T *WG = wg.data_ptr<T>(), *WU = wu.data_ptr<T>(), *WD = wd.data_ptr<T>();
-  T *G = g.data_ptr<T>(), *U = u.data_ptr<T>();
+  T* GU = gu.data_ptr<T>();
   // K == 1: each token has one slot, written straight into y; else into a slot buffer summed per token after.
   at::Tensor slots_out = K == 1 ? y : at::empty({p.N * K, D}, x.options());
   T* SO = slots_out.data_ptr<T>();
@@ -246,16 +256,19 @@ void forward_impl(const Problem& p, const at::Tensor& x, const at::Tensor& order
     const int64_t r0 = starts[e], m = starts[e + 1] - r0;
     if (m <= 0) return;
     const int64_t* slots = order + r0;
-    if (static_cast<int64_t>(scratch.size()) < m * (2 * D + H)) scratch.resize(m * (2 * D + H));
-    T *xe = scratch.data(), *ye = xe + m * D, *ae = ye + m * D;
+    const int64_t need = m * (2 * D + H) + 2 * H * D;
+    if (static_cast<int64_t>(scratch.size()) < need) scratch.resize(need);
+    T *xe = scratch.data(), *ye = xe + m * D, *ae = ye + m * D, *wgu = ae + m * H;
     gather_rows(X, slots, K, m, D, xe);
-    T *ge = G + r0 * H, *ue = U + r0 * H;
-    gemm_rm<T>(false, true, m, H, D, xe, D, WG + e * H * D, D, T(0), ge, H);
-    gemm_rm<T>(false, true, m, H, D, xe, D, WU + e * H * D, D, T(0), ue, H);
-    sigmoid_row(ge, m * H, ae);
+    stack_gate_up(WG, WU, e, H, D, wgu);
+    T* gue = GU + r0 * 2 * H;  // [m, 2H]: gate pre-activation | up
+    gemm_rm<T>(false, true, m, 2 * H, D, xe, D, wgu, D, T(0), gue, 2 * H);
+    for (int64_t i = 0; i < m; ++i) sigmoid_row(gue + i * 2 * H, H, ae + i * H);
     for (int64_t i = 0; i < m; ++i) {
       const T s = W ? W[slots[i]] : T(1);
-      for (int64_t h = 0; h < H; ++h) ae[i * H + h] *= ge[i * H + h] * ue[i * H + h] * s;
+      const T *g = gue + i * 2 * H, *u = g + H;
+      T* a = ae + i * H;
+      for (int64_t h = 0; h < H; ++h) a[h] *= g[h] * u[h] * s;
     }
     gemm_rm<T>(false, true, m, D, H, ae, H, WD + e * D * H, H, T(0), ye, D);
     for (int64_t i = 0; i < m; ++i) std::copy_n(ye + i * D, D, SO + slots[i] * D);
@@ -277,22 +290,21 @@ std::vector<at::Tensor> experts_forward(const at::Tensor& x, const at::Tensor& o
                                         const at::Tensor& w_up, const at::Tensor& w_down) {
   const Problem p = check_inputs(x, order, starts, K, weight, w_gate, w_up, w_down);
   auto y = at::empty({p.N, p.D}, x.options());
-  auto g = at::empty({p.R, p.H}, x.options());
-  auto u = at::empty({p.R, p.H}, x.options());
+  auto gu = at::empty({p.R, 2 * p.H}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dsk_experts_forward", [&] {
-    forward_impl<scalar_t>(p, x, order, starts, weight, w_gate, w_up, w_down, y, g, u);
+    forward_impl<scalar_t>(p, x, order, starts, weight, w_gate, w_up, w_down, y, gu);
   });
-  return {y, g, u};
+  return {y, gu};
 }
 
 template <typename T>
-void backward_impl(const Problem& p, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& g,
-                   const at::Tensor& u, const at::Tensor& order_t, const at::Tensor& starts_t,
-                   const at::Tensor& weight, const at::Tensor& wg, const at::Tensor& wu, const at::Tensor& wd,
-                   at::Tensor& dx, at::Tensor& dwg, at::Tensor& dwu, at::Tensor& dwd, at::Tensor& dweight) {
+void backward_impl(const Problem& p, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& gu,
+                   const at::Tensor& order_t, const at::Tensor& starts_t, const at::Tensor& weight,
+                   const at::Tensor& wg, const at::Tensor& wu, const at::Tensor& wd, at::Tensor& dx, at::Tensor& dwg,
+                   at::Tensor& dwu, at::Tensor& dwd, at::Tensor& dweight) {
   const int64_t D = p.D, H = p.H, K = p.K;
   const int64_t *starts = starts_t.data_ptr<int64_t>(), *order = order_t.data_ptr<int64_t>();
-  const T *DY = dy.data_ptr<T>(), *X = x.data_ptr<T>(), *G = g.data_ptr<T>(), *U = u.data_ptr<T>();
+  const T *DY = dy.data_ptr<T>(), *X = x.data_ptr<T>(), *GU = gu.data_ptr<T>();
   const T* W = weight.numel() > 0 ? weight.data_ptr<T>() : nullptr;
   const T *WG = wg.data_ptr<T>(), *WU = wu.data_ptr<T>(), *WD = wd.data_ptr<T>();
   T *DWG = dwg.data_ptr<T>(), *DWU = dwu.data_ptr<T>(), *DWD = dwd.data_ptr<T>();
@@ -313,58 +325,60 @@ void backward_impl(const Problem& p, const at::Tensor& dy, const at::Tensor& x, 
       return;
     }
     const int64_t* slots = order + r0;
-    if (static_cast<int64_t>(scratch.size()) < m * (3 * D + 4 * H)) scratch.resize(m * (3 * D + 4 * H));
+    const int64_t need = m * (3 * D + 4 * H) + 4 * H * D;
+    if (static_cast<int64_t>(scratch.size()) < need) scratch.resize(need);
     T *xe = scratch.data(), *dye = xe + m * D, *dxe = dye + m * D;
-    T *ae = dxe + m * D, *dae = ae + m * H, *dge = dae + m * H, *due = dge + m * H;
+    T *ae = dxe + m * D, *dae = ae + m * H, *dgue = dae + m * H;  // dgue: [m, 2H], dG | dU
+    T *wgu = dgue + m * 2 * H, *dwgu = wgu + 2 * H * D;
     gather_rows(X, slots, K, m, D, xe);
     gather_rows(DY, slots, K, m, D, dye);  // every slot of token n receives dy[n]
-    const T *ge = G + r0 * H, *ue = U + r0 * H;
+    const T* gue = GU + r0 * 2 * H;
     // dA = dY Wd  [m, H]
     gemm_rm<T>(false, false, m, H, D, dye, D, WD + e * D * H, H, T(0), dae, H);
     // a = silu(g) * u * w, and the gradients of the SwiGLU product
-    sigmoid_row(ge, m * H, dge);  // dG's buffer holds sigmoid(g) until overwritten element by element below
+    for (int64_t i = 0; i < m; ++i) sigmoid_row(gue + i * 2 * H, H, dgue + i * 2 * H);  // sigmoid(g) in dG's place
     for (int64_t i = 0; i < m; ++i) {
       const T s = W ? W[slots[i]] : T(1);
+      const T *g = gue + i * 2 * H, *u = g + H, *da = dae + i * H;
+      T *a = ae + i * H, *dg = dgue + i * 2 * H, *du = dg + H;
       T ds = 0;
       for (int64_t h = 0; h < H; ++h) {
-        const int64_t j = i * H + h;
-        const T gv = ge[j], sg = dge[j], silu = gv * sg, uv = ue[j], dav = dae[j];
-        ae[j] = silu * uv * s;
+        const T gv = g[h], sg = dg[h], silu = gv * sg, uv = u[h], dav = da[h];
+        a[h] = silu * uv * s;
         ds += dav * silu * uv;
-        due[j] = dav * silu * s;
-        dge[j] = dav * uv * s * sg * (T(1) + gv * (T(1) - sg));
+        du[h] = dav * silu * s;
+        dg[h] = dav * uv * s * sg * (T(1) + gv * (T(1) - sg));
       }
       if (DW) DW[slots[i]] = ds;
     }
     // dWd = dY^T a  [D, H]
     gemm_rm<T>(true, false, D, H, m, dye, D, ae, H, T(0), dwd_e, H);
-    // dX = dG Wg + dU Wu  [m, D]
-    gemm_rm<T>(false, false, m, D, H, dge, H, WG + e * H * D, D, T(0), dxe, D);
-    gemm_rm<T>(false, false, m, D, H, due, H, WU + e * H * D, D, T(1), dxe, D);
+    // dX = [dG dU] [Wg; Wu]  [m, D]
+    stack_gate_up(WG, WU, e, H, D, wgu);
+    gemm_rm<T>(false, false, m, D, 2 * H, dgue, 2 * H, wgu, D, T(0), dxe, D);
     for (int64_t i = 0; i < m; ++i) std::copy_n(dxe + i * D, D, SDX + slots[i] * D);
-    // dWg = dG^T X, dWu = dU^T X  [H, D]
-    gemm_rm<T>(true, false, H, D, m, dge, H, xe, D, T(0), dwg_e, D);
-    gemm_rm<T>(true, false, H, D, m, due, H, xe, D, T(0), dwu_e, D);
+    // [dWg; dWu] = [dG dU]^T X  [2H, D]
+    gemm_rm<T>(true, false, 2 * H, D, m, dgue, 2 * H, xe, D, T(0), dwgu, D);
+    std::copy_n(dwgu, H * D, dwg_e);
+    std::copy_n(dwgu + H * D, H * D, dwu_e);
   });
   if (K > 1) sum_slots(SDX, p.N, K, D, dx.data_ptr<T>());
 }
 
-std::vector<at::Tensor> experts_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& g,
-                                         const at::Tensor& u, const at::Tensor& order, const at::Tensor& starts,
-                                         int64_t K, const at::Tensor& weight, const at::Tensor& w_gate,
-                                         const at::Tensor& w_up, const at::Tensor& w_down) {
+std::vector<at::Tensor> experts_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& gu,
+                                         const at::Tensor& order, const at::Tensor& starts, int64_t K,
+                                         const at::Tensor& weight, const at::Tensor& w_gate, const at::Tensor& w_up,
+                                         const at::Tensor& w_down) {
   const Problem p = check_inputs(x, order, starts, K, weight, w_gate, w_up, w_down);
   TORCH_CHECK(dy.sizes() == x.sizes() && dy.is_contiguous() && dy.scalar_type() == x.scalar_type(),
               "dy must be a contiguous tensor shaped like x");
-  TORCH_CHECK(g.is_contiguous() && u.is_contiguous() && g.size(0) == p.R && g.size(1) == p.H &&
-                  u.sizes() == g.sizes(),
-              "g and u must be the [R, H] tensors returned by experts_forward");
+  TORCH_CHECK(gu.is_contiguous() && gu.dim() == 2 && gu.size(0) == p.R && gu.size(1) == 2 * p.H,
+              "gu must be the [R, 2H] tensor returned by experts_forward");
   auto dx = at::empty_like(x);
   auto dwg = at::empty_like(w_gate), dwu = at::empty_like(w_up), dwd = at::empty_like(w_down);
   auto dweight = weight.numel() > 0 ? at::empty_like(weight) : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dsk_experts_backward", [&] {
-    backward_impl<scalar_t>(p, dy, x, g, u, order, starts, weight, w_gate, w_up, w_down, dx, dwg, dwu, dwd,
-                            dweight);
+    backward_impl<scalar_t>(p, dy, x, gu, order, starts, weight, w_gate, w_up, w_down, dx, dwg, dwu, dwd, dweight);
   });
   return {dx, dwg, dwu, dwd, dweight};
 }
@@ -553,10 +567,14 @@ AttnView view_of(const at::Tensor& t, bool has_head) {
   return {t.stride(0), t.stride(1), has_head ? t.stride(2) : 0};
 }
 
+// Query rows r0 .. r0 + rows of a [*, ld] score block: row i sees keys 0 .. r0 + i; the rest of the row is zeroed.
+constexpr int64_t kCausalBlock = 64;
+
 template <typename T>
-void softmax_causal_rows(T* S, int64_t Tn, T scale) {
-  for (int64_t i = 0; i < Tn; ++i) {
-    T* row = S + i * Tn;
+void softmax_causal_rows(T* S, int64_t rows, int64_t ld, int64_t r0, T scale) {
+  for (int64_t ii = 0; ii < rows; ++ii) {
+    const int64_t i = r0 + ii, Tn = ld;
+    T* row = S + ii * ld;
     T mx = -std::numeric_limits<T>::infinity();
     for (int64_t j = 0; j <= i; ++j) mx = std::max(mx, row[j] * scale);
     const T inv = T(1) / exp_scaled_row(row, i + 1, scale, mx);
@@ -579,12 +597,17 @@ void mla_attention_forward_impl(const at::Tensor& qn, const at::Tensor& qp, cons
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / H, h = task % H;
       T* S = PP + task * Tn * Tn;
-      gemm_rm<T>(false, true, Tn, Tn, dn, QN + b * vqn.sb + h * vqn.sh, vqn.st, KN + b * vkn.sb + h * vkn.sh, vkn.st,
-                 T(0), S, Tn);
-      gemm_rm<T>(false, true, Tn, Tn, dr, QP + b * vqp.sb + h * vqp.sh, vqp.st, KP + b * vkp.sb, vkp.st, T(1), S, Tn);
-      softmax_causal_rows<T>(S, Tn, static_cast<T>(scale));
-      gemm_rm<T>(false, false, Tn, dv, Tn, S, Tn, V + b * vv.sb + h * vv.sh, vv.st, T(0), O + (b * Tn * H + h) * dv,
-                 H * dv);
+      const T *qn_bh = QN + b * vqn.sb + h * vqn.sh, *qp_bh = QP + b * vqp.sb + h * vqp.sh;
+      const T *kn_bh = KN + b * vkn.sb + h * vkn.sh, *kp_b = KP + b * vkp.sb, *v_bh = V + b * vv.sb + h * vv.sh;
+      // causal blocks: query rows [r0, r1) only see keys [0, r1), so the products skip the masked upper blocks
+      for (int64_t r0 = 0; r0 < Tn; r0 += kCausalBlock) {
+        const int64_t rows = std::min(kCausalBlock, Tn - r0), keys = r0 + rows;
+        T* Sb = S + r0 * Tn;
+        gemm_rm<T>(false, true, rows, keys, dn, qn_bh + r0 * vqn.st, vqn.st, kn_bh, vkn.st, T(0), Sb, Tn);
+        gemm_rm<T>(false, true, rows, keys, dr, qp_bh + r0 * vqp.st, vqp.st, kp_b, vkp.st, T(1), Sb, Tn);
+        softmax_causal_rows<T>(Sb, rows, Tn, r0, static_cast<T>(scale));
+        gemm_rm<T>(false, false, rows, dv, keys, Sb, Tn, v_bh, vv.st, T(0), O + ((b * Tn + r0) * H + h) * dv, H * dv);
+      }
     }
     if (g_set_local_threads) g_set_local_threads(saved);
   });
@@ -642,27 +665,42 @@ void mla_attention_backward_impl(const at::Tensor& dO, const at::Tensor& qn, con
       const int64_t b = task / H, h = task % H;
       const T* Pm = PP + task * Tn * Tn;
       const T* dOb = DO + (b * Tn * H + h) * Dv;  // dO is contiguous [B, T, H, dv]
-      // dP = dO v^T
-      gemm_rm<T>(false, true, Tn, Tn, Dv, dOb, H * Dv, V + b * vv.sb + h * vv.sh, vv.st, T(0), dS.data(), Tn);
-      for (int64_t i = 0; i < Tn; ++i) {
-        T* row = dS.data() + i * Tn;
-        const T* p = Pm + i * Tn;
-        T dot = 0;
+      const T *qn_bh = QN + b * vqn.sb + h * vqn.sh, *qp_bh = QP + b * vqp.sb + h * vqp.sh;
+      const T *kn_bh = KN + b * vkn.sb + h * vkn.sh, *kp_b = KP + b * vkp.sb, *v_bh = V + b * vv.sb + h * vv.sh;
+      T *dv_bh = DV + (b * Tn * H + h) * Dv, *dkn_bh = DKN + (b * Tn * H + h) * dn, *dkp_bh = DKPH + task * Tn * dr;
+      // causal blocks as in the forward; dk and dv of keys [0, r1) gather every later block's share (beta = 1)
+      for (int64_t r0 = 0; r0 < Tn; r0 += kCausalBlock) {
+        const int64_t rows = std::min(kCausalBlock, Tn - r0), keys = r0 + rows;
+        const T* Pb = Pm + r0 * Tn;
+        T* dSb = dS.data();
+        // dP = dO v^T
+        gemm_rm<T>(false, true, rows, keys, Dv, dOb + r0 * H * Dv, H * Dv, v_bh, vv.st, T(0), dSb, Tn);
+        for (int64_t ii = 0; ii < rows; ++ii) {
+          const int64_t i = r0 + ii;
+          T* row = dSb + ii * Tn;
+          const T* p = Pb + ii * Tn;
+          T dot = 0;
 #pragma omp simd reduction(+ : dot)
-        for (int64_t j = 0; j <= i; ++j) dot += row[j] * p[j];
-        for (int64_t j = 0; j <= i; ++j) row[j] = p[j] * (row[j] - dot) * sc;
-        std::fill(row + i + 1, row + Tn, T(0));
+          for (int64_t j = 0; j <= i; ++j) dot += row[j] * p[j];
+          for (int64_t j = 0; j <= i; ++j) row[j] = p[j] * (row[j] - dot) * sc;
+          std::fill(row + i + 1, row + keys, T(0));
+        }
+        // blocks past the first add to the dk / dv rows the earlier blocks wrote; rows [r0, keys) are new
+        auto accumulate = [&](int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* Bm, int64_t ldb,
+                              T* C, int64_t ldc) {
+          if (r0 > 0) gemm_rm<T>(true, false, r0, n, k, A, lda, Bm, ldb, T(1), C, ldc);  // old rows
+          gemm_rm<T>(true, false, m - r0, n, k, A + r0, lda, Bm, ldb, T(0), C + r0 * ldc, ldc);  // new rows
+        };
+        // dv[:keys] += P^T dO, dk[:keys] += dS^T q (contiguous [B, T, H, d] outputs)
+        accumulate(keys, Dv, rows, Pb, Tn, dOb + r0 * H * Dv, H * Dv, dv_bh, H * Dv);
+        accumulate(keys, dn, rows, dSb, Tn, qn_bh + r0 * vqn.st, vqn.st, dkn_bh, H * dn);
+        accumulate(keys, dr, rows, dSb, Tn, qp_bh + r0 * vqp.st, vqp.st, dkp_bh, dr);
+        // dq = dS k
+        gemm_rm<T>(false, false, rows, dn, keys, dSb, Tn, kn_bh, vkn.st, T(0), DQN + ((b * Tn + r0) * H + h) * dn,
+                   H * dn);
+        gemm_rm<T>(false, false, rows, dr, keys, dSb, Tn, kp_b, vkp.st, T(0), DQP + ((b * Tn + r0) * H + h) * dr,
+                   H * dr);
       }
-      // dv = P^T dO, dq = dS k, dk = dS^T q (contiguous [B, T, H, d] outputs)
-      gemm_rm<T>(true, false, Tn, Dv, Tn, Pm, Tn, dOb, H * Dv, T(0), DV + (b * Tn * H + h) * Dv, H * Dv);
-      gemm_rm<T>(false, false, Tn, dn, Tn, dS.data(), Tn, KN + b * vkn.sb + h * vkn.sh, vkn.st, T(0),
-                 DQN + (b * Tn * H + h) * dn, H * dn);
-      gemm_rm<T>(false, false, Tn, dr, Tn, dS.data(), Tn, KP + b * vkp.sb, vkp.st, T(0), DQP + (b * Tn * H + h) * dr,
-                 H * dr);
-      gemm_rm<T>(true, false, Tn, dn, Tn, dS.data(), Tn, QN + b * vqn.sb + h * vqn.sh, vqn.st, T(0),
-                 DKN + (b * Tn * H + h) * dn, H * dn);
-      gemm_rm<T>(true, false, Tn, dr, Tn, dS.data(), Tn, QP + b * vqp.sb + h * vqp.sh, vqp.st, T(0),
-                 DKPH + task * Tn * dr, dr);
     }
     if (g_set_local_threads) g_set_local_threads(saved);
   });
@@ -692,9 +730,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_blas", &set_blas, "Function pointers of sgemm_, dgemm_ and the per-thread BLAS thread setter (0: none)");
   m.def("has_blas", &has_blas, "Whether the BLAS entry points are set");
   m.def("experts_forward", &experts_forward,
-        "experts_forward(x, order, starts, K, weight, w_gate, w_up, w_down) -> (y, g, u)");
+        "experts_forward(x, order, starts, K, weight, w_gate, w_up, w_down) -> (y, gu)");
   m.def("experts_backward", &experts_backward,
-        "experts_backward(dy, x, g, u, order, starts, K, weight, w_gate, w_up, w_down) -> "
+        "experts_backward(dy, x, gu, order, starts, K, weight, w_gate, w_up, w_down) -> "
         "(dx, dw_gate, dw_up, dw_down, dweight)");
   m.def("route_topk", &route_topk,
         "route_topk(scores [N, E], bias [E] or empty, n_groups, topk_groups, top_k, top2_sum) -> (idx, order, load)");

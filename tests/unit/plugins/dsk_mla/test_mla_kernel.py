@@ -39,9 +39,11 @@ def operands(dtype=torch.float64, B=2, T=6, H=3, dn=4, dr=2, dv=3):
     return leaves, (q_nope, q_pe.contiguous(), k_nope, k_pe, v)
 
 
-def test_forward_and_backward_match_the_einsum_reference_float64():
-    leaves, ops = operands()
-    dy = torch.randn(2, 6, 3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+@pytest.mark.parametrize("T", [6, 64, 150], ids=["one_block", "exact_block", "three_blocks"])
+def test_forward_and_backward_match_the_einsum_reference_float64(T):
+    # the kernel walks the queries in causal blocks of 64 rows: 150 = two full blocks and a partial one
+    leaves, ops = operands(T=T)
+    dy = torch.randn(2, T, 3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     got = kernels.mla_attention(*ops, 0.7)
     grads = torch.autograd.grad(got, leaves, dy)
     want = reference(*ops, 0.7)
