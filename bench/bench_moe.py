@@ -6,12 +6,15 @@ One MoE layer (noaux_tc router, 1 shared expert), float32, CPU, training mode; e
 median of the per-round ratios, so load from other processes on a shared machine hits both sides alike.
 
 Rows:
-* ``moe_vs_loop``: ``dsk`` = dsk MoE (``dispatch="auto"``: torch._grouped_mm where supported), ``peer`` = the
-  obvious per-expert loop of the DeepSeek reference inference MoE (an ``nn.ModuleList`` of experts; for each expert
-  ``torch.where`` its tokens, run it, add into y) with the same router and weights. ``dsk_loop_slices`` is the
-  fallback dispatch (one matmul per expert slice). ``ratio = peer / dsk``.
+* ``moe_vs_loop``: ``dsk`` = dsk MoE (``dispatch="auto"``: the CPU kernel of ``dsk.kernels`` for small experts,
+  else torch._grouped_mm), ``peer`` = the obvious per-expert loop of the DeepSeek reference inference MoE (an
+  ``nn.ModuleList`` of experts; for each expert ``torch.where`` its tokens, run it, add into y) with the same router
+  and weights. ``dsk_loop_slices`` is the fallback dispatch (one matmul per expert slice). ``ratio = peer / dsk``.
 * ``moe_vs_dense``: ``peer`` = a dense SwiGLU with the same activated FLOPs per token (hidden = (top_k +
   n_shared) * expert_hidden). ``ratio = dense / dsk``; ratio >= 0.67 means the MoE costs <= 1.5x the dense time.
+* ``moe_loop_ceiling`` (E=64): ``loop / dense``. The loop runs the same expert GEMMs as dsk, and the dense SwiGLU
+  does the same FLOPs as one large GEMM, at the BLAS's best speed; so ``loop / dense`` bounds what any MoE
+  implementation can reach against the loop on this machine (it would have to run as fast as the dense layer).
 """
 
 from __future__ import annotations
@@ -155,7 +158,7 @@ def run(quick: bool = False) -> list[dict]:
             del steps["slices"]
         times = _interleaved_times(steps, warmup, repeats)
         t = {name: statistics.median(ts) for name, ts in times.items()}
-        dispatch = moe.experts.resolve_dispatch(x.detach().view(-1, DIM), "auto")
+        dispatch = moe.experts.resolve_dispatch(x.detach().view(-1, DIM), "auto", n_rows=tokens * top_k)
         case = (
             f"E={n_experts} top_k={top_k} tokens={tokens} dim={DIM} expert_hidden={EXPERT_HIDDEN} "
             f"n_shared={N_SHARED} float32 fwd+bwd threads={threads}"
@@ -184,6 +187,18 @@ def run(quick: bool = False) -> list[dict]:
                 "unit": "s/step",
             }
         )
+        if n_experts == 64:
+            rows.append(
+                {
+                    "bench": "moe_loop_ceiling",
+                    "case": f"{case}: loop time / dense time, the most moe_vs_loop can reach on this machine",
+                    "dsk": t["dense"],
+                    "peer": t["loop"],
+                    "ratio": _ratio(times, "loop", "dense"),
+                    "target": "bound for moe_vs_loop (an MoE at the dense GEMM's speed)",
+                    "unit": "s/step",
+                }
+            )
     return rows
 
 

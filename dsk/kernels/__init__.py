@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import sys
 import threading
 import warnings
@@ -90,6 +91,16 @@ def _blas_pointers() -> tuple[int, int, int]:
 
 def _build(verbose: bool = False) -> ModuleType:
     from torch.utils.cpp_extension import load as load_extension
+
+    if shutil.which("ninja") is None:
+        # torch runs `ninja` from PATH; the pip package's binary sits in the environment's bin dir, which is not on
+        # PATH when the interpreter is called by its path (.venv/bin/python -m pytest)
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
 
     flags = ["-O3", "-fopenmp"]  # OpenMP: ATen's parallel_for is inline and needs it in this translation unit
     module = load_extension(
