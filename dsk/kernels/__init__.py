@@ -46,6 +46,7 @@ __all__ = [
     "experts_cpu",
     "rms_norm",
     "route_topk",
+    "route_weights",
     "mla_attention",
     "pin_malloc_thresholds",
 ]
@@ -247,6 +248,50 @@ def route_topk(
     return tuple(  # type: ignore[return-value]
         module.route_topk(scores_NE.detach().contiguous(), bias, n_groups, topk_groups, top_k, top2_sum)
     )
+
+
+class _RouteWeights(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scores, idx, norm, scale, alpha, n_seqs, seq_len):  # type: ignore[override]
+        w, loss, den, inv_sum, f = _state["module"].route_weights_forward(
+            scores, idx, norm, scale, alpha, n_seqs, seq_len
+        )
+        ctx.save_for_backward(scores, idx, den, inv_sum, f)
+        ctx.args = (norm, scale, alpha, n_seqs, seq_len)
+        ctx.mark_non_differentiable(idx)
+        return w, loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dw, dloss):  # type: ignore[override]
+        scores, idx, den, inv_sum, f = ctx.saved_tensors
+        dw = dw.contiguous() if dw is not None else torch.zeros(idx.shape, dtype=scores.dtype)
+        dloss = dloss if dloss is not None else torch.zeros((), dtype=scores.dtype)
+        ds = _state["module"].route_weights_backward(dw, dloss, scores, idx, den, inv_sum, f, *ctx.args)
+        return ds, None, None, None, None, None, None
+
+
+def route_weights(
+    scores_NE: torch.Tensor,
+    idx_NK: torch.Tensor,
+    norm: bool,
+    scale: float,
+    seq_alpha: float = 0.0,
+    seq_shape: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Routing weights of the selected experts and, with ``seq_alpha > 0``, the sequence-wise balance loss.
+
+    ``w = scale * s[idx]`` (divided by ``sum_k s[idx] + 1e-20`` when ``norm``); the loss is DeepSeek-V3's
+    complementary sequence-wise loss over ``seq_shape = (B, T)`` (default: one sequence of N tokens), as
+    ``NoauxTCRouter.compute_balance_loss`` defines it. Differentiable in the scores. Call :func:`load` first.
+    """
+    n_seqs, seq_len = seq_shape if seq_shape is not None else (1, scores_NE.shape[0])
+    args = (scores_NE.contiguous(), idx_NK.contiguous(), norm, float(scale), float(seq_alpha), n_seqs, seq_len)
+    if torch.is_grad_enabled() and scores_NE.requires_grad:
+        w, loss = _RouteWeights.apply(*args)
+    else:
+        w, loss = _state["module"].route_weights_forward(*args)[:2]
+    return w, (loss if seq_alpha > 0 else None)
 
 
 class _MLAAttention(torch.autograd.Function):

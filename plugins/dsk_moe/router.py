@@ -78,20 +78,29 @@ class TopKRouter(nn.Module):
         """
         scores_NE = self.scores(x_ND)
         # Selection never carries gradient (top-k is piecewise constant); only the gathered weights do.
+        fused_loss: torch.Tensor | None = None
+        alpha = self._seq_loss_alpha() if self.training else None
         if kernels.supports(scores_NE) and kernels.load() is not None:
-            # one pass: selection, and the slots sorted by expert that the MoE layer's dispatch needs
+            # one pass: selection, and the slots sorted by expert that the MoE layer's dispatch needs; then one
+            # for the weights and (noaux_tc) the sequence-wise loss
             idx_NK, order_R, load_E = kernels.route_topk(scores_NE, *self._kernel_routing())
+            weights_NK, fused_loss = kernels.route_weights(
+                scores_NE, idx_NK, self.cfg.norm_topk_prob, self.cfg.route_scale, alpha or 0.0, seq_shape
+            )
         else:
-            idx_NK, order_R = self.select(scores_NE.detach()), None
+            idx_NK, order_R, alpha = self.select(scores_NE.detach()), None, None
             load_E = torch.bincount(idx_NK.flatten(), minlength=self.n_experts)
-        weights_NK = scores_NE.gather(1, idx_NK)
-        if self.cfg.norm_topk_prob:
-            weights_NK = weights_NK / (weights_NK.sum(dim=-1, keepdim=True) + _NORM_EPS)
-        weights_NK = weights_NK * self.cfg.route_scale
+            weights_NK = scores_NE.gather(1, idx_NK)
+            if self.cfg.norm_topk_prob:
+                weights_NK = weights_NK / (weights_NK.sum(dim=-1, keepdim=True) + _NORM_EPS)
+            weights_NK = weights_NK * self.cfg.route_scale
         if self.training:
             # Eval and generation forwards must not move the balancing bias, so only training counts.
             self.step_load += load_E.to(self.step_load.dtype)
-            self._loss = self.compute_balance_loss(scores_NE, idx_NK, load_E, seq_shape)
+            if alpha is not None:
+                self._loss = fused_loss
+            else:
+                self._loss = self.compute_balance_loss(scores_NE, idx_NK, load_E, seq_shape)
         else:
             self._loss = None
         stats = {"load": load_E} if order_R is None else {"load": load_E, "order": order_R}
@@ -112,6 +121,11 @@ class TopKRouter(nn.Module):
     def _kernel_routing(self) -> tuple[torch.Tensor | None, int, int, int, bool]:
         """The selection :meth:`select` makes, as arguments of :func:`dsk.kernels.route_topk`."""
         return None, 1, 1, self.top_k, True
+
+    def _seq_loss_alpha(self) -> float | None:
+        """alpha when the balance loss is the sequence-wise loss :func:`dsk.kernels.route_weights` computes
+        (then the kernel path computes it too), None when :meth:`compute_balance_loss` defines another."""
+        return None
 
     # -- balance loss ----------------------------------------------------------------------------------------
 
@@ -227,6 +241,9 @@ class NoauxTCRouter(TopKRouter):
             keep_NG = torch.zeros_like(group_NG, dtype=torch.bool).scatter_(1, keep_NM, True)
             choice_NE = choice_NGe.masked_fill(~keep_NG.unsqueeze(-1), float("-inf")).view(n_tokens, n_experts)
         return choice_NE.topk(self.top_k, dim=-1, sorted=False).indices
+
+    def _seq_loss_alpha(self) -> float | None:
+        return self.cfg.seq_aux_alpha
 
     def _kernel_routing(self) -> tuple[torch.Tensor | None, int, int, int, bool]:
         groups = (self.n_groups, self.cfg.topk_groups) if self.n_groups > 1 else (1, 1)

@@ -724,6 +724,126 @@ std::vector<at::Tensor> mla_attention_backward(const at::Tensor& dO, const at::T
   return {dqn, dqp, dkn, dkp_heads.sum(1), dv};
 }
 
+// ---- routing weights and the sequence-wise balance loss --------------------------------------------------
+//
+// w[n, k] = scale * s[n, idx[n, k]] (/ (sum_k s[n, idx[n, k]] + 1e-20) when norm), and, when alpha > 0, the
+// complementary sequence-wise balance loss of DeepSeek-V3 over B sequences of T tokens:
+//   f[b, e] = E / (K T) * #{tokens of b that selected e},  P[b, e] = mean_t s[n, e] / sum_e' s[n, e'],
+//   loss = alpha / B * sum_b sum_e f[b, e] P[b, e] = alpha / (B T) * sum_n sum_e f[b(n), e] s[n, e] / S_n.
+// One pass over the tokens each way, where PyTorch takes ~10 kernels forward and ~12 backward.
+template <typename T>
+void route_weights_forward_impl(const T* S, const int64_t* IDX, int64_t N, int64_t E, int64_t K, bool norm,
+                                double scale, double alpha, int64_t B, int64_t Tn, T* W, T* DEN, T* INVS, T* F,
+                                double* loss) {
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const T* s = S + n * E;
+      const int64_t* idx = IDX + n * K;
+      T den = 1;
+      if (norm) {
+        T sum = 0;
+        for (int64_t k = 0; k < K; ++k) sum += s[idx[k]];
+        den = sum + T(1e-20);
+      }
+      DEN[n] = den;
+      for (int64_t k = 0; k < K; ++k) W[n * K + k] = norm ? s[idx[k]] / den * T(scale) : s[idx[k]] * T(scale);
+      if (alpha > 0) {
+        T total = 0;
+        for (int64_t e = 0; e < E; ++e) total += s[e];
+        INVS[n] = T(1) / total;
+      }
+    }
+  });
+  *loss = 0;
+  if (alpha <= 0) return;
+  std::fill_n(F, B * E, T(0));
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) F[(n / Tn) * E + IDX[n * K + k]] += T(1);
+  const T fscale = T(E) / T(K * Tn);
+  for (int64_t i = 0; i < B * E; ++i) F[i] *= fscale;
+  // per-token terms summed in token order: deterministic
+  double acc = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    const T *s = S + n * E, *f = F + (n / Tn) * E;
+    double term = 0;
+    for (int64_t e = 0; e < E; ++e) term += static_cast<double>(f[e]) * s[e];
+    acc += term * INVS[n];
+  }
+  *loss = alpha * acc / static_cast<double>(B * Tn);
+}
+
+std::vector<at::Tensor> route_weights_forward(const at::Tensor& scores, const at::Tensor& idx, bool norm, double scale,
+                                              double alpha, int64_t n_seqs, int64_t seq_len) {
+  TORCH_CHECK(scores.device().is_cpu() && scores.dim() == 2 && scores.is_contiguous() &&
+                  (scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble),
+              "scores must be a contiguous CPU float32/float64 [N, E] tensor");
+  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.dim() == 2 && idx.is_contiguous() && idx.size(0) == scores.size(0),
+              "idx must be a contiguous int64 [N, K] tensor");
+  const int64_t N = scores.size(0), E = scores.size(1), K = idx.size(1);
+  TORCH_CHECK(alpha <= 0 || (n_seqs * seq_len == N && seq_len > 0), "n_seqs * seq_len must equal N");
+  const int64_t* I = idx.data_ptr<int64_t>();
+  for (int64_t i = 0; i < N * K; ++i) TORCH_CHECK(I[i] >= 0 && I[i] < E, "idx holds an expert outside [0, E)");
+  auto opts = scores.options();
+  auto w = at::empty({N, K}, opts), den = at::empty({N}, opts), invs = at::empty({alpha > 0 ? N : 0}, opts);
+  auto f = at::empty({alpha > 0 ? n_seqs : 0, E}, opts);
+  double loss = 0;
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "dsk_route_weights_forward", [&] {
+    route_weights_forward_impl<scalar_t>(scores.data_ptr<scalar_t>(), I, N, E, K, norm, scale, alpha, n_seqs, seq_len,
+                                         w.data_ptr<scalar_t>(), den.data_ptr<scalar_t>(),
+                                         alpha > 0 ? invs.data_ptr<scalar_t>() : nullptr,
+                                         alpha > 0 ? f.data_ptr<scalar_t>() : nullptr, &loss);
+  });
+  return {w, at::scalar_tensor(loss, opts), den, invs, f};
+}
+
+template <typename T>
+void route_weights_backward_impl(const T* DW, T dloss, const T* S, const int64_t* IDX, const T* DEN, const T* INVS,
+                                 const T* F, int64_t N, int64_t E, int64_t K, bool norm, double scale, double alpha,
+                                 int64_t B, int64_t Tn, T* DS) {
+  const T g = alpha > 0 ? dloss * T(alpha / static_cast<double>(B * Tn)) : T(0);
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const T *s = S + n * E, *dw = DW + n * K;
+      const int64_t* idx = IDX + n * K;
+      T* ds = DS + n * E;
+      if (alpha > 0) {
+        const T *f = F + (n / Tn) * E, inv = INVS[n];
+        T term = 0;
+        for (int64_t e = 0; e < E; ++e) term += f[e] * s[e];
+        for (int64_t e = 0; e < E; ++e) ds[e] = g * (f[e] * inv - term * inv * inv);
+      } else {
+        std::fill_n(ds, E, T(0));
+      }
+      if (norm) {
+        const T den = DEN[n];
+        T dot = 0;
+        for (int64_t k = 0; k < K; ++k) dot += dw[k] * s[idx[k]];
+        for (int64_t k = 0; k < K; ++k) ds[idx[k]] += T(scale) * (dw[k] / den - dot / (den * den));
+      } else {
+        for (int64_t k = 0; k < K; ++k) ds[idx[k]] += T(scale) * dw[k];
+      }
+    }
+  });
+}
+
+at::Tensor route_weights_backward(const at::Tensor& dw, const at::Tensor& dloss, const at::Tensor& scores,
+                                  const at::Tensor& idx, const at::Tensor& den, const at::Tensor& invs,
+                                  const at::Tensor& f, bool norm, double scale, double alpha, int64_t n_seqs,
+                                  int64_t seq_len) {
+  TORCH_CHECK(dw.is_contiguous() && dw.sizes() == idx.sizes() && dw.scalar_type() == scores.scalar_type(),
+              "dw must be a contiguous [N, K] tensor of the scores' dtype");
+  const int64_t N = scores.size(0), E = scores.size(1), K = idx.size(1);
+  auto ds = at::empty_like(scores);
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "dsk_route_weights_backward", [&] {
+    route_weights_backward_impl<scalar_t>(
+        dw.data_ptr<scalar_t>(), dloss.item<scalar_t>(), scores.data_ptr<scalar_t>(), idx.data_ptr<int64_t>(),
+        den.data_ptr<scalar_t>(), alpha > 0 ? invs.data_ptr<scalar_t>() : nullptr,
+        alpha > 0 ? f.data_ptr<scalar_t>() : nullptr, N, E, K, norm, scale, alpha, n_seqs, seq_len,
+        ds.data_ptr<scalar_t>());
+  });
+  return ds;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -741,6 +861,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mla_attention_backward", &mla_attention_backward,
         "mla_attention_backward(do, q_nope, q_pe, k_nope, k_pe, v, probs, scale) -> (dq_nope, dq_pe, dk_nope, dk_pe, "
         "dv)");
+  m.def("route_weights_forward", &route_weights_forward,
+        "route_weights_forward(scores, idx, norm, scale, alpha, n_seqs, seq_len) -> (w, loss, den, inv_sum, f)");
+  m.def("route_weights_backward", &route_weights_backward,
+        "route_weights_backward(dw, dloss, scores, idx, den, inv_sum, f, norm, scale, alpha, n_seqs, seq_len) -> ds");
   m.def("rms_norm_forward", &rms_norm_forward, "rms_norm_forward(x [rows, D], weight [D], eps) -> (y, rstd)");
   m.def("rms_norm_backward", &rms_norm_backward, "rms_norm_backward(dy, x, weight, rstd) -> (dx, dweight)");
 }

@@ -333,3 +333,50 @@ def test_routing_kernel_selects_as_the_pytorch_path_and_sorts_slots_stably(
     assert (biased.gather(1, idx_kernel).diff(dim=1) <= 0).all()
     assert torch.equal(stats["order"], torch.argsort(idx_kernel.flatten(), stable=True))
     assert torch.equal(stats["load"], stats_torch["load"])
+
+
+@pytest.mark.skipif(__import__("os").environ.get("DSK_CPU_KERNELS") == "0", reason="CPU kernels disabled")
+@pytest.mark.parametrize("norm,alpha,seq_shape", [(True, 1e-2, (3, 8)), (False, 1e-2, None), (True, 0.0, (3, 8))])
+def test_routing_weights_kernel_matches_the_pytorch_path_with_gradients(monkeypatch, norm, alpha, seq_shape):
+    from dsk import kernels
+
+    assert kernels.load() is not None, kernels.status()
+    cfg = NoauxTCConfig(top_k=3, n_groups=4, topk_groups=2, norm_topk_prob=norm, route_scale=2.5, seq_aux_alpha=alpha)
+    router = make_router(NoauxTCRouter, cfg, n_experts=16).train()
+    x = torch.randn(24, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    upstream = torch.randn(24, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+
+    def run():
+        router.zero_grad(set_to_none=True)
+        weights, idx, _ = router(x, seq_shape=seq_shape)
+        # a loss that does not depend on the order the K experts are listed in
+        loss = (torch.zeros_like(upstream).scatter(1, idx, weights) * upstream).sum()
+        balance = router.balance_loss()
+        if balance is not None:
+            loss = loss + 100 * balance
+        loss.backward()
+        router.end_step()
+        return weights.detach(), idx, balance, router.weight.grad.clone()
+
+    fused = run()
+    monkeypatch.setenv("DSK_CPU_KERNELS", "0")
+    plain = run()
+    order = fused[1].argsort(dim=1), plain[1].argsort(dim=1)  # the kernel lists experts best first
+    assert torch.equal(fused[1].gather(1, order[0]), plain[1].gather(1, order[1]))
+    torch.testing.assert_close(fused[0].gather(1, order[0]), plain[0].gather(1, order[1]), rtol=1e-12, atol=1e-14)
+    assert (fused[2] is None) == (plain[2] is None) == (alpha == 0)
+    if alpha:
+        torch.testing.assert_close(fused[2], plain[2], rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(fused[3], plain[3], rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.skipif(__import__("os").environ.get("DSK_CPU_KERNELS") == "0", reason="CPU kernels disabled")
+def test_routing_weights_kernel_gradcheck():
+    from dsk import kernels
+
+    assert kernels.load() is not None, kernels.status()
+    g = torch.Generator().manual_seed(7)
+    scores = torch.rand(6, 5, dtype=torch.float64, generator=g).add_(0.1).requires_grad_(True)
+    idx = torch.stack([torch.randperm(5, generator=g)[:2] for _ in range(6)])
+    for norm in (True, False):
+        torch.autograd.gradcheck(lambda s, norm=norm: kernels.route_weights(s, idx, norm, 1.5, 0.3, (2, 3)), (scores,))
