@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	# the CPU wheel of torch first: an unpinned torch would pull a CUDA build of several GB
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	# compile the CPU kernels (MoE experts, RMSNorm) now (~25 s, cached) rather than inside the first test or training run
+	# compile dsk.kernels (C++ CPU kernels, ~30 s, cached) now rather than inside the first test or training run
 	$(BIN)/python -m dsk.kernels
 	touch $(STAMP)
 
