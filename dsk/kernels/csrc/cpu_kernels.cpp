@@ -342,6 +342,7 @@ void backward_impl(const Problem& p, const at::Tensor& dy, const at::Tensor& x, 
       const T *g = gue + i * 2 * H, *u = g + H, *da = dae + i * H;
       T *a = ae + i * H, *dg = dgue + i * 2 * H, *du = dg + H;
       T ds = 0;
+#pragma omp simd reduction(+ : ds)
       for (int64_t h = 0; h < H; ++h) {
         const T gv = g[h], sg = dg[h], silu = gv * sg, uv = u[h], dav = da[h];
         a[h] = silu * uv * s;
