@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from dsk.kernels import pin_malloc_thresholds
 
-    # Both sides of every row run in this process: without pinned thresholds, glibc's adaptive mmap threshold
-    # lets one implementation's frees change the other's page faults (see dsk.kernels.pin_malloc_thresholds).
+    # Both sides of every row run in this process: pin glibc's adaptive mmap/trim thresholds so that both run
+    # under the same allocator policy, whatever the other side freed (see dsk.kernels.pin_malloc_thresholds).
     pinned = pin_malloc_thresholds()
     threads = int(os.environ.get("DSK_BENCH_THREADS", os.cpu_count() or 1))
     torch.set_num_threads(threads)

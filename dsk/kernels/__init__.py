@@ -362,9 +362,10 @@ def pin_malloc_thresholds() -> bool:
     that, so which buffers come back as fresh pages (a page fault per 4 KiB) depends on the history of frees. A
     training step allocates and frees the same large activations every step; with the thresholds pinned high
     they are reused from the heap instead. Measured on the whole-model step of ``bench/bench_model.py`` (2
-    threads): dsk 72.7 -> 63.6 ms, and the transformers peer, run in the same process after dsk steps, 130 ->
-    99 ms (the history dsk's frees left made it fault). The cost: freed memory stays in the process (it is
-    reused by the next step). ``DSK_PIN_MALLOC=0`` turns it off; other C libraries (macOS, musl) are left alone.
+    threads, separate processes): dsk 72.7 ms unpinned, 61-64 ms pinned. The benches pin it so that both sides
+    of a row, which share the process, run under the same allocator policy. The cost: freed memory stays in the
+    process (it is reused by the next step). ``DSK_PIN_MALLOC=0`` turns it off; other C libraries (macOS, musl)
+    are left alone.
     """
     if os.environ.get("DSK_PIN_MALLOC", "1").strip().lower() in ("0", "false", "no", "off"):
         return False
