@@ -514,6 +514,14 @@ void route_impl(const T* S, const float* bias, int64_t N, int64_t E, int64_t G, 
         best[pos] = v;
         idx[pos] = e;
       }
+      // NaN scores (a diverged step) never compare greater: fill what is left with the lowest unused experts,
+      // so that every id stays valid and the NaN reaches the loss, where the trainer skips the step
+      for (int64_t e = 0; filled < K && e < E; ++e) {
+        if (G > 1 && !keep[e / P]) continue;
+        if (std::find(idx, idx + filled, e) == idx + filled) idx[filled++] = e;
+      }
+      for (int64_t e = 0; filled < K && e < E; ++e)
+        if (std::find(idx, idx + filled, e) == idx + filled) idx[filled++] = e;
     }
   });
 }

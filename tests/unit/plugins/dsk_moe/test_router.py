@@ -380,3 +380,17 @@ def test_routing_weights_kernel_gradcheck():
     idx = torch.stack([torch.randperm(5, generator=g)[:2] for _ in range(6)])
     for norm in (True, False):
         torch.autograd.gradcheck(lambda s, norm=norm: kernels.route_weights(s, idx, norm, 1.5, 0.3, (2, 3)), (scores,))
+
+
+@pytest.mark.skipif(__import__("os").environ.get("DSK_CPU_KERNELS") == "0", reason="CPU kernels disabled")
+def test_routing_kernel_keeps_expert_ids_valid_on_nan_scores():
+    from dsk import kernels
+
+    assert kernels.load() is not None, kernels.status()
+    scores = torch.rand(5, 16)
+    scores[1] = float("nan")  # a diverged token
+    scores[3, :8] = float("nan")
+    idx, order, load = kernels.route_topk(scores, None, 4, 2, 3)
+    assert idx.min() >= 0 and idx.max() < 16
+    assert all(len(set(row)) == 3 for row in idx.tolist())
+    assert torch.equal(order, torch.argsort(idx.flatten(), stable=True)) and load.sum() == 15
