@@ -323,7 +323,11 @@ def mla_attention(
     uses it up to T = 512). Call :func:`load` first.
     """
     module = _state["module"]
-    args = [t if t.stride(-1) == 1 else t.contiguous() for t in (q_nope, q_pe, k_nope, k_pe, v)]
+    # BLAS reads each (batch, head) block as a row-major matrix: contiguous rows, rows that do not overlap
+    args = [
+        t if t.stride(-1) == 1 and t.stride(1) >= t.shape[-1] else t.contiguous()
+        for t in (q_nope, q_pe, k_nope, k_pe, v)
+    ]
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in args):
         return module.mla_attention_forward(*args, scale)[0]  # type: ignore[union-attr]
     return _MLAAttention.apply(*args, scale)

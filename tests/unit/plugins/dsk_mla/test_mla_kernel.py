@@ -91,3 +91,11 @@ def test_float32_matches_float64():
     leaves, ops = operands()
     got = kernels.mla_attention(*[t.detach().float() for t in ops], 0.7)
     torch.testing.assert_close(got.double(), reference(*ops, 0.7).detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_broadcast_operands_are_copied_before_blas_reads_them():
+    _, ops = operands(T=5)
+    q_nope, q_pe, k_nope, k_pe, v = (t.detach() for t in ops)
+    shared_v = v[:, :1].expand_as(v)  # every position the same value row: stride 0 over T
+    got = kernels.mla_attention(q_nope, q_pe, k_nope, k_pe, shared_v, 0.7)
+    torch.testing.assert_close(got, reference(q_nope, q_pe, k_nope, k_pe, shared_v, 0.7), rtol=1e-12, atol=1e-12)
