@@ -99,9 +99,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, c
     attn_mask = None if bias is None else bias[:, None]  # b t s -> b 1 t s (broadcast over heads)
     dk, dv = q.shape[-1], v.shape[-1]
     small = q.shape[-2] * k.shape[-2] <= PAD_V_MIN_SCORES
-    if small and causal and bias is None and q.shape[-2] == k.shape[-2] and q.dtype in (torch.float32, torch.float64):
+    cpu_float = q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)  # where it was measured
+    if small and causal and bias is None and q.shape[-2] == k.shape[-2] and cpu_float:
         return _causal_attention_small(q, k, v, scale)
-    pad = dv < dk and not small
+    pad = dv < dk and (not small or q.device.type != "cpu")  # GPUs: the fused kernels win at every length
     if pad:
         # MLA has dv < dk (V3: 128 vs 192). The fused (flash) kernels need equal head sizes and otherwise SDPA
         # takes the unfused math kernel, which materialises the T x S scores: 2-3x slower forward+backward at
