@@ -102,7 +102,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, c
     cpu_float = q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)  # where it was measured
     if small and causal and bias is None and q.shape[-2] == k.shape[-2] and cpu_float:
         return _causal_attention_small(q, k, v, scale)
-    pad = dv < dk and (not small or q.device.type != "cpu")  # GPUs: the fused kernels win at every length
+    # off CPU always pad, so that the fused kernels run: the short-sequence choice was measured on CPU only
+    pad = dv < dk and (not small or q.device.type != "cpu")
     if pad:
         # MLA has dv < dk (V3: 128 vs 192). The fused (flash) kernels need equal head sizes and otherwise SDPA
         # takes the unfused math kernel, which materialises the T x S scores: 2-3x slower forward+backward at
