@@ -35,8 +35,14 @@ except ModuleNotFoundError:  # Python 3.10
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Wall times of each function over ``repeats`` rounds, the functions interleaved within every round."""
+def _interleaved_times(
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 2,
+    between_rounds: Callable[[], object] | None = None,
+) -> dict[str, list[float]]:
+    """Wall times of each function over ``repeats`` rounds, the functions interleaved within every round;
+    ``between_rounds`` (untimed) runs after each round."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -46,6 +52,8 @@ def _interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, warmu
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)
+        if between_rounds is not None:
+            between_rounds()
     return times
 
 
@@ -107,14 +115,22 @@ def _train_step_rows(quick: bool) -> list[dict]:
         loss.backward()
         opt_peer.step()
 
-    # Both models live for the whole measurement: take them out of the cyclic GC's scans (dsk's trainer does the
-    # same before its loop), for both sides alike.
+    # The garbage collector as dsk's training loop runs it (dsk.train.loop): long-lived objects frozen, automatic
+    # collections off, a young-generation pass between rounds (untimed); the process is shared, so both sides
+    # step under the same policy.
     gc.collect()
     gc.freeze()
+    gc.disable()
     try:
-        times = _interleaved_times({"dsk": dsk_step, "peer": peer_step}, repeats=3 if quick else 15, warmup=2)
+        times = _interleaved_times(
+            {"dsk": dsk_step, "peer": peer_step},
+            repeats=3 if quick else 15,
+            warmup=2,
+            between_rounds=lambda: gc.collect(1),
+        )
     finally:
         gc.unfreeze()
+        gc.enable()
     t = {k: statistics.median(v) for k, v in times.items()}
     # median of the per-round ratios: load from other processes shifts whole rounds, hitting both sides alike
     ratio = statistics.median(p / d for p, d in zip(times["peer"], times["dsk"], strict=True))

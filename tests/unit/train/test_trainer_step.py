@@ -114,3 +114,23 @@ def test_packed_rows_give_each_example_the_logits_it_has_alone(tmp_path, dsk_reg
             torch.testing.assert_close(logits[start : start + len(ids)], alone, rtol=1e-9, atol=1e-9)
     row = run.train_step()  # and the packed step trains
     assert math.isfinite(row["loss"]) and row["tokens"] > 8 * 20
+
+
+def test_the_loop_collects_garbage_itself_and_restores_the_collector(tmp_path, dsk_registry, dsk_pm, monkeypatch):
+    import gc
+
+    from dsk.train import loop
+
+    monkeypatch.setattr(loop, "GC_EVERY", 2)
+    collections = []
+    monkeypatch.setattr(gc, "collect", lambda generation=2: collections.append(generation) or 0)
+    table = _dense_table(steps=4)
+    run = make_run(tmp_path, table, dsk_registry, dsk_pm)
+    enabled_in_loop = []
+    step = run.train_step
+    monkeypatch.setattr(run, "train_step", lambda: enabled_in_loop.append(gc.isenabled()) or step())
+    assert gc.isenabled()
+    run.run()
+    assert enabled_in_loop == [False] * 4  # automatic collections are off while the loop steps
+    assert collections == [2, 1, 1]  # a full pass before the loop, then the young generations every GC_EVERY steps
+    assert gc.isenabled() and gc.get_freeze_count() == 0
