@@ -258,7 +258,6 @@ class _RouteWeights(torch.autograd.Function):
         )
         ctx.save_for_backward(scores, idx, den, inv_sum, f)
         ctx.args = (norm, scale, alpha, n_seqs, seq_len)
-        ctx.mark_non_differentiable(idx)
         return w, loss
 
     @staticmethod
