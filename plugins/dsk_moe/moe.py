@@ -67,7 +67,8 @@ class MoE(nn.Module):
         if order_R is None:
             order_R = torch.argsort(idx_NK.flatten(), stable=True)
         y_ND = self.shared_experts(x_ND) if self.shared_experts is not None else None
-        if self.experts.resolve_dispatch(x_ND, self.cfg.dispatch, n_rows=N * K) == "cpu_kernel":
+        path = self.experts.resolve_dispatch(x_ND, self.cfg.dispatch, n_rows=N * K)
+        if path == "cpu_kernel":
             # The kernel gathers each slot's token row and sums each token's K outputs itself.
             ex = self.experts
             routed_ND = kernels.routed_experts(
@@ -77,7 +78,7 @@ class MoE(nn.Module):
         token_R = order_R // K  # slot n*K + k belongs to token n
         x_RD = x_ND.index_select(0, token_R)
         scale_R = weights_NK.flatten().index_select(0, order_R)
-        out_RD = self.experts(x_RD, stats["load"], scale_R, self.cfg.dispatch)
+        out_RD = self.experts(x_RD, stats["load"], scale_R, path)  # the path resolved above, not "auto" again
 
         # Combine: add each slot's weighted output into its token's row (one pass over R x D; backward is a
         # gather). index_add is deterministic on CPU, and on CUDA under torch.use_deterministic_algorithms.
