@@ -53,6 +53,17 @@ def register_parallel_strategies(register: Registrar) -> None:
 
 
 @hookspec
+def register_optimizers(register: Registrar) -> None:
+    """Register optimizers (kind ``optimizer``): built from the model's parameters by the build path.
+
+    An implementation is ``impl(config, model)`` returning a ``torch.optim.Optimizer`` whose param groups
+    carry ``"names"`` (the parameter names, so its state is saved by name); see :class:`dsk.api.OptimizerFactory`.
+
+    :param register: the registration callback (see :func:`register_model_components`).
+    """
+
+
+@hookspec
 def register_trainers(register: Registrar) -> None:
     """Register trainers (kind ``trainer``): pretrain, sft, grpo, rejection sampling, distillation.
 

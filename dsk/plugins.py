@@ -107,7 +107,7 @@ class DskPluginManager(pluggy.PluginManager):
 
     def _check_unknown_hooks(self, name: str, plugin: Any) -> bool:
         """Fail a plugin that implements a hook no spec defines (pluggy ignores those silently)."""
-        from dsk.registry import did_you_mean
+        from dsk.names import did_you_mean
 
         spec_names = [n for n in dir(hookspecs) if not n.startswith("_") and callable(getattr(hookspecs, n))]
         spec_names = [n for n in spec_names if hasattr(getattr(hookspecs, n), "dsk_spec")]

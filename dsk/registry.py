@@ -7,9 +7,6 @@ so every record carries the plugin that registered it. It never imports an imple
 
 from __future__ import annotations
 
-import contextvars
-import difflib
-import importlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -17,6 +14,19 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from dsk.api import KINDS, NoConfig, ResolvedSlot
+from dsk.names import LookupFailed, did_you_mean, import_string
+
+__all__ = [
+    "HOOK_KINDS",
+    "ComponentSpec",
+    "LookupFailed",
+    "Registrar",
+    "Registry",
+    "RegistryError",
+    "build_registry",
+    "did_you_mean",
+    "import_string",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from dsk.plugins import DskPluginManager
@@ -26,6 +36,7 @@ HOOK_KINDS: dict[str, tuple[str, ...]] = {
     "register_model_components": ("attention", "ffn", "router", "mtp"),
     "register_features": ("feature",),
     "register_parallel_strategies": ("parallel",),
+    "register_optimizers": ("optimizer",),
     "register_trainers": ("trainer",),
     "register_tasks": ("task", "tokenizer"),
     "register_rewards": ("reward",),
@@ -34,32 +45,6 @@ HOOK_KINDS: dict[str, tuple[str, ...]] = {
 
 class RegistryError(Exception):
     """A registration call was wrong (bad kind, bad config model, alias clash)."""
-
-
-class LookupFailed(LookupError):
-    """A component name could not be resolved; ``message`` and ``hint`` are user-facing."""
-
-    def __init__(self, message: str, hint: str | None = None):
-        super().__init__(message if not hint else f"{message} ({hint})")
-        self.message = message
-        self.hint = hint
-
-
-def import_string(path: str) -> Any:
-    """Import ``"package.module:Attr"`` (or ``"package.module.Attr"``) and return the attribute."""
-    if ":" in path:
-        module_name, _, attr = path.partition(":")
-    else:
-        module_name, _, attr = path.rpartition(".")
-    obj: Any = importlib.import_module(module_name)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def did_you_mean(name: str, candidates: list[str] | set[str] | tuple[str, ...], n: int = 3) -> list[str]:
-    """Close matches of ``name`` among ``candidates`` (difflib), best first."""
-    return difflib.get_close_matches(str(name), sorted(set(candidates)), n=n, cutoff=0.6)
 
 
 @dataclass
@@ -75,6 +60,13 @@ class ComponentSpec:
     distribution: str | None = None
     version: str | None = None
     aliases: tuple[str, ...] = ()
+    #: features only: names of features this one must come after / before when both are on, and cannot run with
+    after: tuple[str, ...] = ()
+    before: tuple[str, ...] = ()
+    conflicts: tuple[str, ...] = ()
+    #: model components only: the dsk.api.HFAdapter mapping its config and weights to HF checkpoints
+    #: (a lazy "module:attr" naming a class or an instance), or None when it has no HF form
+    hf: Any = None
 
     @property
     def qualified(self) -> str:
@@ -91,6 +83,13 @@ class ComponentSpec:
     def load(self) -> Any:
         """Import and return the implementation."""
         return import_string(self.impl) if isinstance(self.impl, str) else self.impl
+
+    def hf_adapter(self) -> Any:
+        """The component's ``dsk.api.HFAdapter`` (imported; a class is instantiated), or None when it has none."""
+        if self.hf is None:
+            return None
+        adapter = import_string(self.hf) if isinstance(self.hf, str) else self.hf
+        return adapter() if isinstance(adapter, type) else adapter
 
 
 @dataclass
@@ -129,6 +128,10 @@ class Registry:
         for (k, _n), specs in sorted(self.specs.items()):
             if kind is None or k == kind:
                 yield from specs
+
+    def hf_specs(self, kind: str) -> list[ComponentSpec]:
+        """The specs of ``kind`` that declare an HF checkpoint adapter (``hf=`` at registration), sorted by name."""
+        return [spec for spec in self.all(kind) if spec.hf is not None]
 
     def conflicts(self) -> list[tuple[str, str, list[str]]]:
         """(kind, name, providers) for every name registered by more than one plugin."""
@@ -193,11 +196,18 @@ class Registry:
         from dsk.recipe.errors import RecipeError
         from dsk.recipe.validate import validate_slot
 
-        with use_registry(self):
-            slot, problems = validate_slot(self, kind, table, path="", default_type=default_type)
+        slot, problems = validate_slot(self, kind, table, path="", default_type=default_type)
         if problems or slot is None:
             raise RecipeError(problems)
         return slot
+
+    def validate(self, model: type[BaseModel], table: dict[str, Any]) -> Any:
+        """``model`` validated from a plain table whose slots are resolved against this registry.
+
+        Raises:
+            dsk.recipe.errors.RecipeError: with every problem found.
+        """
+        return model.model_validate(table, context={"registry": self})
 
 
 def _suggest(name: str, candidates: list[str]) -> str | None:
@@ -224,8 +234,16 @@ class Registrar:
         config: type[BaseModel] | None = None,
         summary: str | None = None,
         aliases: tuple[str, ...] | list[str] = (),
+        after: tuple[str, ...] | list[str] = (),
+        before: tuple[str, ...] | list[str] = (),
+        conflicts: tuple[str, ...] | list[str] = (),
+        hf: Any = None,
     ) -> None:
         allowed = HOOK_KINDS.get(self.hook, ())
+        if (after or before or conflicts) and kind != "feature":
+            raise RegistryError(f"{kind} '{name}' from plugin '{self.provider}': after/before/conflicts are for features")
+        if hf is not None and self.hook != "register_model_components":
+            raise RegistryError(f"{kind} '{name}' from plugin '{self.provider}': hf= is for model components")
         if kind not in allowed:
             raise RegistryError(
                 f"plugin '{self.provider}' registered kind '{kind}' from {self.hook}; "
@@ -249,6 +267,10 @@ class Registrar:
                 distribution=self.distribution,
                 version=self.version,
                 aliases=tuple(aliases),
+                after=tuple(after),
+                before=tuple(before),
+                conflicts=tuple(conflicts),
+                hf=hf,
             )
         )
 
@@ -283,37 +305,3 @@ def build_registry(pm: DskPluginManager) -> Registry:
                 pm.mark_failed(impl.plugin_name, f"{hook_name}: {type(exc).__name__}: {exc}")
     registry.failed_plugins = [p.name for p in pm.failures()]
     return registry
-
-
-# The registry used when a config is built outside a recipe run (tests, scripts): set by the CLI and by
-# ``use_registry``; built from the installed plugins on first use otherwise.
-_CURRENT: contextvars.ContextVar[Registry | None] = contextvars.ContextVar("dsk_registry", default=None)
-_DEFAULT: list[Registry] = []
-
-
-class use_registry:  # noqa: N801 - used as a context manager
-    """Make ``registry`` the current one inside a ``with`` block."""
-
-    def __init__(self, registry: Registry):
-        self.registry = registry
-        self._token: contextvars.Token | None = None
-
-    def __enter__(self) -> Registry:
-        self._token = _CURRENT.set(self.registry)
-        return self.registry
-
-    def __exit__(self, *exc: Any) -> None:
-        assert self._token is not None
-        _CURRENT.reset(self._token)
-
-
-def current_registry() -> Registry:
-    """The registry in use: the one set by ``use_registry``, else one built from the installed plugins."""
-    reg = _CURRENT.get()
-    if reg is not None:
-        return reg
-    if not _DEFAULT:
-        from dsk.plugins import make_plugin_manager
-
-        _DEFAULT.append(build_registry(make_plugin_manager()))
-    return _DEFAULT[0]

@@ -1,14 +1,14 @@
-"""Checkpoints: HF-format DeepSeek-V3 directories and dsk checkpoint directories (formats in CHECKPOINT.md).
+"""Checkpoints: HF-format directories and dsk checkpoint directories (formats in CHECKPOINT.md).
 
 ``load_pretrained(path)`` reads either format and returns a :class:`DSKModel`; ``save_hf`` / ``save_dsk`` write
 them; ``convert`` goes from one to the other keeping every tensor's dtype and bits.
 
-HF -> dsk names (spec §2.2): drop the ``model.`` prefix (``lm_head`` has none); stack the per-expert
-``mlp.experts.{j}.{gate,up,down}_proj.weight`` into ``mlp.experts.w_{gate,up,down}`` [E, out, in]; the MTP layers
-``model.layers.{num_hidden_layers + k}`` go to ``mtp.layers.{k}`` (``enorm``, ``hnorm``, ``eh_proj``,
-``shared_head.norm`` directly; the transformer-block parts under ``block.``); their ``embed_tokens`` and
-``shared_head.head`` are copies of the shared embedding and head and are skipped. FP8 weights with
-``weight_scale_inv`` are dequantized block by block.
+The HF mapping is composed, as torchtitan's state-dict adapters are: this module maps the skeleton only (the
+``model.`` prefix, embedding, final norm, output head and its tying, the per-layer names and norms, the layer-level
+sizes) and the file format (shards, FP8 blocks with ``weight_scale_inv``). Each slot of the ``[model]`` table is
+mapped by the :class:`dsk.api.HFAdapter` that its component registered (``register(..., hf="pkg.hf:Adapter")``):
+its config fields, and its tensors with names relative to its module. Reading, the adapters *claim* the slots of
+the HF config; writing, the adapter of the component in each slot writes its part.
 """
 
 from __future__ import annotations
@@ -18,73 +18,149 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from dsk.api import ResolvedSlot, slot_kind
+from dsk.api import HFCheckpoint, HFLayout, ResolvedSlot, slot_kind
+from dsk.errors import InputError
 from dsk.model.build import build_model
 from dsk.model.config import ModelConfig
 from dsk.model.transformer import DSKModel
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dsk.registry import Registry
 
 DSK_FORMAT = "dsk-model"
 DSK_FORMAT_VERSION = 1
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
+HF_MODEL_TYPE = "deepseek_v3"
+HF_ARCHITECTURE = "DeepseekV3ForCausalLM"
+
+#: The slots inside every decoder layer and the block module holding them (as ``dsk.model.build`` builds the
+#: blocks; HF names the modules the same). The FFN of layer i is ``dense_ffn`` below ``first_k_dense``, else ``ffn``.
+#: Every other slot of the ``[model]`` table is a model-level component, held by the model attribute of its name;
+#: it owns the HF decoder layers past ``num_hidden_layers``.
+_LAYER_SLOTS = {"attention": "self_attn", "ffn": "mlp", "dense_ffn": "mlp"}
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_DSK_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint directory is missing, malformed or describes a model dsk cannot build (names the file)."""
+
+
+def default_registry() -> Registry:
+    """The registry of the installed plugins (built fresh: there is no process-wide registry)."""
+    from dsk.plugins import make_plugin_manager
+    from dsk.registry import build_registry
+
+    return build_registry(make_plugin_manager())
+
+
+def _model_slots() -> Iterator[tuple[str, str, bool]]:
+    """(slot, kind, optional) for every component slot of the ``[model]`` table, in field order."""
+    for name, info in ModelConfig.model_fields.items():
+        marker = slot_kind(info)
+        if marker is not None and not marker[2]:
+            yield name, marker[0], marker[1] is None and not info.is_required()
+
+
+def _layer_slot(cfg: ModelConfig, module: str, layer_idx: int) -> str | None:
+    """The slot whose component is ``module`` of block ``layer_idx`` (blocks past ``n_layers`` use ``ffn``)."""
+    if module == _LAYER_SLOTS["attention"]:
+        return "attention"
+    if module == _LAYER_SLOTS["ffn"]:
+        return "dense_ffn" if layer_idx < cfg.first_k_dense else "ffn"
+    return None
+
+
+def _problems_text(problems: list[str]) -> str:
+    # sorted: each problem starts with the field it is about, so the message reads like an index
+    return "; ".join(sorted(set(problems)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # config mapping
 # ---------------------------------------------------------------------------------------------------------------
-def _hf_rope(hf: dict[str, Any], where: str) -> tuple[float, dict[str, Any] | None]:
-    """(rope_theta, dsk rope_scaling table or None) from ``rope_parameters`` (HF v5) or ``rope_scaling`` (older)."""
-    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind == "default":
-        return theta, None
-    if kind != "yarn":
-        raise CheckpointError(f"{where}: rope type {kind!r} is not supported (only default and yarn)")
-    if params.get("attention_factor") is not None or params.get("truncate", True) is not True:
-        raise CheckpointError(f"{where}: yarn 'attention_factor' and 'truncate' = false are not supported")
-    original = params.get("original_max_position_embeddings") or hf.get("max_position_embeddings", 4096)
-    factor = params.get("factor") or hf.get("max_position_embeddings", original) / original
-    # HF semantics: a missing or zero mscale / mscale_all_dim means "unset"; dsk spells that 0.
-    return theta, {
-        "type": "yarn",
-        "factor": float(factor),
-        "original_max_position_embeddings": int(original),
-        "beta_fast": float(params.get("beta_fast") or 32),
-        "beta_slow": float(params.get("beta_slow") or 1),
-        "mscale": float(params.get("mscale") or 0),
-        "mscale_all_dim": float(params.get("mscale_all_dim") or 0),
-    }
+def _skeleton_problems(hf: dict[str, Any]) -> list[str]:
+    problems = []
+    if hf.get("model_type", HF_MODEL_TYPE) != HF_MODEL_TYPE:
+        problems.append(f"model_type = {hf.get('model_type')!r}: only {HF_MODEL_TYPE!r} is supported")
+    problems += [
+        f"{key} is missing" for key in ("vocab_size", "hidden_size", "num_hidden_layers") if hf.get(key) is None
+    ]
+    return problems
 
 
-def hf_to_model_table(hf: dict[str, Any], mtp_depth: int = 0, where: str = CONFIG_NAME) -> dict[str, Any]:
-    """The dsk ``[model]`` table equivalent to an HF ``DeepseekV3Config`` dict.
+def _claim_slots(ckpt: HFCheckpoint, registry: Registry) -> tuple[dict[str, Any], list[str]]:
+    """(slot -> the adapter that claims it, every problem of the config), asking each slot kind's adapters."""
+    problems = _skeleton_problems(ckpt.config)
+    claimed: dict[str, Any] = {}
+    for slot, kind, optional in _model_slots():
+        candidates = [(spec, spec.hf_adapter()) for spec in registry.hf_specs(kind)]
+        takers = [(spec, adapter) for spec, adapter in candidates if adapter.claims(slot, ckpt)]
+        if len(takers) > 1:
+            names = " and ".join(f"'{spec.qualified}'" for spec, _ in takers)
+            problems.append(f"model.{slot}: the HF mappings of {names} all claim this config; disable one plugin")
+        elif takers:
+            claimed[slot] = takers[0][1]
+            problems += takers[0][1].unsupported_hf_fields(ckpt)
+        elif not optional:
+            why = "; ".join(
+                f"{spec.name}: {', '.join(adapter.unsupported_hf_fields(ckpt)) or 'does not claim it'}"
+                for spec, adapter in candidates
+            )
+            problems.append(
+                f"model.{slot}: no registered {kind} maps this config"
+                + (f" ({why})" if why else f" (no {kind} with an HF mapping is installed)")
+            )
+    return claimed, problems
+
+
+def unsupported_hf_fields(
+    hf: dict[str, Any], keys: frozenset[str] | set[str] = frozenset(), registry: Registry | None = None
+) -> list[str]:
+    """HF config values that dsk cannot reproduce, sorted (empty when the model loads exactly).
 
     Args:
         hf: the parsed ``config.json``.
-        mtp_depth: MTP modules whose weights are present (0 = no MTP heads).
+        keys: the checkpoint's tensor names (model-level components such as extra prediction heads are found by
+            their tensors).
+        registry: whose adapters map the slots; None = the installed plugins'.
+    """
+    ckpt = HFCheckpoint(config=hf, keys=frozenset(keys))
+    return sorted(set(_claim_slots(ckpt, registry or default_registry())[1]))
+
+
+def hf_to_model_table(
+    hf: dict[str, Any],
+    keys: frozenset[str] | set[str] = frozenset(),
+    where: str = CONFIG_NAME,
+    registry: Registry | None = None,
+) -> dict[str, Any]:
+    """The dsk ``[model]`` table equivalent to an HF config: the skeleton's fields, then each claimed slot's table.
+
+    Args:
+        hf: the parsed ``config.json``.
+        keys: the checkpoint's tensor names.
         where: file name used in error messages.
+        registry: whose adapters map the slots; None = the installed plugins'.
 
     Raises:
-        CheckpointError: a field has a value dsk does not implement (see ``unsupported_hf_fields``).
+        CheckpointError: a field has a value dsk does not implement, or no component maps a slot (all at once).
     """
-    problems = unsupported_hf_fields(hf)
+    ckpt = HFCheckpoint(config=hf, keys=frozenset(keys), where=where)
+    claimed, problems = _claim_slots(ckpt, registry or default_registry())
     if problems:
-        raise CheckpointError(f"{where}: " + "; ".join(problems))
-    theta, scaling = _hf_rope(hf, where)
+        raise CheckpointError(_problems_text(problems), file=where)
     n_layers = int(hf["num_hidden_layers"])
-    n_group = hf.get("n_group") or 1
     table: dict[str, Any] = {
         "vocab_size": int(hf["vocab_size"]),
         "dim": int(hf["hidden_size"]),
@@ -94,172 +170,107 @@ def hf_to_model_table(hf: dict[str, Any], mtp_depth: int = 0, where: str = CONFI
         "norm_eps": float(hf.get("rms_norm_eps", 1e-6)),
         "init_std": float(hf.get("initializer_range", 0.02)),
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-        "attention": {
-            "type": "mla",
-            "n_heads": int(hf["num_attention_heads"]),
-            "q_lora_rank": hf.get("q_lora_rank"),
-            "kv_lora_rank": int(hf["kv_lora_rank"]),
-            "qk_nope_head_dim": int(hf["qk_nope_head_dim"]),
-            "qk_rope_head_dim": int(hf["qk_rope_head_dim"]),
-            "v_head_dim": int(hf["v_head_dim"]),
-            "rope_theta": theta,
-            "rope_scaling": scaling,
-        },
-        "ffn": {
-            "type": "moe",
-            "n_routed_experts": int(hf["n_routed_experts"]),
-            "n_shared_experts": int(hf.get("n_shared_experts") or 0),
-            "expert_hidden_dim": int(hf["moe_intermediate_size"]),
-            "router": {
-                "type": "noaux_tc",
-                "top_k": int(hf["num_experts_per_tok"]),
-                "score_func": hf.get("scoring_func", "sigmoid"),
-                "norm_topk_prob": bool(hf.get("norm_topk_prob", True)),
-                "route_scale": float(hf.get("routed_scaling_factor", 1.0)),
-                "n_groups": int(n_group),
-                "topk_groups": int(hf.get("topk_group") or n_group),
-                "group_score": "top2_sum",
-            },
-        },
-        "dense_ffn": {"type": "dense", "hidden_dim": int(hf["intermediate_size"])},
     }
-    if hf.get("aux_loss_alpha") is not None and hf.get("seq_aux", True):
-        # DeepSeek's remote-code configs name the sequence-wise balance loss weight aux_loss_alpha (seq_aux = true)
-        table["ffn"]["router"]["seq_aux_alpha"] = float(hf["aux_loss_alpha"])
-    if table["attention"]["rope_scaling"] is None:
-        del table["attention"]["rope_scaling"]
-    if mtp_depth:
-        table["mtp"] = {"type": "mtp", "depth": mtp_depth}
+    for slot, adapter in claimed.items():
+        try:
+            table[slot] = adapter.config_from_hf(slot, ckpt)
+        except ValueError as exc:
+            raise CheckpointError(f"model.{slot}: {exc}", file=where) from exc
     return table
 
 
-def unsupported_hf_fields(hf: dict[str, Any]) -> list[str]:
-    """HF config values that dsk cannot reproduce (empty when the model loads exactly)."""
-    problems = []
-    if hf.get("model_type", "deepseek_v3") != "deepseek_v3":
-        problems.append(f"model_type = {hf.get('model_type')!r}: only 'deepseek_v3' is supported")
-    if hf.get("hidden_act", "silu") != "silu":
-        problems.append(f"hidden_act = {hf['hidden_act']!r}: only 'silu' (SwiGLU) is supported")
-    if hf.get("attention_bias", False):
-        problems.append("attention_bias = true is not supported (DeepSeek-V3 has no attention biases)")
-    if hf.get("rope_interleave", True) is not True:
-        problems.append("rope_interleave = false is not supported (dsk reads rope dims as interleaved pairs)")
-    if hf.get("moe_layer_freq", 1) != 1:
-        problems.append(f"moe_layer_freq = {hf['moe_layer_freq']}: only 1 (every layer after the dense ones) works")
-    if hf.get("topk_method", "noaux_tc") != "noaux_tc":
-        problems.append(f"topk_method = {hf['topk_method']!r}: only 'noaux_tc' is supported")
-    for key in (
-        "vocab_size",
-        "hidden_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "kv_lora_rank",
-        "qk_nope_head_dim",
-        "qk_rope_head_dim",
-        "v_head_dim",
-        "n_routed_experts",
-        "moe_intermediate_size",
-        "num_experts_per_tok",
-        "intermediate_size",
-    ):
-        if hf.get(key) is None:
-            problems.append(f"{key} is missing")
-    return problems
+def model_config_from_table(table: dict[str, Any], where: str, registry: Registry | None = None) -> ModelConfig:
+    """Validate a ``[model]`` table, its slots resolved through ``registry`` (None = the installed plugins')."""
+    from dsk.recipe.validate import validate_config
+
+    config, problems = validate_config(registry or default_registry(), ModelConfig, table, "model", "[model]")
+    if problems or config is None:
+        detail = "; ".join(f"{p.path}: {p.message}" if p.path else p.message for p in problems)
+        raise CheckpointError(f"the model table does not validate: {detail}", file=where)
+    assert isinstance(config, ModelConfig)
+    return config
 
 
-def model_config_from_table(table: dict[str, Any], where: str) -> ModelConfig:
-    """Validate a ``[model]`` table (slots resolved through the current registry)."""
+def _adapter_of(value: ResolvedSlot, registry: Registry) -> Any:
+    """The HF adapter the component in a slot registered, or None."""
+    from dsk.registry import LookupFailed
+
     try:
-        return ModelConfig.model_validate(table)
-    except ValidationError as exc:
-        raise CheckpointError(f"{where}: the model table does not validate: {exc}") from exc
-    except Exception as exc:  # a RecipeError from slot resolution: unknown component, bad option
-        raise CheckpointError(f"{where}: the model table does not validate: {exc}") from exc
+        spec = registry.get(value.kind, f"{value.provider}:{value.name}" if value.provider else value.name)
+    except LookupFailed:
+        return None
+    return spec.hf_adapter()
 
 
-def _slot_name(slot: ResolvedSlot | None) -> str | None:
-    return None if slot is None else slot.name
+def _slot_adapters(cfg: ModelConfig, registry: Registry) -> tuple[dict[str, Any], list[str]]:
+    """(slot -> adapter of its component, problems) for every filled slot of ``cfg``."""
+    adapters, problems = {}, []
+    for slot, kind, _optional in _model_slots():
+        value = getattr(cfg, slot)
+        if value is None:
+            continue
+        adapter = _adapter_of(value, registry)
+        if adapter is None:
+            problems.append(f"model.{slot} = {value.name!r}: this {kind} has no HF mapping")
+        adapters[slot] = adapter
+    return adapters, problems
 
 
-def model_config_to_hf(cfg: ModelConfig, vocab_size: int, dtype: torch.dtype) -> dict[str, Any]:
-    """The HF ``DeepseekV3Config`` dict of a dsk model (mla + moe/noaux_tc + dense + optional mtp only).
+def model_config_to_hf(
+    cfg: ModelConfig, vocab_size: int, dtype: torch.dtype, registry: Registry | None = None
+) -> dict[str, Any]:
+    """The HF ``config.json`` dict of a dsk model: the skeleton's fields, then each slot adapter's.
+
+    An empty optional slot asks every adapter of its kind for the fields that say the component is absent.
 
     Raises:
-        CheckpointError: the model uses a component the HF format cannot express (e.g. MHA, the aux_loss router).
+        CheckpointError: a component has no HF mapping or uses something the format cannot express, or two
+            components set one field to different values (all problems at once).
     """
-    names = {
-        "model.attention": (_slot_name(cfg.attention), "mla"),
-        "model.ffn": (_slot_name(cfg.ffn), "moe"),
-        "model.dense_ffn": (_slot_name(cfg.dense_ffn), "dense"),
-        "model.ffn.router": (_slot_name(getattr(cfg.ffn.config, "router", None)), "noaux_tc"),
-    }
-    bad = [f"{key} = {got!r} (HF DeepseekV3 needs {want!r})" for key, (got, want) in names.items() if got != want]
-    if cfg.mtp is not None and cfg.mtp.name != "mtp":
-        bad.append(f"model.mtp = {cfg.mtp.name!r} (HF DeepseekV3 needs 'mtp')")
-    if bad:
-        raise CheckpointError("cannot save in HF DeepseekV3 format: " + "; ".join(bad))
-    att, moe, router = cfg.attention.config, cfg.ffn.config, cfg.ffn.config.router.config
-    if router.group_score != "top2_sum":
-        raise CheckpointError("cannot save in HF DeepseekV3 format: model.ffn.router.group_score must be 'top2_sum'")
-    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": att.rope_theta}
-    if att.rope_scaling is not None:
-        y = att.rope_scaling
-        rope = {
-            "rope_type": "yarn",
-            "type": "yarn",
-            "rope_theta": att.rope_theta,
-            "factor": y.factor,
-            "original_max_position_embeddings": y.original_max_position_embeddings,
-            "beta_fast": y.beta_fast,
-            "beta_slow": y.beta_slow,
-            "mscale": y.mscale,
-            "mscale_all_dim": y.mscale_all_dim,
-        }
-    return {
-        "architectures": ["DeepseekV3ForCausalLM"],
-        "model_type": "deepseek_v3",
+    registry = registry or default_registry()
+    adapters, problems = _slot_adapters(cfg, registry)
+    out: dict[str, Any] = {
+        "architectures": [HF_ARCHITECTURE],
+        "model_type": HF_MODEL_TYPE,
         "dtype": str(dtype).removeprefix("torch."),
         "vocab_size": vocab_size,
         "hidden_size": cfg.dim,
-        "intermediate_size": cfg.dense_ffn.config.hidden_dim,
-        "moe_intermediate_size": moe.expert_hidden_dim,
         "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": att.n_heads,
-        "num_key_value_heads": att.n_heads,
-        "n_shared_experts": moe.n_shared_experts,
-        "n_routed_experts": moe.n_routed_experts,
-        "routed_scaling_factor": router.route_scale,
-        "kv_lora_rank": att.kv_lora_rank,
-        "q_lora_rank": att.q_lora_rank,
-        "qk_rope_head_dim": att.qk_rope_head_dim,
-        "v_head_dim": att.v_head_dim,
-        "qk_nope_head_dim": att.qk_nope_head_dim,
-        "n_group": router.n_groups,
-        "topk_group": router.topk_groups,
-        "num_experts_per_tok": router.top_k,
         "first_k_dense_replace": cfg.first_k_dense,
-        "norm_topk_prob": router.norm_topk_prob,
-        "scoring_func": router.score_func,
-        "topk_method": "noaux_tc",
-        "aux_loss_alpha": router.seq_aux_alpha,
-        "seq_aux": True,
-        "hidden_act": "silu",
         "max_position_embeddings": cfg.max_seq_len,
         "initializer_range": cfg.init_std,
         "rms_norm_eps": cfg.norm_eps,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "rope_theta": att.rope_theta,
-        "rope_parameters": rope,
-        "rope_interleave": True,
-        "attention_bias": False,
-        "num_nextn_predict_layers": cfg.mtp.config.depth if cfg.mtp is not None else 0,
     }
+    set_by = dict.fromkeys(out, "the model skeleton")
+    for slot, kind, _optional in _model_slots():
+        value = getattr(cfg, slot)
+        if value is not None:
+            writers = [(adapters[slot], value.config)] if adapters[slot] is not None else []
+        else:
+            writers = [(spec.hf_adapter(), None) for spec in registry.hf_specs(kind)]
+        for adapter, config in writers:
+            try:
+                fields = adapter.config_to_hf(config, f"model.{slot}")
+            except ValueError as exc:
+                problems.append(str(exc))
+                continue
+            for key, field_value in fields.items():
+                if key in out and out[key] != field_value:
+                    problems.append(f"{key}: model.{slot} writes {field_value!r}, {set_by[key]} wrote {out[key]!r}")
+                    continue
+                out[key] = field_value
+                set_by.setdefault(key, f"model.{slot}")
+    if problems:
+        raise CheckpointError("cannot save in HF DeepseekV3 format: " + _problems_text(problems))
+    return out
 
 
 def config_to_table(config: BaseModel) -> dict[str, Any]:
     """Every field of a config as JSON-ready values; slots become ``{"type": name, **options}`` tables.
 
-    Unlike TOML, JSON keeps ``None`` (``q_lora_rank = None`` differs from its default), so nothing is dropped.
+    Unlike TOML, JSON keeps ``None`` (an optional field set to None can differ from its default), so nothing is
+    dropped.
     """
     table: dict[str, Any] = {}
     for name, info in type(config).model_fields.items():
@@ -276,76 +287,134 @@ def config_to_table(config: BaseModel) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 # state-dict mapping
 # ---------------------------------------------------------------------------------------------------------------
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_HF_EXPERT = re.compile(r"^(.*\.)experts\.(\d+)\.(gate|up|down)_proj\.weight$")
-_DSK_EXPERT = re.compile(r"^(.*\.)experts\.w_(gate|up|down)$")
-_MTP_OWN = ("enorm.", "hnorm.", "eh_proj.", "shared_head.norm.")
-_MTP_COPIES = ("embed_tokens.weight", "shared_head.head.weight")
+class _StateMapper:
+    """The skeleton's HF <-> dsk tensor names, handing each slot's tensors to its component's adapter."""
 
+    def __init__(self, cfg: ModelConfig, adapters: dict[str, Any], where: str = "", shared: dict | None = None):
+        self.cfg = cfg
+        self.adapters = adapters
+        self.where = f"{where}: " if where else ""
+        self.layout = HFLayout(
+            n_layers=cfg.n_layers, block_from_hf=self.block_from_hf, block_to_hf=self.block_to_hf, shared=shared or {}
+        )
 
-def hf_mtp_depth(keys: list[str] | set[str], n_layers: int) -> int:
-    """Number of MTP layers (indices >= n_layers) whose tensors are present."""
-    found = {int(m[1]) for k in keys if (m := _LAYER.match(k)) and int(m[1]) >= n_layers}
-    return len(found)
+    def _map_block(self, tensors: dict[str, Any], layer_idx: int, to_hf: bool) -> dict[str, Any]:
+        """One block's tensors (keys relative to the layer): the slot modules through their adapters."""
+        out: dict[str, Any] = {}
+        parts: dict[str, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            module, dot, rest = key.partition(".")
+            if dot and _layer_slot(self.cfg, module, layer_idx) is not None:
+                parts.setdefault(module, {})[rest] = value
+            else:
+                out[key] = value  # the block's own norms: the same name on both sides
+        for module, part in parts.items():
+            adapter = self.adapters.get(_layer_slot(self.cfg, module, layer_idx))
+            if adapter is not None:
+                try:
+                    part = adapter.state_to_hf(part, self.layout) if to_hf else adapter.state_from_hf(part, self.layout)
+                except ValueError as exc:
+                    raise CheckpointError(f"{self.where}model.layers.{layer_idx}.{module}: {exc}") from exc
+            out.update({f"{module}.{k}": v for k, v in part.items()})
+        return out
 
+    def block_from_hf(self, tensors: dict[str, Any], layer_idx: int) -> dict[str, Any]:
+        """HF decoder layer ``layer_idx`` (keys relative to it) -> dsk block names."""
+        return self._map_block(tensors, layer_idx, to_hf=False)
 
-def hf_to_dsk_state(hf: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
-    """Rename an HF DeepseekV3 state dict to dsk names (see the module docstring); tensors are not copied."""
-    out: dict[str, torch.Tensor] = {}
-    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
-    for key, value in hf.items():
-        if key.endswith("rotary_emb.inv_freq"):  # old HF checkpoints saved this derived buffer
-            continue
-        if key == "lm_head.weight":
-            name = key
-        elif (m := _LAYER.match(key)) and int(m[1]) >= n_layers:
-            k, sub = int(m[1]) - n_layers, m[2]
-            if sub in _MTP_COPIES:
+    def block_to_hf(self, tensors: dict[str, Any], layer_idx: int) -> dict[str, Any]:
+        """dsk block ``layer_idx`` (keys relative to it) -> HF decoder layer names."""
+        return self._map_block(tensors, layer_idx, to_hf=True)
+
+    def _model_level(self) -> list[tuple[str, Any]]:
+        return [(slot, a) for slot, a in self.adapters.items() if slot not in _LAYER_SLOTS and a is not None]
+
+    def from_hf(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        layers: dict[int, dict[str, torch.Tensor]] = {}
+        extra: dict[str, torch.Tensor] = {}
+        for key, value in tensors.items():
+            if key.endswith("rotary_emb.inv_freq"):  # old HF checkpoints saved this derived buffer
                 continue
-            name = f"mtp.layers.{k}.{sub}" if sub.startswith(_MTP_OWN) else f"mtp.layers.{k}.block.{sub}"
-        elif key.startswith("model."):
-            name = key[len("model.") :]
-        else:
-            name = key  # unknown: reported by the strict load
-        if e := _HF_EXPERT.match(name):
-            experts.setdefault((e[1], e[3]), {})[int(e[2])] = value
-        else:
-            out[name] = value
-    for (prefix, proj), by_index in experts.items():
-        n = max(by_index) + 1
-        missing = sorted(set(range(n)) - set(by_index))
-        if missing:
-            raise CheckpointError(f"expert {missing[0]} of {prefix}experts ({proj}_proj) is missing")
-        out[f"{prefix}experts.w_{proj}"] = torch.stack([by_index[j] for j in range(n)])
-    return out
-
-
-def dsk_to_hf_state(state: dict[str, torch.Tensor], n_layers: int, tied: bool) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`hf_to_dsk_state`; MTP layers get the ``embed_tokens`` / ``shared_head.head`` copies."""
-    out: dict[str, torch.Tensor] = {}
-    mtp_layers: set[int] = set()
-    for key, value in state.items():
-        if key == "lm_head.weight":
-            if not tied:
+            if key == "lm_head.weight":
                 out[key] = value
-            continue
-        if m := re.match(r"^mtp\.layers\.(\d+)\.(.+)$", key):
-            k, sub = int(m[1]), m[2]
-            mtp_layers.add(k)
-            sub = sub[len("block.") :] if sub.startswith("block.") else sub
-            name = f"model.layers.{n_layers + k}.{sub}"
+            elif m := _LAYER.match(key):
+                if int(m[1]) < self.cfg.n_layers:
+                    layers.setdefault(int(m[1]), {})[m[2]] = value
+                else:
+                    extra[key] = value
+            elif key.startswith("model."):
+                out[key[len("model.") :]] = value
+            else:
+                out[key] = value  # unknown: reported by the strict load
+        for i, block in sorted(layers.items()):
+            out.update({f"layers.{i}.{k}": v for k, v in self.block_from_hf(block, i).items()})
+        owners = self._model_level()
+        if extra and len(owners) > 1:
+            names = ", ".join(f"model.{slot}" for slot, _ in owners)
+            raise CheckpointError(f"{self.where}the layers past num_hidden_layers could belong to any of {names}")
+        if extra and owners:
+            slot, adapter = owners[0]
+            try:
+                mapped = adapter.state_from_hf(extra, self.layout)
+            except ValueError as exc:
+                raise CheckpointError(f"{self.where}model.{slot}: {exc}") from exc
+            out.update({f"{slot}.{k}": v for k, v in mapped.items()})
         else:
-            name = f"model.{key}"
-        if e := _DSK_EXPERT.match(name):
-            for j, w in enumerate(value.unbind(0)):
-                out[f"{e[1]}experts.{j}.{e[2]}_proj.weight"] = w
-        else:
-            out[name] = value
-    for k in sorted(mtp_layers):
-        # The released weights carry these copies; engines expect them (spec §2.2).
-        out[f"model.layers.{n_layers + k}.embed_tokens.weight"] = state["embed_tokens.weight"]
-        out[f"model.layers.{n_layers + k}.shared_head.head.weight"] = state["lm_head.weight"]
-    return out
+            out.update({k[len("model.") :]: v for k, v in extra.items()})  # unexpected: the strict load names them
+        return out
+
+    def to_hf(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        layers: dict[int, dict[str, torch.Tensor]] = {}
+        owned: dict[str, dict[str, torch.Tensor]] = {slot: {} for slot, _ in self._model_level()}
+        for key, value in state.items():
+            head, _, rest = key.partition(".")
+            if key == "lm_head.weight":
+                if not self.cfg.tie_embeddings:
+                    out[key] = value
+            elif m := _DSK_LAYER.match(key):
+                layers.setdefault(int(m[1]), {})[m[2]] = value
+            elif head in owned:
+                owned[head][rest] = value
+            else:
+                out[f"model.{key}"] = value
+        for i, block in sorted(layers.items()):
+            out.update({f"model.layers.{i}.{k}": v for k, v in self.block_to_hf(block, i).items()})
+        for slot, adapter in self._model_level():
+            try:
+                out.update(adapter.state_to_hf(owned[slot], self.layout))
+            except ValueError as exc:
+                raise CheckpointError(f"{self.where}model.{slot}: {exc}") from exc
+        return out
+
+
+def hf_to_dsk_state(
+    tensors: dict[str, torch.Tensor], cfg: ModelConfig, registry: Registry | None = None, where: str = ""
+) -> dict[str, torch.Tensor]:
+    """Rename an HF state dict to the dsk names of the model ``cfg`` describes; tensors are not copied.
+
+    The skeleton's names lose the ``model.`` prefix; each slot's tensors go through its component's adapter; the
+    decoder layers past ``num_hidden_layers`` go to the model-level component (when one is configured).
+    """
+    adapters, _ = _slot_adapters(cfg, registry or default_registry())
+    return _StateMapper(cfg, adapters, where).from_hf(tensors)
+
+
+def dsk_to_hf_state(
+    state: dict[str, torch.Tensor], cfg: ModelConfig, registry: Registry | None = None
+) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`hf_to_dsk_state`; the output head is left out when tied to the embedding.
+
+    Raises:
+        CheckpointError: a component in a slot has no HF mapping.
+    """
+    adapters, problems = _slot_adapters(cfg, registry or default_registry())
+    if problems:
+        raise CheckpointError("cannot save in HF DeepseekV3 format: " + _problems_text(problems))
+    # the tensors outside every component, for adapters that store copies of them (e.g. a head per layer)
+    shared = {k: v for k, v in state.items() if not _DSK_LAYER.match(k) and k.partition(".")[0] not in adapters}
+    return _StateMapper(cfg, adapters, shared=shared).to_hf(state)
 
 
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
@@ -453,24 +522,24 @@ def _finish(model: DSKModel, state: dict[str, torch.Tensor], where: Path, dtype:
     return model.eval()
 
 
-def load_hf(path: str | Path, dtype: torch.dtype | str | None = None) -> DSKModel:
-    """Load an HF-format DeepSeek-V3 directory (see :func:`load_pretrained`)."""
+def load_hf(path: str | Path, dtype: torch.dtype | str | None = None, registry: Registry | None = None) -> DSKModel:
+    """Load an HF-format directory (see :func:`load_pretrained`)."""
+    registry = registry or default_registry()
     directory = Path(path)
+    where = str(directory / CONFIG_NAME)
     hf = _read_json(directory / CONFIG_NAME)
     tensors = _read_safetensors(directory)
     quant = hf.get("quantization_config") or {}
     if any(k.endswith("_scale_inv") for k in tensors):
         block = tuple(quant.get("weight_block_size") or (128, 128))
         tensors = _dequantize_all(tensors, (int(block[0]), int(block[1])))
-    n_layers = int(hf.get("num_hidden_layers", 0))
-    depth = hf_mtp_depth(list(tensors), n_layers)
-    table = hf_to_model_table(hf, mtp_depth=depth, where=str(directory / CONFIG_NAME))
-    cfg = model_config_from_table(table, str(directory / CONFIG_NAME))
+    table = hf_to_model_table(hf, frozenset(tensors), where=where, registry=registry)
+    cfg = model_config_from_table(table, where, registry)
     model = build_model(cfg)
-    return _finish(model, hf_to_dsk_state(tensors, n_layers), directory, dtype)
+    return _finish(model, hf_to_dsk_state(tensors, cfg, registry, str(directory)), directory, dtype)
 
 
-def load_dsk(path: str | Path, dtype: torch.dtype | str | None = None) -> DSKModel:
+def load_dsk(path: str | Path, dtype: torch.dtype | str | None = None, registry: Registry | None = None) -> DSKModel:
     """Load a dsk checkpoint directory (see CHECKPOINT.md and :func:`load_pretrained`)."""
     directory = Path(path)
     meta = _read_json(directory / CONFIG_NAME)
@@ -479,7 +548,7 @@ def load_dsk(path: str | Path, dtype: torch.dtype | str | None = None) -> DSKMod
         raise CheckpointError(f"{where}: not a dsk checkpoint (expected 'format': {DSK_FORMAT!r} and a 'model' table)")
     if int(meta.get("format_version", 0)) > DSK_FORMAT_VERSION:
         raise CheckpointError(f"{where}: format_version {meta['format_version']} is newer than this dsk reads")
-    cfg = model_config_from_table(meta["model"], str(where))
+    cfg = model_config_from_table(meta["model"], str(where), registry)
     model = build_model(cfg, meta.get("vocab_size"))
     from safetensors.torch import load_file
 
@@ -501,36 +570,41 @@ def checkpoint_format(path: str | Path) -> str:
     meta = _read_json(directory / CONFIG_NAME)
     if meta.get("format") == DSK_FORMAT:
         return "dsk"
-    if meta.get("model_type") == "deepseek_v3" or "DeepseekV3ForCausalLM" in (meta.get("architectures") or []):
+    if meta.get("model_type") == HF_MODEL_TYPE or HF_ARCHITECTURE in (meta.get("architectures") or []):
         return "hf"
     raise CheckpointError(
         f"{directory / CONFIG_NAME}: neither a dsk checkpoint ('format': {DSK_FORMAT!r}) "
-        "nor an HF DeepSeek-V3 one ('model_type': 'deepseek_v3')"
+        f"nor an HF DeepSeek-V3 one ('model_type': {HF_MODEL_TYPE!r})"
     )
 
 
-def load_pretrained(path: str | Path, dtype: torch.dtype | str | None = None) -> DSKModel:
+def load_pretrained(
+    path: str | Path, dtype: torch.dtype | str | None = None, registry: Registry | None = None
+) -> DSKModel:
     """Load an HF-format DeepSeek-V3 directory or a dsk checkpoint directory as a :class:`DSKModel` in eval mode.
 
     Args:
         path: a directory with ``config.json`` and ``*.safetensors`` (HF: ``model.safetensors`` or shards with
-            ``model.safetensors.index.json``; FP8 blocks with ``weight_scale_inv`` are dequantized; MTP layers
-            ``model.layers.{num_hidden_layers + k}`` are loaded into ``model.mtp`` when present).
+            ``model.safetensors.index.json``; FP8 blocks with ``weight_scale_inv`` are dequantized; a model-level
+            component, e.g. extra prediction heads, is loaded when its tensors are present).
         dtype: parameter dtype (a torch dtype or its name); None = float32; ``"keep"`` keeps every stored tensor
             as it is (dtype and bits, used by :func:`convert`).
+        registry: the components (and their HF adapters) the model is built from; None = the installed plugins'.
 
     Raises:
         CheckpointError: the directory is missing or malformed, or describes a model dsk cannot build.
     """
+    registry = registry or default_registry()
     fmt = checkpoint_format(path)
-    return load_dsk(path, dtype) if fmt == "dsk" else load_hf(path, dtype)
+    return load_dsk(path, dtype, registry) if fmt == "dsk" else load_hf(path, dtype, registry)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # writing
 # ---------------------------------------------------------------------------------------------------------------
 def _contiguous_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # safetensors refuses tensors that share storage (tied weights, unbound expert slices): give each its own.
+    # safetensors refuses tensors that share storage (tied weights, slices an adapter unbound from a stack):
+    # give each its own.
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
 
@@ -568,17 +642,21 @@ def _weights_dtype(model: DSKModel) -> torch.dtype:
     return model.embed_tokens.weight.dtype
 
 
-def save_hf(model: DSKModel, path: str | Path, copy_files: tuple[Path, ...] = ()) -> Path:
+def save_hf(
+    model: DSKModel, path: str | Path, copy_files: tuple[Path, ...] = (), registry: Registry | None = None
+) -> Path:
     """Write ``model`` as an HF DeepSeek-V3 directory (``config.json`` + ``model.safetensors``).
 
     Args:
         copy_files: files copied into the directory as they are (tokenizer files).
+        registry: where the components' HF adapters are registered; None = the installed plugins'.
 
     Raises:
         CheckpointError: the model uses components the HF format cannot express.
     """
-    config = model_config_to_hf(model.config, model.vocab_size, _weights_dtype(model))
-    state = dsk_to_hf_state(model.state_dict(), model.config.n_layers, model.config.tie_embeddings)
+    registry = registry or default_registry()
+    config = model_config_to_hf(model.config, model.vocab_size, _weights_dtype(model), registry)
+    state = dsk_to_hf_state(model.state_dict(), model.config, registry)
     return _write_dir(path, state, config, copy_files)
 
 
@@ -609,19 +687,20 @@ def save_dsk(
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 
-def convert(src: str | Path, dst: str | Path, to: str) -> Path:
+def convert(src: str | Path, dst: str | Path, to: str, registry: Registry | None = None) -> Path:
     """Convert a checkpoint directory to ``to`` = ``"hf"`` or ``"dsk"``, keeping every tensor's dtype and bits.
 
     FP8 HF checkpoints are dequantized to bfloat16 on the way (the dsk model has no FP8 weights). Tokenizer
     files (``TOKENIZER_FILES``) are copied; a dsk config's extra entries (e.g. ``tokenizer``) are kept when
-    converting to dsk.
+    converting to dsk. ``registry``: the components and their HF adapters; None = the installed plugins'.
     """
     if to not in ("hf", "dsk"):
         raise CheckpointError(f"unknown target format {to!r}: use 'hf' or 'dsk'")
-    model = load_pretrained(src, dtype="keep")
+    registry = registry or default_registry()
+    model = load_pretrained(src, dtype="keep", registry=registry)
     files = tuple(Path(src) / name for name in TOKENIZER_FILES if (Path(src) / name).is_file())
     if to == "hf":
-        return save_hf(model, dst, files)
+        return save_hf(model, dst, files, registry)
     extra = None
     if checkpoint_format(src) == "dsk":
         meta = _read_json(Path(src) / CONFIG_NAME)

@@ -12,39 +12,29 @@ loss shifts: the logits at t-1 are scored against ``labels[:, t]``, and MTP dept
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from dsk.data.batching import IGNORE_INDEX
 from dsk.model.config import ModelConfig
 from dsk.model.norm import RMSNorm
 
 
 @dataclass
 class ModelOutput:
-    """What ``DSKModel.forward`` returns.
+    """What ``DSKModel.forward`` returns (the loss is computed apart: :func:`dsk.model.loss.training_loss`).
 
     Attributes:
         logits: [B, T, V] next-token logits of every position ([B, keep_logits, V] when asked for fewer).
         hidden: [B, T, D] final-norm hidden states (the ``h^0`` the MTP heads start from).
-        loss: total loss ``lm_loss + mtp_loss + aux_loss`` (None without labels).
-        lm_loss: mean next-token cross-entropy over the targets ``labels[:, 1:] != -100``.
-        mtp_loss: weighted MTP loss ``(lambda/D) sum_k L^k`` (None without MTP heads or labels).
-        aux_loss: sum of the components' auxiliary losses of this forward (None when there are none).
-        mtp_logits: per MTP depth k, logits [B, T-k, V] for the tokens at i+k+1 (only computed with labels).
+        mtp_logits: per MTP depth k, logits [B, T-k, V] for the tokens at i+k+1 (only with ``with_mtp=True``).
     """
 
     logits: torch.Tensor
     hidden: torch.Tensor | None = None
-    loss: torch.Tensor | None = None
-    lm_loss: torch.Tensor | None = None
-    mtp_loss: torch.Tensor | None = None
-    aux_loss: torch.Tensor | None = None
     mtp_logits: list[torch.Tensor] | None = field(default=None, repr=False)
 
 
@@ -87,64 +77,98 @@ class DSKModel(nn.Module):
             nn.init.normal_(self.lm_head.weight, std=config.init_std)
         self.mtp = mtp
 
-    # -- forward -----------------------------------------------------------------------------------
+    # -- parts in order (a pipeline cuts the model between them) ------------------------------------------------
+    def parts(self) -> list[tuple[str, nn.Module]]:
+        """The model's parts in execution order: ``embed_tokens``, ``layers.0`` .. ``layers.{L-1}``, ``norm``,
+        ``lm_head``, then ``mtp`` when there are MTP heads (they run after the head and share the embedding and the
+        head's weight, so they belong with the last stage)."""
+        out: list[tuple[str, nn.Module]] = [("embed_tokens", self.embed_tokens)]
+        out += [(f"layers.{i}", layer) for i, layer in enumerate(self.layers)]
+        out += [("norm", self.norm), ("lm_head", self.lm_head)]
+        if self.mtp is not None:
+            out.append(("mtp", self.mtp))
+        return out
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, T] -> h [B, T, D] (the first stage's own part)."""
+        return self.embed_tokens(input_ids)
+
+    def run_layers(
+        self,
+        h: torch.Tensor,
+        pos: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        caches: Sequence[Any] | None = None,
+        start: int = 0,
+        end: int | None = None,
+    ) -> torch.Tensor:
+        """Blocks ``start .. end-1`` on h [B, T, D] -> [B, T, D]; ``caches`` holds one cache per model layer."""
+        end = len(self.layers) if end is None else end
+        for i in range(start, end):
+            h = self.layers[i](h, pos, mask, caches[i] if caches is not None else None)
+        return h
+
+    def finish(
+        self,
+        h: torch.Tensor,
+        input_ids: torch.Tensor,
+        pos: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        keep_logits: int | None = None,
+        with_mtp: bool = False,
+    ) -> ModelOutput:
+        """The last stage's own parts: final norm, output head and (``with_mtp``) the MTP heads on h [B, T, D]."""
+        h = self.norm(h)
+        if not with_mtp:
+            # the [B, T, V] logits of a long prompt cost more than the rest of a small model's prefill
+            return ModelOutput(logits=self.lm_head(h[:, -keep_logits:] if keep_logits else h), hidden=h)
+        out = ModelOutput(logits=self.lm_head(h), hidden=h)
+        if self.mtp is not None:
+            # The MTP chain starts at the main model's final-norm output h^0 (spec §4.6), as the engines that run the
+            # released MTP weights do.
+            out.mtp_logits = self.mtp(h, input_ids, self.embed_tokens, self.lm_head, pos=pos, mask=mask)
+        return out
+
+    def stage(self, start: int, end: int, *, first: bool, last: bool) -> ModelStage:
+        """A pipeline stage running blocks ``start .. end-1``; the first stage also embeds, the last also runs the
+        final norm, the head and the MTP heads. The stage holds the model's own modules (no copy)."""
+        return ModelStage(self, start, end, first=first, last=last)
+
+    # -- forward -----------------------------------------------------------------------------------------------
     def forward(
         self,
         input_ids: torch.Tensor,
-        labels: torch.Tensor | None = None,
         *,
         pos: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         caches: Sequence[Any] | None = None,
         keep_logits: int | None = None,
+        with_mtp: bool = False,
     ) -> ModelOutput:
         """Run the model on ``input_ids``.
 
         Args:
             input_ids: [B, T] token ids.
-            labels: [B, T] aligned with input_ids (-100 = not a target; the loss shifts them). With labels the
-                output has the losses, and the MTP heads run.
-            pos: [T] absolute positions of the T tokens, shared by the batch; default ``cache.length + arange(T)``.
+            pos: absolute positions of the T tokens ([T], or [B, T] per row); default: the caches' next positions
+                (``cache.positions(T)``), else ``arange(T)``.
             mask: [B, T, S] bool, True = may attend (S = cached + T keys); None = causal by position.
             caches: one cache per layer from :meth:`make_caches`; the T tokens are appended to them.
             keep_logits: compute the logits of the last ``keep_logits`` positions only (a prefill needs one);
-                ignored when labels are given.
+                ignored with ``with_mtp``.
+            with_mtp: also run the MTP heads (training: :func:`dsk.model.loss.training_loss` asks for them).
 
         Returns:
-            ModelOutput with logits [B, T, V] and hidden [B, T, D] (and the losses when labels are given).
+            ModelOutput with logits [B, T, V] and hidden [B, T, D] (and the MTP logits when asked).
         """
         B, T = input_ids.shape
         if caches is not None and len(caches) != len(self.layers):
             raise ValueError(f"got {len(caches)} caches for {len(self.layers)} layers")
         if pos is None:
-            start = int(caches[0].length) if caches else 0
-            pos = torch.arange(start, start + T, device=input_ids.device)
-        h = self.embed_tokens(input_ids)  # (B, T, D)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, pos, mask, caches[i] if caches is not None else None)
-        h = self.norm(h)
-        if labels is None:
-            # the [B, T, V] logits of a long prompt cost more than the rest of a small model's prefill
-            return ModelOutput(logits=self.lm_head(h[:, -keep_logits:] if keep_logits else h), hidden=h)
-        logits = self.lm_head(h)  # (B, T, V)
-        out = ModelOutput(logits=logits, hidden=h)
-
-        # logits at t-1 score the token at t: shift the labels, not the logits (slicing [B, T, V] would copy it
-        # forward and scatter its gradient into a zero [B, T, V] backward); the last position scores nothing
-        out.lm_loss = cross_entropy(logits, F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX))
-        loss = out.lm_loss
-        if self.mtp is not None:
-            # The MTP chain starts at the main model's final-norm output h^0 (spec §4.6), as the engines that
-            # run the released MTP weights do.
-            out.mtp_logits = self.mtp(h, input_ids, self.embed_tokens, self.lm_head, pos=pos, mask=mask)
-            out.mtp_loss = self.mtp.loss(out.mtp_logits, labels)
-            loss = loss + out.mtp_loss
-        aux = [a for a in (m.aux_loss() for m in _side_channel_modules(self, "aux_loss")) if a is not None]
-        if aux:
-            out.aux_loss = torch.stack([a.to(loss.dtype) for a in aux]).sum()
-            loss = loss + out.aux_loss
-        out.loss = loss
-        return out
+            pos = caches[0].positions(T) if caches else torch.arange(T, device=input_ids.device)
+        h = self.embed(input_ids)  # (B, T, D)
+        h = self.run_layers(h, pos, mask, caches)
+        return self.finish(h, input_ids, pos, mask, keep_logits=keep_logits, with_mtp=with_mtp)
 
     # -- inference helpers -------------------------------------------------------------------------
     def make_caches(
@@ -174,64 +198,64 @@ class DSKModel(nn.Module):
         return sum(int(layer.self_attn.cache_values_per_token()) for layer in self.layers)
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, denominator: torch.Tensor | None = None) -> torch.Tensor:
-    """Summed CE over targets != -100, divided by ``denominator`` (default: their count, at least 1).
+class ModelStage(nn.Module):
+    """Blocks ``start .. end-1`` of a :class:`DSKModel` as one pipeline stage (see :meth:`DSKModel.stage`).
 
-    logits [..., V], labels [...] -> scalar. The log-softmax runs in at least float32 (bf16 logits lose the
-    small probabilities the loss is made of).
+    ``forward(x, input_ids, pos, mask)``: x is ``input_ids`` [B, T] on the first stage and the previous stage's
+    hidden states [B, T, D] elsewhere; returns hidden states, or on the last stage the :class:`ModelOutput` with the
+    MTP logits (the loss is computed from it by :func:`dsk.model.loss.training_loss`). The embedding counts as part
+    of the first stage and the final norm, head and MTP heads as parts of the last; an MTP head reads the shared
+    embedding and head, so a pipeline that puts the first and last stage on different ranks must share them (as
+    DualPipeV places both on rank 0).
     """
-    flat = logits.reshape(-1, logits.shape[-1])
-    flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
-    total = F.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-    if denominator is None:
-        denominator = (labels != IGNORE_INDEX).sum()
-    # An all-padding batch gives 0 rather than 0/0.
-    return total / denominator.clamp(min=1).to(total.dtype)
+
+    def __init__(self, model: DSKModel, start: int, end: int, *, first: bool, last: bool):
+        super().__init__()
+        if not 0 <= start <= end <= len(model.layers):
+            raise ValueError(f"stage layers {start}..{end} outside the model's {len(model.layers)} layers")
+        self.start, self.end, self.first, self.last = start, end, first, last
+        # the layers are registered as this stage's submodules; the model is kept outside the module tree so that
+        # a stage's parameters are exactly its own parts'
+        self.layers = nn.ModuleList(model.layers[start:end])
+        self.embed_tokens = model.embed_tokens if first else None
+        self.norm = model.norm if last else None
+        self.lm_head = model.lm_head if last else None
+        self.mtp = model.mtp if last else None
+        object.__setattr__(self, "_model", model)
+
+    def forward(
+        self, x: torch.Tensor, input_ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> Any:
+        model: DSKModel = self._model  # type: ignore[assignment]
+        h = model.embed(x) if self.first else x
+        h = model.run_layers(h, pos, mask, None, self.start, self.end)
+        if not self.last:
+            return h
+        return model.finish(h, input_ids, pos, mask, with_mtp=True)
 
 
-# -- side channels (docs/plugins.md): found by walking the modules --------------------------------
-def _side_channel_modules(model: nn.Module, method: str) -> Iterator[nn.Module]:
-    for m in model.modules():
-        if m is not model and not isinstance(m, DSKModel) and callable(getattr(m, method, None)):
-            yield m
+def split_layers(n_layers: int, n_stages: int, layers_per_stage: Sequence[int] | None = None) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` of each stage: ``layers_per_stage`` when given (must sum to ``n_layers``), else as
+    even as possible with the earlier stages one layer longer.
 
-
-def _named_side_channel_modules(model: nn.Module, method: str) -> Iterator[tuple[str, nn.Module]]:
-    for name, m in model.named_modules():
-        if m is not model and not isinstance(m, DSKModel) and callable(getattr(m, method, None)):
-            yield name, m
-
-
-def after_optimizer_step(model: nn.Module) -> None:
-    """Call every component's ``after_optimizer_step()`` (router bias updates); run after ``optimizer.step()``."""
-    for m in _side_channel_modules(model, "after_optimizer_step"):
-        m.after_optimizer_step()
-
-
-def step_stat_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """The step statistics buffers of every component, in module order (a DP strategy all-reduces them)."""
-    return [t for m in _side_channel_modules(model, "step_stat_tensors") for t in m.step_stat_tensors()]
-
-
-def step_metrics(model: nn.Module) -> dict[str, float | list[float]]:
-    """Per-component step metrics keyed ``"<module path>.<metric>"`` plus ``"<metric>/mean"`` and ``"/max"``.
-
-    E.g. ``layers.3.mlp.maxvio`` for each MoE layer and ``maxvio/mean``, ``maxvio/max`` over the layers. Scalar
-    metrics are aggregated; list-valued ones (per-expert loads) are passed through per module only.
-    Read before :func:`after_optimizer_step`, which resets the counters.
+    Raises:
+        ValueError: an impossible split (the message names the numbers).
     """
-    out: dict[str, float | list[float]] = {}
-    per_key: dict[str, list[float]] = {}
-    for name, m in _named_side_channel_modules(model, "step_metrics"):
-        for key, value in m.step_metrics().items():
-            if isinstance(value, (list, tuple)):
-                out[f"{name}.{key}"] = [float(v) for v in value]
-                continue
-            out[f"{name}.{key}"] = float(value)
-            per_key.setdefault(key, []).append(float(value))
-    for key, values in per_key.items():
-        out[f"{key}/mean"] = sum(values) / len(values)
-        out[f"{key}/max"] = max(values)
+    if n_stages < 1 or n_stages > n_layers:
+        raise ValueError(f"cannot cut {n_layers} layers into {n_stages} stages (1..{n_layers})")
+    if layers_per_stage is not None:
+        if len(layers_per_stage) != n_stages or sum(layers_per_stage) != n_layers or min(layers_per_stage) < 1:
+            raise ValueError(
+                f"layers_per_stage = {list(layers_per_stage)} must have {n_stages} entries >= 1 summing to {n_layers}"
+            )
+        sizes = list(layers_per_stage)
+    else:
+        base, extra = divmod(n_layers, n_stages)
+        sizes = [base + (1 if i < extra else 0) for i in range(n_stages)]
+    out, start = [], 0
+    for size in sizes:
+        out.append((start, start + size))
+        start += size
     return out
 
 

@@ -22,7 +22,7 @@ else:  # pragma: no cover
 
 from dsk.api import Problem
 from dsk.recipe.errors import RecipeError, format_path
-from dsk.registry import did_you_mean
+from dsk.names import did_you_mean
 
 Path_ = tuple[Any, ...]
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from dsk.api import BaseConfig
+
+#: the recipe format this dsk reads
+SCHEMA_VERSION = 2
 
 
 class DskMeta(BaseConfig):
@@ -12,7 +15,24 @@ class DskMeta(BaseConfig):
 
     description: str = Field("", description="one line saying what the recipe is for")
     seed: int = Field(0, description="global seed: the same recipe and seed give the same losses on CPU")
-    schema_version: int = Field(1, alias="schema", ge=1, le=1, description="recipe format version")
+    schema_version: int = Field(
+        SCHEMA_VERSION,
+        alias="schema",
+        description="recipe format version (2: the optimizer and its schedule moved from [trainer] to [optimizer])",
+    )
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_schema(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError(
+                "schema 1 recipes are no longer read: schema 2 moved the optimizer options (lr, min_lr, warmup_steps, "
+                "schedule, betas, eps, weight_decay, grad_clip) from [trainer] to an [optimizer] section; move them "
+                "and write schema = 2"
+            )
+        if value != SCHEMA_VERSION:
+            raise ValueError(f"schema {value} is not known to this dsk (it reads schema {SCHEMA_VERSION})")
+        return value
 
 
 class CheckpointConfig(BaseConfig):
@@ -38,6 +58,7 @@ SECTIONS: dict[str, str] = {
     "features": "keyed feature slots: [features.<name>]",
     "parallel": "keyed parallel-strategy slots: [parallel.<name>]",
     "trainer": "the trainer (slot of kind trainer)",
+    "optimizer": "the optimizer and its learning-rate schedule (slot of kind optimizer, default adamw)",
     "checkpoint": "checkpoint cadence and retention",
     "logging": "metrics and progress display",
     "plugins": "plugin-global settings: [plugins.<name>]",
@@ -45,4 +66,17 @@ SECTIONS: dict[str, str] = {
 }
 
 #: sections a stage may overlay
-STAGE_SECTIONS = ("data", "tokenizer", "features", "parallel", "trainer", "checkpoint", "logging", "model")
+STAGE_SECTIONS = (
+    "data",
+    "tokenizer",
+    "features",
+    "parallel",
+    "trainer",
+    "optimizer",
+    "checkpoint",
+    "logging",
+    "model",
+)
+
+#: the optimizer used when a recipe has no [optimizer] table
+DEFAULT_OPTIMIZER = "adamw"

@@ -7,6 +7,7 @@ asks plugins for cross-component problems (``validate_recipe`` hook). Nothing he
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -15,11 +16,20 @@ from pydantic import BaseModel, ValidationError
 from dsk.api import Problem, ResolvedSlot, slot_kind
 from dsk.recipe.errors import RecipeError, join
 from dsk.recipe.load import Recipe, merge_into
-from dsk.recipe.schema import SECTIONS, STAGE_SECTIONS, CheckpointConfig, DskMeta, LoggingConfig
-from dsk.registry import LookupFailed, Registry, did_you_mean, use_registry
+from dsk.recipe.order import FeatureEntry, order_features
+from dsk.recipe.schema import (
+    DEFAULT_OPTIMIZER,
+    SECTIONS,
+    STAGE_SECTIONS,
+    CheckpointConfig,
+    DskMeta,
+    LoggingConfig,
+)
+from dsk.names import LookupFailed, did_you_mean
 
 if TYPE_CHECKING:  # pragma: no cover
     from dsk.plugins import DskPluginManager
+    from dsk.registry import Registry
 
 
 def _type_name(value: Any) -> str:
@@ -94,8 +104,7 @@ def validate_config(
         else:
             prepared[key] = slot
     try:
-        with use_registry(registry):
-            instance = model.model_validate(prepared)
+        instance = model.model_validate(prepared, context={"registry": registry})
     except ValidationError as exc:
         for err in exc.errors():
             loc = err.get("loc", ())
@@ -133,6 +142,56 @@ def validate_slot(
     if config is None:
         return None, problems
     return ResolvedSlot(kind=kind, name=spec.name, config=config, impl=spec.impl, provider=spec.provider), problems
+
+
+def _optimizer_type(raw: Any) -> str:
+    if isinstance(raw, dict) and isinstance(raw.get("type"), str):
+        return raw["type"]
+    return raw if isinstance(raw, str) else DEFAULT_OPTIMIZER
+
+
+def _moved_optimizer_keys(
+    registry: Registry, trainer: dict[str, Any], optimizer: Any, path: str
+) -> tuple[dict[str, Any], list[Problem]]:
+    """Schema 1 recipes set the optimizer in [trainer]: name each such key and where it moved (and drop it)."""
+    name = trainer.get("type")
+    try:
+        trainer_fields = set(_field_keys(registry.get("trainer", name).config)) if isinstance(name, str) else set()
+        optim_fields = set(_field_keys(registry.get("optimizer", _optimizer_type(optimizer)).config))
+    except LookupFailed:
+        return trainer, []
+    moved = [k for k in trainer if k != "type" and k not in trainer_fields and k in optim_fields]
+    problems = [
+        Problem(
+            join(path, k),
+            f"'{k}' moved from [trainer] to [optimizer] in recipe schema 2",
+            f"write it as [optimizer] {k} = {json.dumps(trainer[k])}",
+        )
+        for k in moved
+    ]
+    return {k: v for k, v in trainer.items() if k not in moved}, problems
+
+
+def _validate_optimizer(
+    registry: Registry, raw: Any, trainer: ResolvedSlot | None, prefix: str
+) -> tuple[ResolvedSlot | None, list[Problem]]:
+    """The [optimizer] slot; the trainer's declared defaults (``optimizer_defaults``) lie under the recipe's keys."""
+    path = join(prefix, "optimizer")
+    if raw is None:
+        raw = {}
+    if isinstance(raw, str):
+        raw = {"type": raw}
+    if not isinstance(raw, dict):
+        return None, [Problem(path, f"expected a table for [optimizer], got {_type_name(raw)} {raw!r}")]
+    table = dict(raw)
+    defaults = getattr(type(trainer.config), "optimizer_defaults", None) if trainer is not None else None
+    if defaults:
+        try:
+            fields = set(_field_keys(registry.get("optimizer", _optimizer_type(raw)).config))
+        except LookupFailed:
+            fields = set()
+        table = {**{k: v for k, v in defaults.items() if k in fields}, **table}
+    return validate_slot(registry, "optimizer", table, path, default_type=DEFAULT_OPTIMIZER)
 
 
 @dataclass
@@ -182,12 +241,16 @@ def _validate_sections(registry: Registry, data: dict[str, Any], prefix: str) ->
             registry, _model_config_class(), section("model"), join(prefix, "model"), "[model]"
         )
         add("model", cfg, probs)
+    raw_trainer = section("trainer")
+    if isinstance(raw_trainer, dict):
+        raw_trainer, moved = _moved_optimizer_keys(registry, raw_trainer, section("optimizer"), join(prefix, "trainer"))
+        problems.extend(moved)
     for key, kind, default in (
         ("data", "task", None),
         ("tokenizer", "tokenizer", "char"),
         ("trainer", "trainer", None),
     ):
-        raw = section(key)
+        raw = raw_trainer if key == "trainer" else section(key)
         if raw is None:
             if default is not None and not prefix:
                 slot, probs = validate_slot(registry, kind, {}, key, default_type=default)
@@ -195,6 +258,10 @@ def _validate_sections(registry: Registry, data: dict[str, Any], prefix: str) ->
             continue
         slot, probs = validate_slot(registry, kind, raw, join(prefix, key), default_type=default)
         add(key, slot, probs)
+    wants_optimizer = resolved.get("trainer") is not None and bool(registry.names("optimizer"))
+    if wants_optimizer or section("optimizer") is not None:
+        slot, probs = _validate_optimizer(registry, section("optimizer"), resolved.get("trainer"), prefix)
+        add("optimizer", slot, probs)
     for key, kind in (("features", "feature"), ("parallel", "parallel")):
         raw = section(key)
         if raw is None:
@@ -218,6 +285,15 @@ def _validate_sections(registry: Registry, data: dict[str, Any], prefix: str) ->
             problems.extend(probs)
             if slot is not None:
                 slots[name] = slot
+        if key == "features" and slots:
+            # features are kept in the order they apply (declared after/before, recipe order otherwise)
+            entries = []
+            for name, slot in slots.items():
+                spec = registry.get("feature", f"{slot.provider}:{slot.name}" if slot.provider else slot.name)
+                entries.append(FeatureEntry(name, slot.name, spec.after, spec.before, spec.conflicts))
+            order, probs = order_features(entries, path)
+            problems.extend(probs)
+            slots = {name: slots[name] for name in order}
         resolved[key] = slots
     for key, model in (("checkpoint", CheckpointConfig), ("logging", LoggingConfig)):
         if section(key) is not None or not prefix:
@@ -302,7 +378,12 @@ def _merge_stage(base: dict[str, Any], stage: dict[str, Any]) -> dict[str, Any]:
     import copy
 
     merged = copy.deepcopy(base)
-    merge_into(merged, {k: v for k, v in stage.items() if k != "name"}, {}, "stage")
+    overlay = {k: v for k, v in stage.items() if k != "name"}
+    if "optimizer" in overlay:
+        # a stage is a new training phase: its [optimizer] (rate, schedule) replaces the base one rather than
+        # inheriting keys of it (a base min_lr above an RL stage's lr would otherwise reject the stage)
+        merged.pop("optimizer", None)
+    merge_into(merged, overlay, {}, "stage")
     return merged
 
 

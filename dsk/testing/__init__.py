@@ -21,6 +21,19 @@ def isolated_plugin_manager(*plugins: Any, builtins: bool = True, local: tuple[s
     return make_plugin_manager(entrypoints=True, allow=allow, plugins=plugins, local=local)
 
 
+def builtin_registry() -> Any:
+    """The registry of dsk's built-in plugins (built once per process); pass it explicitly, e.g.
+    ``builtin_registry().validate(ModelConfig, table)`` resolves a model table's slots against it."""
+    from dsk.registry import build_registry
+
+    if not _BUILTIN:
+        _BUILTIN.append(build_registry(isolated_plugin_manager()))
+    return _BUILTIN[0]
+
+
+_BUILTIN: list[Any] = []  # the cache of builtin_registry(): a registry is immutable once built
+
+
 @dataclass
 class CliResult:
     exit_code: int

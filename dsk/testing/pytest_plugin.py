@@ -15,12 +15,10 @@ def dsk_pm():
 
 @pytest.fixture
 def dsk_registry(dsk_pm):
-    """The registry built from ``dsk_pm``, made current for the test."""
-    from dsk.registry import build_registry, use_registry
+    """The registry built from ``dsk_pm`` (pass it explicitly where a config is validated from plain tables)."""
+    from dsk.registry import build_registry
 
-    registry = build_registry(dsk_pm)
-    with use_registry(registry):
-        yield registry
+    return build_registry(dsk_pm)
 
 
 @pytest.fixture

@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dsk.errors import InputError
+
 __all__ = [
     "CHECKPOINTS_DIR",
     "CheckpointData",
@@ -55,13 +57,14 @@ MODEL_WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "config.json"
 OPTIM_WEIGHTS = "optimizer.safetensors"
 OPTIM_META = "optimizer.json"
+FEATURE_WEIGHTS = "features.safetensors"
 STATE_FORMAT = "dsk-train-state"
 STATE_FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".tmp-step-"
 
 
-class CheckpointLoadError(ValueError):
+class CheckpointLoadError(InputError):
     """A checkpoint directory is missing a file, or a file is malformed (the message names it)."""
 
 
@@ -204,6 +207,8 @@ def save_checkpoint(
     config_extra: dict[str, Any] | None = None,
     keep: int | None = None,
     save_delay: float = 0.0,
+    feature_state: dict[str, dict[str, Any]] | None = None,
+    write: bool = True,
 ) -> Path:
     """Write ``<run_dir>/checkpoints/step-<step>/`` atomically and keep the newest ``keep`` checkpoints.
 
@@ -211,12 +216,15 @@ def save_checkpoint(
         run_dir: the run (or stage) directory.
         step: optimizer steps done.
         model: the model (a :class:`dsk.model.DSKModel`).
-        optimizer: its optimizer (built by :func:`dsk.train.optim.build_adamw`), or None for weights only.
+        optimizer: its optimizer (groups carry parameter names: an ``[optimizer]`` component), or None for weights only.
         state: JSON-ready training state (step, data position, counters...); RNG states are added here.
         config_extra: extra keys of ``config.json`` (e.g. ``tokenizer``).
         keep: how many checkpoints to keep (None: all).
         save_delay: seconds to wait between writing the files and the rename. A test hook: it holds the process
             inside the save so a test can kill it there; 0 in real runs.
+        feature_state: each feature's ``state_dict()`` by feature name: tensors go to ``features.safetensors``
+            (``"<feature>/<key>"``), other values to ``state.json`` under ``features``.
+        write: False on the ranks that do not write the run directory: nothing is written, the path is returned.
 
     Returns:
         The checkpoint directory.
@@ -226,8 +234,10 @@ def save_checkpoint(
     from dsk.train.optim import optimizer_state_to_tensors
 
     root = Path(run_dir) / CHECKPOINTS_DIR
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
+    if not write:
+        return final
+    root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step}-", dir=root))
     try:
         save_file(model_state_for_saving(model), str(tmp / MODEL_WEIGHTS), metadata={"format": "pt"})
@@ -238,10 +248,24 @@ def save_checkpoint(
             save_file(tensors, str(tmp / OPTIM_WEIGHTS), metadata={"format": "pt"})
             _fsync_file(tmp / OPTIM_WEIGHTS)
             _write_json(tmp / OPTIM_META, meta)
+        feature_json: dict[str, dict[str, Any]] = {}
+        if feature_state:
+            feature_tensors: dict[str, torch.Tensor] = {}
+            for name, fstate in feature_state.items():
+                feature_json[name] = {}
+                for key, value in fstate.items():
+                    if isinstance(value, torch.Tensor):
+                        feature_tensors[f"{name}/{key}"] = value.detach().to("cpu").contiguous().clone()
+                    else:
+                        feature_json[name][key] = value
+            if feature_tensors:
+                save_file(feature_tensors, str(tmp / FEATURE_WEIGHTS), metadata={"format": "pt"})
+                _fsync_file(tmp / FEATURE_WEIGHTS)
         full_state = {
             "format": STATE_FORMAT,
             "format_version": STATE_FORMAT_VERSION,
             **state,
+            **({"features": feature_json} if feature_state else {}),
             "step": step,
             "rng": rng_state(),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -281,11 +305,21 @@ class CheckpointData:
     model_state: dict[str, torch.Tensor]
     optimizer_tensors: dict[str, torch.Tensor] | None
     optimizer_meta: dict[str, Any] | None
+    feature_tensors: dict[str, torch.Tensor] | None = None
 
     @property
     def step(self) -> int:
         """Optimizer steps done when the checkpoint was taken."""
         return int(self.state["step"])
+
+    @property
+    def feature_state(self) -> dict[str, dict[str, Any]]:
+        """Each feature's saved state (JSON values and tensors), by feature name."""
+        out: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (self.state.get("features") or {}).items()}
+        for key, tensor in (self.feature_tensors or {}).items():
+            name, _, sub = key.partition("/")
+            out.setdefault(name, {})[sub] = tensor
+        return out
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -334,7 +368,8 @@ def load_checkpoint(path: str | Path, *, with_optimizer: bool = True) -> Checkpo
     if with_optimizer and (path / OPTIM_META).is_file():
         opt_meta = _read_json(path / OPTIM_META)
         opt_tensors = _read_tensors(path / OPTIM_WEIGHTS)
-    return CheckpointData(path, state, config, model_state, opt_tensors, opt_meta)
+    feature_tensors = _read_tensors(path / FEATURE_WEIGHTS) if (path / FEATURE_WEIGHTS).is_file() else None
+    return CheckpointData(path, state, config, model_state, opt_tensors, opt_meta, feature_tensors)
 
 
 def load_model_weights(model: nn.Module, model_state: dict[str, torch.Tensor], where: str = "checkpoint") -> None:

@@ -8,14 +8,25 @@ progress reporter, and the interrupt flag set by Ctrl-C. Torch-free: the CLI bui
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["InterruptFlag", "RunContext", "RunFailed", "RunInterrupted", "RunSetupError"]
+from dsk.errors import InputError
+
+__all__ = [
+    "InterruptFlag",
+    "RunContext",
+    "RunFailed",
+    "RunInterrupted",
+    "RunSetupError",
+    "launch_rank",
+    "launch_world_size",
+]
 
 
-class RunSetupError(ValueError):
+class RunSetupError(InputError):
     """The run cannot start: bad input found at build time (recipe combination, run directory, checkpoint).
 
     The CLI prints it without a traceback and exits with code 2; nothing has been trained or overwritten.
@@ -60,6 +71,16 @@ class InterruptFlag:
         return self.signum is not None
 
 
+def launch_rank() -> int:
+    """The rank the launcher gave this process (``RANK``, set by torchrun; 0 without one)."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def launch_world_size() -> int:
+    """The process count the launcher started (``WORLD_SIZE``; 1 without one)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 @dataclass
 class RunContext:
     """What a trainer's ``run(ctx)`` receives.
@@ -78,7 +99,8 @@ class RunContext:
         metrics: the ``metrics.jsonl`` writer.
         reporter: progress display (``start``, ``update``, ``message``, ``stop``).
         interrupt: set when Ctrl-C / SIGTERM arrives; the trainer saves and raises :class:`RunInterrupted`.
-        rank, world_size: process rank and count (1 process until a parallel strategy sets them).
+        parallel: the stage's parallel strategy (:class:`dsk.api.ParallelStrategy`), set by the build path; before
+            that, rank and world size come from the launcher's environment (``RANK``, ``WORLD_SIZE``).
         save_delay: test hook, seconds slept inside each checkpoint save before its rename (0 in real runs), for
             saves of step ``save_delay_from_step`` or later.
     """
@@ -96,14 +118,33 @@ class RunContext:
     init_from: Path | None = None
     resume_from: Path | None = None
     interrupt: InterruptFlag = field(default_factory=InterruptFlag)
-    rank: int = 0
-    world_size: int = 1
+    parallel: Any = None
     save_delay: float = 0.0
     save_delay_from_step: int = 0
 
     def __post_init__(self) -> None:
         if self.root_dir is None:
             self.root_dir = self.run_dir
+
+    # -- ranks: every write goes through is_writer, every cross-rank sum through all_reduce ---------------------
+    @property
+    def rank(self) -> int:
+        """This process's rank."""
+        return self.parallel.rank if self.parallel is not None else launch_rank()
+
+    @property
+    def world_size(self) -> int:
+        """The number of processes."""
+        return self.parallel.world_size if self.parallel is not None else launch_world_size()
+
+    @property
+    def is_writer(self) -> bool:
+        """Whether this rank writes metrics, checkpoints and summaries and shows progress (one rank does)."""
+        return self.parallel.is_writer if self.parallel is not None else launch_rank() == 0
+
+    def all_reduce(self, tensor: Any, op: str = "sum") -> Any:
+        """Reduce ``tensor`` over the data-parallel ranks (identity in one process)."""
+        return self.parallel.all_reduce(tensor, op) if self.parallel is not None else tensor
 
     # -- sections ----------------------------------------------------------------------------------------------
     def section(self, key: str) -> Any:

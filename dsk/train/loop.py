@@ -1,4 +1,4 @@
-"""The step loop shared by the trainers (``dsk_trainers.lm``, ``dsk_rl.grpo``) and their skip-on-non-finite update.
+"""The step loop shared by every trainer (``dsk_trainers.lm``, ``dsk_rl.grpo``, ``dsk_rl.distill``).
 
 :class:`TrainerRun` holds one run's counters and drives it: set-up (resume included), then per step the trainer's
 ``train_step``, the ``metrics.jsonl`` row on the logging cadence, the ``on_step_end`` hook, the progress bar, the
@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import abc
 import gc
+import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dsk.model import after_optimizer_step, step_stat_tensors
-from dsk.train.checkpoint import load_checkpoint, load_model_weights, set_rng_state
+from dsk.train.build import BuiltRun
+from dsk.train.checkpoint import load_checkpoint, load_model_weights, save_checkpoint, set_rng_state
 from dsk.train.context import RunContext, RunFailed, RunInterrupted, RunSetupError
 from dsk.train.metrics import read_metrics
 from dsk.train.optim import load_optimizer_state
@@ -27,40 +27,26 @@ from dsk.train.optim import load_optimizer_state
 # Steps between the training loop's own young-generation garbage collections (automatic ones are off in the loop).
 GC_EVERY = 50
 
-__all__ = ["TrainerRun", "apply_update", "skip_update", "tokens_per_s"]
-
-
-def apply_update(
-    optimizer: torch.optim.Optimizer,
-    model: torch.nn.Module,
-    read: Callable[[torch.nn.Module], dict[str, float]] | None = None,
-) -> dict[str, float]:
-    """``optimizer.step()`` then ``after_optimizer_step`` (router bias updates); returns ``read(model)`` (the
-    components' step metrics), read between the two since ``after_optimizer_step`` resets the counts."""
-    optimizer.step()
-    out = read(model) if read is not None else {}
-    after_optimizer_step(model)
-    return out
-
-
-def skip_update(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> None:
-    """Skip a non-finite step's update; drop its expert counts too, so a skipped batch never moves a router bias."""
-    optimizer.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        for t in step_stat_tensors(model):
-            t.zero_()
+__all__ = ["TrainerRun", "tokens_per_s"]
 
 
 class TrainerRun(abc.ABC):
     """State and loop of one trainer run (one stage); ``run()`` returns the stage summary.
 
-    A subclass implements ``setup`` (which calls :meth:`_resume` when ``ctx.resume_from`` is set), ``train_step``
-    (returns the step's metrics row with ``skipped``), ``evaluate``, ``save``, ``nonfinite_message`` and
-    ``summary_metrics``; ``restore``, ``before_loop`` and ``log_row`` are optional hooks. ``trainer.config`` has
-    ``steps``, ``max_nonfinite`` and ``eval_every``.
+    A subclass implements ``setup`` (which builds its run with :func:`dsk.api.runtime.build_run`, takes it with
+    :meth:`use`, and calls :meth:`_resume` when ``ctx.resume_from`` is set), ``train_step`` (returns the step's
+    metrics row with ``skipped``; its update is :meth:`BuiltRun.update`), ``evaluate``, ``save`` (through
+    :meth:`write_checkpoint`), ``nonfinite_message`` and ``summary_metrics``; ``restore``, ``before_loop``,
+    ``log_row`` and ``total_steps`` are optional hooks, ``summary_columns`` its own summary numbers.
+    ``trainer.config`` has ``steps`` and ``max_nonfinite`` (and ``eval_every`` where it evaluates).
     """
 
+    #: ``(key, label, format)`` of the summary numbers this trainer reports beyond loss, throughput and accuracy;
+    #: the progress bar, the runner's summary and the summary table show them
+    summary_columns: tuple[tuple[str, str, str], ...] = ()
+
     def __init__(self, trainer: Any, ctx: RunContext):
+        self.built: BuiltRun | None = None
         self.trainer = trainer
         self.cfg = trainer.config
         self.ctx = ctx
@@ -119,6 +105,8 @@ class TrainerRun(abc.ABC):
         if ckpt.optimizer_meta is None:
             raise RunSetupError(f"{ckpt.path}: has no optimizer state, so the run cannot continue exactly")
         load_optimizer_state(self.optimizer, ckpt.optimizer_tensors, ckpt.optimizer_meta, str(ckpt.path))
+        if self.built is not None:
+            self.built.load_feature_state(ckpt.feature_state, str(ckpt.path))
         self.restore(state)
         set_rng_state(state["rng"])
         self.step = ckpt.step
@@ -129,6 +117,51 @@ class TrainerRun(abc.ABC):
         dropped = self.ctx.metrics.truncate_after(self.step)
         note = f" ({dropped} metrics rows after it dropped)" if dropped else ""
         self.ctx.reporter.message(f"resuming from {ckpt.path} at step {self.step}{note}")
+
+    def use(self, built: BuiltRun) -> BuiltRun:
+        """Take the model and optimizer of a built run (:func:`dsk.api.runtime.build_run`)."""
+        self.built = built
+        self.model = built.model
+        self.optimizer = built.optimizer
+        self.params = built.params
+        return built
+
+    def write_checkpoint(self, reason: str, state: dict[str, Any], *, tokenizer: Any, task_table: Any = None) -> Path:
+        """``checkpoints/step-N/`` of this stage: weights, optimizer, features' state and ``state`` (written by the
+        writing rank only; every rank waits for it). Readable by ``dsk generate`` and by the next stage."""
+        ctx = self.ctx
+        tokenizer_json = json.loads(tokenizer.to_json())
+        task_table = ctx.table("data") if task_table is None else task_table
+        full = {
+            "trainer": self.trainer.name,
+            "stage": ctx.stage,
+            "reason": reason,
+            "seed": ctx.seed,
+            "task": task_table,
+            "tokenizer": tokenizer_json,
+            "model": ctx.table("model"),
+            "nonfinite_in_a_row": self.in_a_row,
+            "nonfinite_skipped": self.skipped,
+            "tokens_seen": self.tokens_seen,
+            **state,
+        }
+        built = self.built
+        path = save_checkpoint(
+            ctx.run_dir,
+            self.step,
+            model=built.base_model if built is not None else self.model,
+            optimizer=self.optimizer,
+            state=full,
+            config_extra={"tokenizer": tokenizer_json, "task": task_table, "step": self.step},
+            keep=getattr(ctx.section("checkpoint"), "keep", None),
+            save_delay=ctx.save_delay if self.step >= ctx.save_delay_from_step else 0.0,
+            feature_state=built.feature_state() if built is not None else None,
+            write=ctx.is_writer,
+        )
+        if built is not None:
+            built.parallel.barrier()
+        self.last_checkpoint, self.last_saved_step = path, self.step
+        return path
 
     def _check_interrupt(self) -> None:
         flag = self.ctx.interrupt
@@ -144,7 +177,7 @@ class TrainerRun(abc.ABC):
         log_every = getattr(ctx.section("logging"), "every", 1)
         save_every = getattr(ctx.section("checkpoint"), "every", 0)
         label = self.trainer.name + (f" [{ctx.stage}]" if ctx.stage else "")
-        ctx.reporter.start(cfg.steps, label, completed=self.step)
+        ctx.reporter.start(self.total_steps(), label, completed=self.step, columns=self.summary_columns)
         self.before_loop()
         final_eval: dict[str, Any] = {}
         # The cyclic garbage collector, as torchtitan manages it: everything built so far (model, optimizer, data,
@@ -157,22 +190,23 @@ class TrainerRun(abc.ABC):
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
-            while self.step < cfg.steps:
+            while self.step < self.total_steps():
                 self._check_interrupt()
                 row = self.train_step()
                 step = self.step
                 if step % GC_EVERY == 0:
                     gc.collect(1)
-                if step % log_every == 0 or row["skipped"] or step == cfg.steps:
+                if step % log_every == 0 or row["skipped"] or step == self.total_steps():
                     self.log_row(row)
                 ctx.pm.hook.on_step_end(ctx=ctx, step=step, metrics=row)
                 ctx.reporter.update(step, row)
                 if self.in_a_row >= cfg.max_nonfinite:
                     path = self.save("nonfinite")
                     raise RunFailed(self.nonfinite_message(path), path)
-                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                eval_every = getattr(cfg, "eval_every", 0)
+                if eval_every and step % eval_every == 0 and step < self.total_steps():
                     self.evaluate()
-                if save_every and step % save_every == 0 and step < cfg.steps:
+                if save_every and step % save_every == 0 and step < self.total_steps():
                     self.save("interval")
             self._check_interrupt()
             final_eval = self.evaluate(examples=3)
@@ -185,6 +219,10 @@ class TrainerRun(abc.ABC):
             ctx.reporter.stop()
         return self.summary(final_eval)
 
+    def total_steps(self) -> int:
+        """Optimizer steps of this run (``trainer.steps`` unless the trainer computes them)."""
+        return self.cfg.steps
+
     def summary(self, final_eval: dict[str, Any]) -> dict[str, Any]:
         """Stage summary from ``metrics.jsonl`` (so a resumed run reports what an uninterrupted one would)."""
         rows = read_metrics(self.ctx.metrics.path)
@@ -194,7 +232,7 @@ class TrainerRun(abc.ABC):
             "stage": self.ctx.stage,
             "trainer": self.trainer.name,
             "status": "completed",
-            "steps": self.cfg.steps,
+            "steps": self.total_steps(),
             "step": self.step,
             **self.summary_metrics(train, timed),
             "tokens_total": self.tokens_seen,
@@ -202,6 +240,7 @@ class TrainerRun(abc.ABC):
             "parameters": sum(p.numel() for p in self.params),
             "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             "wall_s": time.perf_counter() - self.started,
+            "columns": [list(c) for c in self.summary_columns],
         }
         for key, value in self.start_eval.items():
             if key.startswith("eval/") and key not in ("eval/samples", "eval/seconds"):

@@ -42,19 +42,29 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 class MetricsWriter:
-    """Appends rows to ``path``; ``truncate_after(step)`` drops rows of steps a resumed run will redo."""
+    """Appends rows to ``path``; ``truncate_after(step)`` drops rows of steps a resumed run will redo.
 
-    def __init__(self, path: str | Path):
+    Only the writing rank writes (``enabled``); on the other ranks every method is a no-op, so trainers call it
+    unconditionally.
+    """
+
+    def __init__(self, path: str | Path, *, enabled: bool = True):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, row: dict[str, Any]) -> None:
         """Append one row and flush it to the OS."""
+        if not self.enabled:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(_clean(row), allow_nan=False) + "\n")
 
     def truncate_after(self, step: int) -> int:
         """Keep only rows with ``step <= step`` (written atomically); returns how many rows were dropped."""
+        if not self.enabled:
+            return 0
         rows = read_metrics(self.path)
         keep = [r for r in rows if int(r.get("step", 0)) <= step]
         if len(keep) == len(rows) and self.path.exists() and self.path.read_text(encoding="utf-8").endswith("\n"):

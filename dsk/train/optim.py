@@ -1,4 +1,4 @@
-"""AdamW with decay / no-decay parameter groups, and its state as safetensors tensors + a JSON skeleton.
+"""Optimizer state as safetensors tensors + a JSON skeleton (any optimizer whose groups record parameter names).
 
 The optimizer state is saved without pickle: every tensor of ``optimizer.state`` goes into a safetensors file under
 ``"<parameter name>/<state key>"`` (``layers.0.mlp.gate.weight/exp_avg``), and the rest (hyper-parameters of each
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["build_adamw", "optimizer_state_to_tensors", "load_optimizer_state", "named_unique_parameters"]
+__all__ = ["optimizer_state_to_tensors", "load_optimizer_state", "named_unique_parameters"]
 
 OPTIMIZER_FORMAT = "dsk-optimizer"
 OPTIMIZER_FORMAT_VERSION = 1
@@ -30,45 +30,11 @@ def named_unique_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return out
 
 
-def build_adamw(
-    model: nn.Module,
-    *,
-    lr: float,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-) -> torch.optim.AdamW:
-    """AdamW over the model's trainable parameters in two groups.
-
-    Matrices (embeddings, projections, experts: ``ndim >= 2``) decay; vectors (RMSNorm weights, biases) do not:
-    decaying a norm's gain pulls it towards zero for no regularisation benefit (nanoGPT, torchtitan do the same).
-    Each group records its parameter names (``group["names"]``), used to save the state by name.
-    """
-    decay, no_decay = [], []
-    for name, p in named_unique_parameters(model):
-        (decay if p.ndim >= 2 else no_decay).append((name, p))
-    groups = [
-        {"params": [p for _, p in decay], "names": [n for n, _ in decay], "weight_decay": weight_decay},
-        {"params": [p for _, p in no_decay], "names": [n for n, _ in no_decay], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=_fused_supported(model))
-
-
-def _fused_supported(model: nn.Module) -> bool:
-    """Whether torch's fused AdamW kernel (one pass over each tensor instead of ~10 foreach ops) takes these
-    parameters: floating point, all on CPU or all on CUDA. Measured ~2 % of a small CPU training step."""
-    params = [p for _, p in named_unique_parameters(model)]
-    devices = {p.device.type for p in params}
-    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-    return bool(params) and len(devices) == 1 and devices <= {"cpu", "cuda"} and all(p.dtype in floats for p in params)
-
-
 def _group_names(optimizer: torch.optim.Optimizer) -> list[list[str]]:
     names = []
     for i, group in enumerate(optimizer.param_groups):
         if "names" not in group or len(group["names"]) != len(group["params"]):
-            raise ValueError(f"optimizer param group {i} has no parameter names; build it with build_adamw")
+            raise ValueError(f"optimizer param group {i} has no parameter names (group['names']); see dsk.api.OptimizerConfig")
         names.append(list(group["names"]))
     return names
 

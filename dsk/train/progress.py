@@ -1,4 +1,5 @@
-"""Progress display of a run: a rich progress bar with loss, tokens/s, accuracy and MaxVio, and the summary table.
+"""Progress display of a run: a rich progress bar with loss, tokens/s, accuracy and the trainer's own columns
+(``summary_columns``, e.g. MaxVio), and the summary table.
 
 On a terminal the bar redraws in place; elsewhere (logs, CI, a pipe) a plain line is printed every ~10% of the
 steps instead, so captured output stays readable.
@@ -36,10 +37,13 @@ class Reporter:
         self._label = ""
         self._last_line = 0
         self._fields: dict[str, Any] = {}
+        self._columns: list[tuple[str, str, str]] = []
 
-    def start(self, total: int, label: str, completed: int = 0) -> None:
-        """Begin a bar of ``total`` steps (``completed`` already done when resuming)."""
+    def start(self, total: int, label: str, completed: int = 0, columns: Any = ()) -> None:
+        """Begin a bar of ``total`` steps (``completed`` already done when resuming); ``columns`` are the
+        trainer's own ``(key, label, format)`` columns shown after the loss, throughput and accuracy."""
         self._total, self._label, self._last_line = total, label, completed
+        self._columns = [tuple(c) for c in columns]
         if not self.enabled:
             return
         if self.console.is_terminal:
@@ -66,8 +70,9 @@ class Reporter:
             parts.append(f"{f['tokens_per_s']:,.0f} tok/s")
         if f.get("eval/accuracy") is not None:
             parts.append(f"acc {100 * f['eval/accuracy']:.1f}%")
-        if f.get("moe/maxvio") is not None:
-            parts.append(f"maxvio {f['moe/maxvio']:.3f}")
+        for key, label, spec in self._columns:
+            if isinstance(f.get(key), (int, float)):
+                parts.append(f"{label} {format(f[key], spec)}")
         if f.get("nonfinite_skipped"):
             parts.append(f"[yellow]skipped {f['nonfinite_skipped']}[/]")
         return "  ".join(parts)
@@ -102,6 +107,11 @@ def summary_table(summary: dict[str, Any]) -> Any:
 
     stages = summary.get("stages", [])
     multi = any(st.get("stage") for st in stages)
+    extra: list[tuple[str, str, str]] = []  # the trainers' own columns (their ``summary_columns``)
+    for st in stages:
+        for col in st.get("columns") or []:
+            if tuple(col) not in extra:
+                extra.append(tuple(col))
     table = Table(title=f"dsk train: {summary.get('status', '?')}", title_justify="left")
     columns = (["stage"] if multi else []) + [
         "trainer",
@@ -109,7 +119,7 @@ def summary_table(summary: dict[str, Any]) -> Any:
         "loss",
         "tok/s",
         "accuracy",
-        "maxvio",
+        *(label for _, label, _ in extra),
         "skipped",
         "time",
     ]
@@ -123,7 +133,7 @@ def summary_table(summary: dict[str, Any]) -> Any:
             _fmt(st.get("final_loss"), ".4f"),
             _fmt(st.get("tokens_per_s"), ",.0f"),
             "-" if acc is None else f"{100 * acc:.1f}%",
-            _fmt(st.get("moe/maxvio"), ".3f"),
+            *(_fmt(st.get(key), spec) for key, _, spec in extra),
             str(st.get("nonfinite_skipped", 0)),
             f"{st.get('wall_s', 0):.0f}s",
         ]

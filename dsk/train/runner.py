@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dsk.train.context import InterruptFlag, RunContext, RunFailed, RunInterrupted, RunSetupError
+from dsk.train.context import InterruptFlag, RunContext, RunFailed, RunInterrupted, RunSetupError, launch_rank
 
 __all__ = ["StagePlan", "default_run_dir", "plan_stages", "resolved_toml", "run_recipe", "SAVE_DELAY_ENV"]
 
@@ -131,8 +131,11 @@ def _signal_handlers(flag: InterruptFlag) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def prepare_run_dir(validated: Any, run_dir: Path, *, resume: bool, stage: str | None) -> list[StagePlan]:
-    """Check the run directory against the options and write ``resolved.toml``; returns every stage's plan.
+def prepare_run_dir(
+    validated: Any, run_dir: Path, *, resume: bool, stage: str | None, write: bool = True
+) -> list[StagePlan]:
+    """Check the run directory against the options and write ``resolved.toml`` (``write``: the writing rank only);
+    returns every stage's plan.
 
     Raises:
         RunSetupError: ``--resume`` without a run, a run directory that holds another run or another recipe,
@@ -162,9 +165,10 @@ def prepare_run_dir(validated: Any, run_dir: Path, *, resume: bool, stage: str |
                 f"{busy[0]} already holds a run; pass --resume to continue it, or choose another --run-dir "
                 "(nothing was changed)"
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resolved_path.exists():
-        resolved_path.write_text(text, encoding="utf-8")
+    if write:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resolved_path.exists():
+            resolved_path.write_text(text, encoding="utf-8")
     return plans
 
 
@@ -188,15 +192,18 @@ def run_recipe(
         RunFailed: a stage stopped itself (summary.json says so; a good checkpoint exists).
         RunInterrupted: Ctrl-C or SIGTERM (a checkpoint was saved).
     """
-    from dsk.registry import use_registry
     from dsk.train.checkpoint import latest_checkpoint
     from dsk.train.metrics import MetricsWriter
+    from dsk.train.process import tune_process
 
+    tune_process()  # e.g. steady page reuse step after step (see dsk.train.process)
     if resume and not (run_dir / RESOLVED).exists():
         # The same command starts a run and restarts it (a preempted job re-queued as is).
         reporter.message(f"--resume: {run_dir} holds no run yet; starting a new one")
         resume = False
-    plans = prepare_run_dir(validated, run_dir, resume=resume, stage=stage)
+    # One rank writes the run directory; the parallel strategy of each stage keeps the same writing rank.
+    writer = launch_rank() == 0
+    plans = prepare_run_dir(validated, run_dir, resume=resume, stage=stage, write=writer)
     meta = validated.resolved.get("dsk")
     seed = int(getattr(meta, "seed", 0))
     summary_path = run_dir / SUMMARY
@@ -214,12 +221,14 @@ def run_recipe(
         summary["stages"] = [stage_summaries.get(p.index, {"stage": p.name, "status": "pending"}) for p in plans]
         done = [s for s in summary["stages"] if s.get("status") == "completed"]
         last = done[-1] if done else {}
-        for key in ("final_loss", "eval/accuracy", "moe/maxvio", "tokens_per_s", "checkpoint"):
+        own = [col[0] for col in last.get("columns") or []]  # the trainer's declared summary columns
+        for key in ("final_loss", "eval/accuracy", *own, "tokens_per_s", "checkpoint"):
             if key in last:
                 summary[key] = last[key]
-        _write_json(summary_path, summary)
+        if writer:
+            _write_json(summary_path, summary)
 
-    with use_registry(registry), _signal_handlers(flag):
+    with _signal_handlers(flag):
         for plan in plans:
             if stage is not None and plan.name != stage:
                 continue
@@ -239,8 +248,9 @@ def run_recipe(
             trainer_slot = plan.sections.get("trainer")
             if trainer_slot is None:
                 raise RunSetupError(f"stage '{plan.name}' has no [trainer]")
-            plan.dir.mkdir(parents=True, exist_ok=True)
-            metrics = MetricsWriter(plan.dir / METRICS)
+            if writer:
+                plan.dir.mkdir(parents=True, exist_ok=True)
+            metrics = MetricsWriter(plan.dir / METRICS, enabled=writer)
             if resume and resume_from is None:
                 metrics.truncate_after(0)  # killed before its first checkpoint: the stage starts over
             ctx = RunContext(
@@ -276,7 +286,7 @@ def run_recipe(
                 raise
             examples = result.pop("examples", None)
             stage_summaries[plan.index] = result
-            if plan.name is not None:
+            if plan.name is not None and writer:
                 _write_json(plan.dir / SUMMARY, result)
             write_summary("running")
             if examples:

@@ -12,6 +12,7 @@ def register_model_components(register):
         "mla",
         "dsk_mla.mla:MLA",
         config=MLAConfig,
+        hf="dsk_mla.hf:MLAAdapter",
         summary="Multi-head Latent Attention: low-rank joint KV latent, decoupled RoPE, compressed KV cache",
     )
     register(

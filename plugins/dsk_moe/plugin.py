@@ -13,9 +13,17 @@ def register_model_components(register):
         "moe",
         "dsk_moe.moe:MoE",
         config=MoEConfig,
+        hf="dsk_moe.hf:MoEAdapter",
         summary="DeepSeekMoE: fused shared experts + top-k routed experts with grouped GEMM dispatch",
     )
-    register("ffn", "dense", "dsk_moe.experts:Dense", config=DenseConfig, summary="dense SwiGLU FFN")
+    register(
+        "ffn",
+        "dense",
+        "dsk_moe.experts:Dense",
+        config=DenseConfig,
+        hf="dsk_moe.hf:DenseAdapter",
+        summary="dense SwiGLU FFN",
+    )
     register(
         "router",
         "noaux_tc",

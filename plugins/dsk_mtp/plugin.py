@@ -13,5 +13,6 @@ def register_model_components(register):
         "mtp",
         "dsk_mtp.mtp:MTP",
         config=MTPConfig,
+        hf="dsk_mtp.hf:MTPAdapter",
         summary="multi-token prediction heads sharing embedding and output head (DeepSeek-V3 §2.2)",
     )

@@ -20,7 +20,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from dsk.data.completions import extract_answer, extract_think
+from dsk.api.runtime import extract_answer, extract_think
 from dsk_rewards.config import AccuracyConfig, FormatConfig, LanguageConsistencyConfig, OverlongConfig, StepsConfig
 
 __all__ = ["accuracy", "format_reward", "language_consistency", "overlong", "rows_of", "steps"]
@@ -133,8 +133,8 @@ def language_consistency(
     words. None when the record has no language or the completion has nothing to score (no think block, no word):
     a missing think block is the format reward's business.
     """
-    from dsk.data.languages import LANGUAGES
-    from dsk.data.languages import language_consistency as share
+    from dsk.api.runtime import LANGUAGES
+    from dsk.api.runtime import language_consistency as share
 
     languages = columns.get(config.column)
     out: list[float | None] = []

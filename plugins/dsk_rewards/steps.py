@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-from dsk.data.languages import SPELLED_LANGUAGES
+from dsk.api.runtime import SPELLED_LANGUAGES
 
 __all__ = ["check_steps"]
 

@@ -16,12 +16,9 @@ from typing import Any
 
 import torch
 
-from dsk.model import step_metrics
-from dsk.train.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
-from dsk.train.context import RunContext, RunSetupError
+from dsk.api.runtime import RunContext, RunSetupError, build_run, save_checkpoint
 
 __all__ = [
-    "aux_loss",
     "build_policy",
     "evaluate_row",
     "freeze_unused_heads",
@@ -42,16 +39,10 @@ def train_record_fn(task: Any) -> Callable[[int], dict[str, Any]]:
     raise RunSetupError(f"[data] {type(task).__name__} is neither a task (sample(split, i)) nor a sequence of records")
 
 
-def build_policy(ctx: RunContext, vocab_size: int, init_from: Path | str | None = None) -> torch.nn.Module:
-    """The ``[model]`` of the stage, seeded by ``[dsk] seed`` and loaded from ``init_from`` (default: the previous
-    stage's last checkpoint, ``ctx.init_from``)."""
-    torch.manual_seed(ctx.seed)  # the initial weights are a function of the seed
-    model = ctx.build_model(vocab_size)
-    source = init_from if init_from is not None else ctx.init_from
-    if source is not None:
-        init = load_checkpoint(source, with_optimizer=False)
-        load_model_weights(model, init.model_state, str(init.path))
-    return model
+def build_policy(ctx: RunContext, tokenizer: Any, init_from: Path | str | None = None) -> torch.nn.Module:
+    """The stage's model for sampling, through the build path (seeded by ``[dsk] seed``, its features applied) and
+    loaded from ``init_from`` (default: the previous stage's last checkpoint, ``ctx.init_from``); no optimizer."""
+    return build_run(ctx, init_from=init_from, with_task=False, with_optimizer=False, tokenizer=tokenizer).model
 
 
 def freeze_unused_heads(model: torch.nn.Module) -> list[str]:
@@ -66,26 +57,11 @@ def freeze_unused_heads(model: torch.nn.Module) -> list[str]:
     return frozen
 
 
-def aux_loss(model: torch.nn.Module) -> torch.Tensor | None:
-    """Sum of the components' auxiliary losses of the last forward (MoE sequence-wise balance loss), or None.
-
-    ``DSKModel.forward`` adds them only when given labels; policy-gradient trainers call it without labels, so they
-    collect the side channel themselves (docs/plugins.md).
-    """
-    parts = []
-    for m in model.modules():
-        fn = getattr(m, "aux_loss", None)
-        if m is not model and callable(fn) and not hasattr(m, "make_caches"):
-            value = fn()
-            if value is not None:
-                parts.append(value)
-    return torch.stack([p.float() for p in parts]).sum() if parts else None
-
-
-def moe_metrics(model: torch.nn.Module) -> dict[str, float]:
-    """``moe/maxvio`` (mean over MoE layers) and ``moe/maxvio_max`` of the step, read before the bias update."""
+def moe_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """``moe/maxvio`` (mean over MoE layers) and ``moe/maxvio_max`` of the step from the side channels' metrics
+    (``BuiltRun.side.metrics()``), read before the bias update."""
     out: dict[str, float] = {}
-    for key, value in step_metrics(model).items():
+    for key, value in metrics.items():
         if isinstance(value, list) or "/" not in key:
             continue
         metric, _, agg = key.partition("/")
@@ -194,4 +170,5 @@ def save_run_checkpoint(
         config_extra={"tokenizer": tokenizer_json, "task": task_table, "step": step},
         keep=getattr(ckpt_cfg, "keep", None),
         save_delay=ctx.save_delay,
+        write=ctx.is_writer,
     )

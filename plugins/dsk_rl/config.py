@@ -13,13 +13,13 @@ defaults to the key::
     [trainer.rewards.format]
     weight = 1.0
 
-The optimiser and schedule fields have the same names as the ``pretrain``/``sft`` trainers', so the runtime's
-AdamW + warm-up/cosine builders serve every trainer.
+The optimizer and its schedule are the ``[optimizer]`` section of the stage (recipe schema 2), shared by every trainer;
+these trainers declare RL defaults for it (:class:`OptimConfig`).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -29,28 +29,25 @@ __all__ = ["DistillConfig", "GRPOConfig", "OptimConfig", "RejectionSamplingConfi
 
 
 class OptimConfig(BaseConfig):
-    """AdamW, warm-up + cosine schedule, clipping and device: the same keys as the next-token trainers."""
+    """Device and the non-finite stop of the post-training trainers; the optimizer is the ``[optimizer]`` section.
 
-    lr: float = Field(1e-4, gt=0, description="peak learning rate of AdamW")
-    min_lr: float = Field(1e-5, ge=0, description="learning rate at the end of the cosine decay")
-    warmup_steps: int = Field(0, ge=0, description="linear warm-up over these optimizer steps")
-    schedule: Literal["cosine", "constant"] = Field("constant", description="after warm-up: cosine decay or constant")
-    betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW (beta1, beta2)")
-    eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay of matrices")
-    grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this value (0: no clipping)")
+    ``optimizer_defaults`` are the RL defaults (TRL's: constant rate 1e-4 without warm-up, betas (0.9, 0.99), no
+    weight decay), applied under whatever the recipe's ``[optimizer]`` sets.
+    """
+
+    optimizer_defaults: ClassVar[dict[str, Any]] = {
+        "lr": 1e-4,
+        "min_lr": 1e-5,
+        "warmup_steps": 0,
+        "schedule": "constant",
+        "betas": [0.9, 0.99],
+        "weight_decay": 0.0,
+    }
+
     device: str = Field("auto", description="torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1...")
     max_nonfinite: int = Field(
         5, ge=1, description="stop after this many optimizer steps in a row with a non-finite loss or gradient"
     )
-
-    @model_validator(mode="after")
-    def _check_lr(self):
-        if self.min_lr > self.lr:
-            raise ValueError(f"min_lr = {self.min_lr} is larger than lr = {self.lr}")
-        if not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"betas = {list(self.betas)}: each must be in [0, 1)")
-        return self
 
 
 class SamplingConfig(BaseConfig):

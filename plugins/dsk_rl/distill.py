@@ -23,15 +23,26 @@ from typing import Any, ClassVar
 
 import torch
 
-from dsk.data.batching import IGNORE_INDEX, BatchIterator, ExampleStream, encode_record
-from dsk.data.jsonl import read_jsonl
-from dsk.train.checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, set_rng_state
-from dsk.train.context import RunContext, RunFailed, RunInterrupted, RunSetupError
-from dsk.train.evaluate import test_records
-from dsk.train.loop import apply_update, skip_update
-from dsk.train.optim import build_adamw, load_optimizer_state
-from dsk.train.schedule import lr_at
-from dsk_rl.common import build_policy, evaluate_row, mean, save_run_checkpoint, step_generator, train_record_fn
+from dsk.api.runtime import (
+    IGNORE_INDEX,
+    BatchIterator,
+    CheckpointError,
+    ExampleStream,
+    RunContext,
+    RunFailed,
+    RunSetupError,
+    TrainerRun,
+    build_run,
+    encode_record,
+    latest_checkpoint,
+    load_pretrained,
+    load_tokenizer,
+    read_jsonl,
+    test_records,
+    tokens_per_s,
+    training_loss,
+)
+from dsk_rl.common import build_policy, evaluate_row, mean, step_generator, train_record_fn
 from dsk_rl.config import DistillConfig
 from dsk_rl.sft import resolve_checkpoint, run_sft, sft_steps
 from dsk_rl.traces import generate_traces, write_jsonl
@@ -47,9 +58,6 @@ def load_teacher(path: Path, device: torch.device) -> tuple[torch.nn.Module, Any
     Raises:
         RunSetupError: the directory is not a checkpoint dsk can load.
     """
-    from dsk.data.tokenizers import load_tokenizer
-    from dsk.model.hf import CheckpointError, load_pretrained
-
     try:
         model = load_pretrained(path)
     except CheckpointError as exc:
@@ -92,8 +100,10 @@ class DistillTrainer:
         cfg = self.config
         started = time.perf_counter()
         device = torch.device(ctx.device)
-        tokenizer = ctx.build_tokenizer()
-        task = ctx.build_task()
+        # the student's run: its tokenizer, task and seeded model come from the build path like every trainer's
+        built = build_run(ctx, with_optimizer=False)
+        tokenizer, task = built.tokenizer, built.task
+        del built
         eval_records = test_records(task, cfg.eval_samples)
         teacher_path = resolve_checkpoint(ctx, cfg.teacher)
         teacher, teacher_tok = load_teacher(teacher_path, device)
@@ -152,7 +162,7 @@ class DistillTrainer:
             result = _LogitRun(self, ctx, teacher, tokenizer, data_path, steps, student_init).run()
         final = latest_checkpoint(ctx.run_dir)
         student_eval: dict[str, Any] = {}
-        student = build_policy(ctx, tokenizer.vocab_size, init_from=final)
+        student = build_policy(ctx, tokenizer, init_from=final)
         if eval_records:
             student_eval = evaluate_row(
                 ctx, student, tokenizer, task, eval_records, int(result.get("step", steps)),
@@ -187,77 +197,64 @@ def _count(model: torch.nn.Module) -> int:
     return total
 
 
-class _LogitRun:
-    """Logit distillation loop: SFT cross-entropy mixed with the forward KL from the teacher (resumable)."""
+class _LogitRun(TrainerRun):
+    """Logit distillation on the shared loop: SFT cross-entropy mixed with the forward KL from the teacher."""
+
+    cfg: DistillConfig
 
     def __init__(self, trainer, ctx, teacher, tokenizer, data_path, steps, student_init):
-        self.trainer, self.ctx, self.teacher, self.tokenizer = trainer, ctx, teacher, tokenizer
-        self.cfg: DistillConfig = trainer.config
+        super().__init__(trainer, ctx)
+        self.teacher, self.tokenizer = teacher, tokenizer
         self.data_path, self.steps, self.student_init = data_path, steps, student_init
-        self.device = torch.device(ctx.device)
-        self.step = 0
-        self.in_a_row = self.skipped = 0
-        self.last_checkpoint: Path | None = None
-        self.last_saved_step = -1
+
+    def total_steps(self) -> int:
+        return self.steps
 
     def setup(self) -> None:
         ctx, cfg = self.ctx, self.cfg
-        self.model = build_policy(ctx, self.tokenizer.vocab_size, init_from=self.student_init)
-        self.optimizer = build_adamw(self.model, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        built = self.use(
+            build_run(ctx, init_from=self.student_init, with_task=False, tokenizer=self.tokenizer)
+        )  # the student, its features and the stage's [optimizer]
         rows = read_jsonl(self.data_path, "sft")
         self.batches = BatchIterator(
-            ExampleStream(rows, seed=ctx.seed), self.tokenizer, batch_size=cfg.batch_size, max_len=cfg.seq_len,
+            ExampleStream(rows, seed=ctx.seed), built.tokenizer, batch_size=cfg.batch_size, max_len=cfg.seq_len,
             encode=lambda r: encode_record(self.tokenizer, {"prompt": r["prompt"], "completion": r["completion"]}),
         )  # fmt: skip
         if ctx.resume_from is not None:
-            ckpt = load_checkpoint(ctx.resume_from)
-            if ckpt.state.get("trainer") != self.trainer.name:
-                raise RunSetupError(f"{ckpt.path}: written by trainer {ckpt.state.get('trainer')!r}, not 'distill'")
-            load_model_weights(self.model, ckpt.model_state, str(ckpt.path))
-            load_optimizer_state(self.optimizer, ckpt.optimizer_tensors, ckpt.optimizer_meta, str(ckpt.path))
-            self.batches.load_state_dict(ckpt.state["data"])
-            set_rng_state(ckpt.state["rng"])
-            self.step = ckpt.step
-            self.last_checkpoint, self.last_saved_step = ckpt.path, ckpt.step
-            ctx.metrics.truncate_after(self.step)
+            self._resume(ctx.resume_from)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.batches.load_state_dict(state["data"])
 
     def train_step(self) -> dict[str, Any]:
-        cfg, model = self.cfg, self.model
+        cfg, model, built = self.cfg, self.model, self.built
         step = self.step + 1
         started = time.perf_counter()
-        lr = lr_at(
-            step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=min(cfg.warmup_steps, self.steps),
-            total_steps=self.steps, schedule=cfg.schedule,
-        )  # fmt: skip
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = built.set_lr(step, self.steps, max_warmup=self.steps)
         batch = next(self.batches)
         input_ids = batch["input_ids"].to(self.device)  # (B, T)
-        labels = batch["labels"].to(self.device)  # (B, T), aligned: the model shifts
+        labels = batch["labels"].to(self.device)  # (B, T), aligned: the loss shifts
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        out = model(input_ids, labels)
+        out = training_loss(model, input_ids, labels, side=built.side)
         with torch.no_grad():
             teacher_logits = self.teacher(input_ids).logits
         target = labels[:, 1:] != IGNORE_INDEX  # logits at t-1 predict the token at t
-        kd = forward_kl(out.logits[:, :-1], teacher_logits[:, :-1], target, cfg.kd_temperature)
+        kd = forward_kl(out.output.logits[:, :-1], teacher_logits[:, :-1], target, cfg.kd_temperature)
         w = cfg.kd_weight
         loss = out.loss - w * out.lm_loss + w * kd  # (1 - w) CE + w KD, MTP and aux losses kept
         loss.backward()
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=False)
-        finite = bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))
+        update = built.update(loss.detach(), step, foreach=False)
+        finite = update.finite
         if finite:
-            apply_update(self.optimizer, model)
             self.in_a_row = 0
         else:
-            skip_update(self.optimizer, model)
             self.in_a_row += 1
             self.skipped += 1
         self.step = step
         elapsed = time.perf_counter() - started
         tokens = int(target.sum())
+        self.tokens_seen += tokens
         row = {"kind": "train", "step": step, **({"stage": self.ctx.stage} if self.ctx.stage else {})}
         row.update(
             {
@@ -265,56 +262,33 @@ class _LogitRun:
                 "lm_loss": float(out.lm_loss.detach()),
                 "kd_loss": float(kd.detach()),
                 "lr": lr,
-                "grad_norm": float(grad_norm),
+                "grad_norm": float(update.grad_norm),
                 "tokens": tokens,
                 "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
                 "step_s": elapsed,
                 "skipped": not finite,
+                "nonfinite_skipped": self.skipped,
             }
         )
         return row
 
-    def save(self, reason: str) -> Path:
-        path = save_run_checkpoint(
-            self.ctx, self.step, trainer=self.trainer.name, model=self.model, optimizer=self.optimizer,
-            tokenizer=self.tokenizer, state={"reason": reason, "steps": self.steps, "data": self.batches.state_dict()},
-        )  # fmt: skip
-        self.last_checkpoint, self.last_saved_step = path, self.step
-        return path
+    def evaluate(self, examples: int = 0) -> dict[str, Any]:
+        return {}  # the distill trainer evaluates the student (and the teacher) on the task after this loop
 
-    def run(self) -> dict[str, Any]:
-        ctx, cfg = self.ctx, self.cfg
-        self.setup()
-        started = time.perf_counter()
-        log_every = getattr(ctx.section("logging"), "every", 1)
-        save_every = getattr(ctx.section("checkpoint"), "every", 0)
-        ctx.reporter.start(self.steps, "distill (logit)" + (f" [{ctx.stage}]" if ctx.stage else ""), self.step)
-        losses: list[float] = []
-        try:
-            while self.step < self.steps:
-                if ctx.interrupt.requested:
-                    path = self.save("interrupt") if self.last_saved_step != self.step else self.last_checkpoint
-                    raise RunInterrupted(f"interrupted at step {self.step}; saved {path}", ctx.interrupt.signum, path)
-                row = self.train_step()
-                losses.append(row["loss"])
-                if self.step % log_every == 0 or self.step == self.steps or row["skipped"]:
-                    ctx.metrics.write(row)
-                ctx.pm.hook.on_step_end(ctx=ctx, step=self.step, metrics=row)
-                ctx.reporter.update(self.step, row)
-                if self.in_a_row >= cfg.max_nonfinite:
-                    raise RunFailed(f"non-finite loss for {self.in_a_row} steps in a row", self.save("nonfinite"))
-                if save_every and self.step % save_every == 0 and self.step < self.steps:
-                    self.save("interval")
-            if self.last_saved_step != self.step:
-                self.save("final")
-        finally:
-            ctx.reporter.stop()
-        tail = losses[-max(1, len(losses) // 10) :]
+    def save(self, reason: str) -> Path:
+        state = {"steps": self.steps, "data": self.batches.state_dict()}
+        return self.write_checkpoint(reason, state, tokenizer=self.tokenizer)
+
+    def nonfinite_message(self, path: Path) -> str:
+        return (
+            f"the distillation loss was non-finite for {self.in_a_row} steps in a row (trainer.max_nonfinite = "
+            f"{self.cfg.max_nonfinite}); stopped with the last good weights in {path}. Lower optimizer.lr."
+        )
+
+    def summary_metrics(self, train: list[dict[str, Any]], timed: list[dict[str, Any]]) -> dict[str, Any]:
+        tail = train[-max(1, len(train) // 10) :]
         return {
-            "stage": ctx.stage,
-            "step": self.step,
-            "final_loss": mean(tail),
-            "nonfinite_skipped": self.skipped,
-            "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
-            "train_s": time.perf_counter() - started,
+            "final_loss": mean([r.get("loss") for r in tail]),
+            "final_kd_loss": mean([r.get("kd_loss") for r in tail]),
+            "tokens_per_s": tokens_per_s(timed),
         }

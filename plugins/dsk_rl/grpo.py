@@ -30,20 +30,22 @@ from typing import Any, ClassVar
 
 import torch
 
-from dsk.train.checkpoint import list_checkpoints, load_model_weights
-from dsk.train.context import RunContext, RunSetupError
-from dsk.train.evaluate import test_records
-from dsk.train.loop import TrainerRun, apply_update, skip_update, tokens_per_s
-from dsk.train.optim import build_adamw
-from dsk.train.schedule import lr_at
+from dsk.api.runtime import (
+    RunContext,
+    RunSetupError,
+    TrainerRun,
+    build_run,
+    list_checkpoints,
+    load_model_weights,
+    model_state_for_saving,
+    test_records,
+    tokens_per_s,
+)
 from dsk_rl.common import (
-    aux_loss,
-    build_policy,
     evaluate_row,
     freeze_unused_heads,
     mean,
     moe_metrics,
-    save_run_checkpoint,
     step_generator,
     train_record_fn,
 )
@@ -123,6 +125,7 @@ class _GRPORun(TrainerRun):
 
     trainer: GRPOTrainer
     cfg: GRPOConfig
+    summary_columns = (("reward_final", "reward", ".3f"),)
 
     def __init__(self, trainer: GRPOTrainer, ctx: RunContext):
         super().__init__(trainer, ctx)
@@ -134,18 +137,15 @@ class _GRPORun(TrainerRun):
         if ctx.world_size > 1:
             # groups would straddle ranks: rewards must be gathered before the group statistics and N_glob summed
             raise RunSetupError("the grpo trainer runs in one process for now (world_size = 1)")
-        self.tokenizer = ctx.build_tokenizer()
-        self.task = ctx.build_task()
-        if not callable(getattr(self.task, "check", None)):
-            raise RunSetupError("GRPO needs a [data] task with a checker (check(record, text)) for its rewards")
-        self.record_at = train_record_fn(self.task)
         init = ctx.init_from
         if init is None and cfg.init_checkpoint:
             init = resolve_checkpoint(ctx, cfg.init_checkpoint)
-        self.model = build_policy(ctx, self.tokenizer.vocab_size, init_from=init)
-        freeze_unused_heads(self.model)
-        self.optimizer = build_adamw(self.model, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        # the MTP heads are frozen before the optimizer is built: a policy-gradient loss never reaches them
+        built = self.use(build_run(ctx, init_from=init, prepare=freeze_unused_heads))
+        self.tokenizer, self.task = built.tokenizer, built.task
+        if not callable(getattr(self.task, "check", None)):
+            raise RunSetupError("GRPO needs a [data] task with a checker (check(record, text)) for its rewards")
+        self.record_at = train_record_fn(self.task)
         self.ref = None
         if cfg.beta > 0:
             self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -162,8 +162,8 @@ class _GRPORun(TrainerRun):
         """Keep the KL reference of step ``ref_step`` on disk (atomically), so a resumed run uses the same one."""
         from safetensors.torch import save_file
 
-        from dsk.train.checkpoint import model_state_for_saving
-
+        if not self.ctx.is_writer:
+            return
         path = self._reference_path(self.ref_step)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
@@ -233,12 +233,7 @@ class _GRPORun(TrainerRun):
         moe: dict[str, float] = {}
         for it in range(cfg.num_iterations):
             opt_step = (step - 1) * cfg.num_iterations + it + 1
-            lr = lr_at(
-                opt_step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps,
-                total_steps=cfg.steps * cfg.num_iterations, schedule=cfg.schedule,
-            )  # fmt: skip
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            lr = self.built.set_lr(opt_step, cfg.steps * cfg.num_iterations)
             self.optimizer.zero_grad(set_to_none=True)
             if n_active == 0:
                 # every completion masked out (e.g. all truncated with mask_truncated_completions): no signal, so no
@@ -266,7 +261,7 @@ class _GRPORun(TrainerRun):
                     num_items_in_batch=n_active.to(self.device), grad_accum_steps=len(chunks),
                     num_processes=self.ctx.world_size, batch_size=len(chunk), local_tokens=chunk_tokens[c],
                 )  # fmt: skip
-                aux = aux_loss(model)
+                aux = self.built.side.aux_loss(torch.float32)
                 total = loss if aux is None else loss + aux * (len(idx) / N)
                 total.backward()
                 loss_total = loss_total + loss.detach()
@@ -276,14 +271,11 @@ class _GRPORun(TrainerRun):
                 # as it would after a full zero-gradient backward
                 for p in self.params:
                     p.grad = torch.zeros_like(p)
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=False)
-            finite = bool(torch.isfinite(loss_total)) and bool(torch.isfinite(grad_norm))
-            if finite:
-                moe = apply_update(self.optimizer, model, moe_metrics)
-            else:
-                skip_update(self.optimizer, model)
+            update = self.built.update(loss_total, opt_step, foreach=False, read_metrics=moe_metrics)
+            finite, grad_norm = update.finite, update.grad_norm
+            if not finite:
                 break  # the rest of this batch's passes would start from the same bad point
+            moe = update.metrics
             stats.losses.append(float(loss_total))
         if finite:
             self.in_a_row = 0
@@ -368,26 +360,18 @@ class _GRPORun(TrainerRun):
 
     def save(self, reason: str) -> Path:
         state = {
-            "reason": reason,
             "steps": self.cfg.steps,
-            "nonfinite_in_a_row": self.in_a_row,
-            "nonfinite_skipped": self.skipped,
-            "tokens_seen": self.tokens_seen,
             "ref_step": self.ref_step,
             "start_eval": self.start_eval,
             "data": {"prompts_consumed": self.step * self.cfg.prompts_per_step},
         }
-        path = save_run_checkpoint(
-            self.ctx, self.step, trainer=self.trainer.name, model=self.model, optimizer=self.optimizer,
-            tokenizer=self.tokenizer, state=state,
-        )  # fmt: skip
-        self.last_checkpoint, self.last_saved_step = path, self.step
+        path = self.write_checkpoint(reason, state, tokenizer=self.tokenizer)
         self._prune_references()
         return path
 
     def _prune_references(self) -> None:
         """Drop saved references no checkpoint can resume to (older than the oldest kept checkpoint's)."""
-        if self.ref is None:
+        if self.ref is None or not self.ctx.is_writer:
             return
         kept = list_checkpoints(self.ctx.run_dir)
         if not kept:
@@ -417,7 +401,7 @@ class _GRPORun(TrainerRun):
         return (
             f"the GRPO loss or gradient was non-finite for {self.in_a_row} steps in a row (trainer."
             f"max_nonfinite = {self.cfg.max_nonfinite}); stopped with the last good weights in {path}. Lower "
-            "trainer.lr or raise trainer.warmup_steps."
+            "optimizer.lr or raise optimizer.warmup_steps."
         )
 
     def summary_metrics(self, train: list[dict[str, Any]], timed: list[dict[str, Any]]) -> dict[str, Any]:

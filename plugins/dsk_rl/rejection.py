@@ -17,10 +17,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from dsk.data.jsonl import read_jsonl
-from dsk.train.checkpoint import latest_checkpoint, load_checkpoint
-from dsk.train.context import RunContext, RunFailed
-from dsk.train.evaluate import test_records
+from dsk.api.runtime import RunContext, RunFailed, build_run, latest_checkpoint, load_checkpoint, read_jsonl, test_records
 from dsk_rl.common import build_policy, evaluate_row, save_run_checkpoint, step_generator, train_record_fn
 from dsk_rl.config import RejectionSamplingConfig
 from dsk_rl.sft import resolve_checkpoint, run_sft, sft_steps
@@ -57,8 +54,11 @@ class RejectionSamplingTrainer:
         """Write the traces (unless resuming the SFT), fine-tune on them, evaluate; returns the stage summary."""
         cfg = self.config
         started = time.perf_counter()
-        tokenizer = ctx.build_tokenizer()
-        task = ctx.build_task()
+        policy_init = ctx.init_from
+        if policy_init is None and cfg.init_checkpoint:
+            policy_init = resolve_checkpoint(ctx, cfg.init_checkpoint)
+        built = build_run(ctx, init_from=policy_init, with_optimizer=False)  # the policy that samples the traces
+        tokenizer, task = built.tokenizer, built.task
         data_path = ctx.run_dir / TRACES_FILE
         eval_records = test_records(task, cfg.eval_samples)
         resume_sft = None
@@ -72,10 +72,7 @@ class RejectionSamplingTrainer:
         trace_row: dict[str, Any] = {}
         if resume_sft is None:
             ctx.metrics.truncate_after(-1)  # the stage starts over: its traces are regenerated identically
-            policy_init = ctx.init_from
-            if policy_init is None and cfg.init_checkpoint:
-                policy_init = resolve_checkpoint(ctx, cfg.init_checkpoint)
-            policy = build_policy(ctx, tokenizer.vocab_size, init_from=policy_init)
+            policy = built.model
             ctx.reporter.message(
                 f"rejection sampling: {cfg.num_prompts} prompts x {cfg.samples_per_prompt} samples "
                 f"from {policy_init or 'the initial weights'}"
@@ -108,7 +105,7 @@ class RejectionSamplingTrainer:
                     "threshold, sample more (samples_per_prompt), or start from a stronger policy.",
                     None,
                 )
-            del policy
+            del policy, built
         n_rows = sum(1 for _ in open(data_path, encoding="utf-8"))
         steps = sft_steps(cfg, n_rows)
         if cfg.sft_init:
@@ -118,7 +115,7 @@ class RejectionSamplingTrainer:
         if steps > 0:
             summary = run_sft(ctx, data_path, cfg, steps=steps, init_from=init, resume_from=resume_sft)
         else:
-            model = build_policy(ctx, tokenizer.vocab_size, init_from=init)
+            model = build_policy(ctx, tokenizer, init_from=init)
             path = save_run_checkpoint(
                 ctx, 0, trainer=self.name, model=model, optimizer=None, tokenizer=tokenizer, state={"steps": 0}
             )
@@ -126,7 +123,7 @@ class RejectionSamplingTrainer:
         final = latest_checkpoint(ctx.run_dir)
         after: dict[str, Any] = {}
         if eval_records and final is not None:
-            model = build_policy(ctx, tokenizer.vocab_size, init_from=final)
+            model = build_policy(ctx, tokenizer, init_from=final)
             after = evaluate_row(
                 ctx, model, tokenizer, task, eval_records, int(summary.get("step", 0)),
                 max_new_tokens=cfg.eval_max_new_tokens, rewards=cfg.rewards, examples=3,

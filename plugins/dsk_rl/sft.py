@@ -13,8 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from dsk.train.checkpoint import latest_checkpoint
-from dsk.train.context import RunContext, RunSetupError
+from dsk.api.runtime import RunContext, RunSetupError, latest_checkpoint
 
 __all__ = ["resolve_checkpoint", "run_sft", "sft_steps"]
 
@@ -73,14 +72,6 @@ def run_sft(
         "steps": steps,
         "batch_size": cfg.batch_size,
         "seq_len": cfg.seq_len,
-        "lr": cfg.lr,
-        "min_lr": cfg.min_lr,
-        "warmup_steps": min(cfg.warmup_steps, steps),
-        "schedule": cfg.schedule,
-        "betas": list(cfg.betas),
-        "eps": cfg.eps,
-        "weight_decay": cfg.weight_decay,
-        "grad_clip": cfg.grad_clip,
         "device": cfg.device,
         "max_nonfinite": cfg.max_nonfinite,
         "eval_samples": 0,  # the stage evaluates on its own task, not on the trace file
@@ -90,6 +81,10 @@ def run_sft(
         data_slot = ctx.registry.resolve_slot("task", {"type": "jsonl", "path": str(data_path), "kind": "sft"})
     except Exception as exc:  # the sft trainer or the jsonl task is not installed, or rejects an option
         raise RunSetupError(f"cannot set up the SFT phase: {exc}") from None
-    sections = {**ctx.sections, "trainer": trainer_slot, "data": data_slot}
+    # the stage's [optimizer], its warm-up capped at the SFT's steps (a short fine-tuning still reaches its rate)
+    optimizer = ctx.section("optimizer")
+    if optimizer is not None and optimizer.config.warmup_steps > steps:
+        optimizer = dataclasses.replace(optimizer, config=optimizer.config.model_copy(update={"warmup_steps": steps}))
+    sections = {**ctx.sections, "trainer": trainer_slot, "data": data_slot, "optimizer": optimizer}
     sub = dataclasses.replace(ctx, sections=sections, init_from=init_from, resume_from=resume_from)
     return trainer_slot.build().run(sub)

@@ -6,14 +6,15 @@
     type = "pretrain"
     steps = 600
     batch_size = 32
-    lr = 3e-3
+
+The optimizer and its learning-rate schedule are the ``[optimizer]`` section's (recipe schema 2).
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from dsk.api import BaseConfig
 
@@ -35,18 +36,6 @@ class LMTrainerConfig(BaseConfig):
         False,
         description="pack several examples into each row of seq_len tokens (attention stays within each example)",
     )
-    lr: float = Field(1e-3, gt=0, description="peak learning rate of AdamW")
-    min_lr: float = Field(1e-4, ge=0, description="learning rate at the end of the cosine decay")
-    warmup_steps: int = Field(10, ge=0, description="linear warm-up from lr/warmup_steps to lr over these steps")
-    schedule: Literal["cosine", "constant"] = Field(
-        "cosine", description="after warm-up: cosine decay from lr to min_lr over the remaining steps, or constant lr"
-    )
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW (beta1, beta2)")
-    eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
-    weight_decay: float = Field(
-        0.1, ge=0, description="AdamW decoupled weight decay of matrices (norm weights and 1-D tensors get none)"
-    )
-    grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this value (0: no clipping)")
     eval_every: int = Field(0, ge=0, description="evaluate on the task's test split every N steps (0: only at the end)")
     eval_samples: int = Field(100, ge=0, description="distinct test problems per evaluation (0: no evaluation)")
     eval_batch_size: int = Field(256, ge=1, description="prompts generated together during evaluation")
@@ -67,14 +56,6 @@ class LMTrainerConfig(BaseConfig):
         default_factory=list,
         description="testing aid: make the loss of these optimizer steps (1-based) NaN, to exercise the skip logic",
     )
-
-    @model_validator(mode="after")
-    def _check_schedule(self):
-        if self.min_lr > self.lr:
-            raise ValueError(f"min_lr = {self.min_lr} is larger than lr = {self.lr}")
-        if not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"betas = {list(self.betas)}: each must be in [0, 1)")
-        return self
 
 
 class PretrainConfig(LMTrainerConfig):

@@ -17,7 +17,6 @@ states; the learning rate is a function of the step; so a resumed run repeats th
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -25,14 +24,22 @@ from typing import Any, ClassVar
 
 import torch
 
-from dsk.data.batching import IGNORE_INDEX, BatchIterator, ExampleStream, document_causal_mask, encode_example
-from dsk.model import step_metrics
-from dsk.train.checkpoint import load_checkpoint, load_model_weights, remove_stale_temporaries, save_checkpoint
-from dsk.train.context import RunContext, RunSetupError
-from dsk.train.evaluate import evaluate_task, test_records
-from dsk.train.loop import TrainerRun, apply_update, skip_update, tokens_per_s
-from dsk.train.optim import build_adamw
-from dsk.train.schedule import lr_at
+from dsk.api.runtime import (
+    IGNORE_INDEX,
+    BatchIterator,
+    ExampleStream,
+    RunContext,
+    RunSetupError,
+    TrainerRun,
+    build_run,
+    document_causal_mask,
+    encode_example,
+    evaluate_task,
+    remove_stale_temporaries,
+    test_records,
+    tokens_per_s,
+    training_loss,
+)
 from dsk_trainers.config import LMTrainerConfig
 
 __all__ = ["LMTrainer", "PretrainTrainer", "SFTTrainer", "encoder_for", "moe_metrics", "train_stream"]
@@ -74,11 +81,12 @@ def train_stream(task: Any, seed: int) -> ExampleStream:
     raise RunSetupError(f"[data] {type(task).__name__} is neither a task (sample(split, i)) nor a sequence of records")
 
 
-def moe_metrics(model: torch.nn.Module) -> dict[str, float]:
-    """The components' step metrics as metrics-row keys: ``moe/layer{i}/maxvio``, ``moe/mtp{k}/maxvio`` and the
-    mean ``moe/maxvio`` and max ``moe/maxvio_max`` over all MoE layers; list-valued metrics (loads) are left out."""
+def moe_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The components' step metrics (``BuiltRun.side.metrics()``) as metrics-row keys: ``moe/layer{i}/maxvio``,
+    ``moe/mtp{k}/maxvio`` and the mean ``moe/maxvio`` and max ``moe/maxvio_max`` over all MoE layers; list-valued
+    metrics (loads) are left out."""
     out: dict[str, float] = {}
-    for key, value in step_metrics(model).items():
+    for key, value in metrics.items():
         if isinstance(value, list):
             continue
         if "/" in key:  # the aggregates "<metric>/mean", "<metric>/max"
@@ -137,6 +145,7 @@ class _Run(TrainerRun):
 
     trainer: LMTrainer
     cfg: LMTrainerConfig
+    summary_columns = (("moe/maxvio", "maxvio", ".3f"),)
 
     # -- set-up ------------------------------------------------------------------------------------------------
     def _check_sizes(self) -> None:
@@ -149,15 +158,8 @@ class _Run(TrainerRun):
     def setup(self) -> None:
         ctx, cfg = self.ctx, self.cfg
         self._check_sizes()
-        self.tokenizer = ctx.build_tokenizer()
-        self.task = ctx.build_task()
-        torch.manual_seed(ctx.seed)  # the model's initial weights are a function of the seed
-        self.model = ctx.build_model(self.tokenizer.vocab_size)
-        if ctx.init_from is not None:
-            init = load_checkpoint(ctx.init_from, with_optimizer=False)
-            load_model_weights(self.model, init.model_state, str(init.path))
-        self.optimizer = build_adamw(self.model, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        built = self.use(build_run(ctx))  # model from [model] (seeded), features, strategy, [optimizer]
+        self.tokenizer, self.task = built.tokenizer, built.task
         self.batches = BatchIterator(
             train_stream(self.task, ctx.seed),
             self.tokenizer,
@@ -177,15 +179,10 @@ class _Run(TrainerRun):
     # -- one optimizer step ------------------------------------------------------------------------------------
     def train_step(self) -> dict[str, Any]:
         """Run optimizer step ``self.step + 1``; returns its metrics row."""
-        cfg, model = self.cfg, self.model
+        cfg, model, built = self.cfg, self.model, self.built
         step = self.step + 1
         started = time.perf_counter()
-        lr = lr_at(
-            step, lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps,
-            schedule=cfg.schedule,
-        )  # fmt: skip
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = built.set_lr(step, cfg.steps)
         micro = [next(self.batches) for _ in range(cfg.grad_accum)]
         # Each micro-batch's mean loss is weighted by its share of the step's targets (a row's first label is never
         # scored): the weighted sum is the mean over all targets of the step, as one batch of batch_size * grad_accum
@@ -205,28 +202,22 @@ class _Run(TrainerRun):
             # Packed rows attend within their own example only. Positions stay 0..T-1 for the whole row: RoPE
             # scores depend on i - j only, so an example's offset inside the row changes nothing.
             mask = document_causal_mask(doc_ids).to(self.device) if cfg.packing else None
-            out = model(input_ids, labels, mask=mask)
+            out = training_loss(model, input_ids, labels, mask=mask, side=built.side)
             weight = n / total_targets
             loss = out.loss * weight
             if inject:
                 loss = loss * float("nan")
             loss.backward()
-            for key in ("loss", "lm_loss", "mtp_loss", "aux_loss"):
-                value = getattr(out, key)
-                if value is not None:
-                    value = value.detach().float() * weight
-                    parts[key] = parts[key] + value if key in parts else value
+            for key, value in out.parts().items():
+                value = value.detach().float() * weight
+                parts[key] = parts[key] + value if key in parts else value
             tokens += int((doc_ids >= 0).sum())
         loss_total = parts["loss"] * (float("nan") if inject else 1.0)
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        finite = bool(torch.isfinite(loss_total)) and bool(torch.isfinite(grad_norm))
-        moe: dict[str, float] = {}
+        update = built.update(loss_total, step, read_metrics=moe_metrics)
+        finite, grad_norm, moe = update.finite, update.grad_norm, update.metrics
         if finite:
-            moe = apply_update(self.optimizer, model, moe_metrics)
             self.in_a_row = 0
         else:
-            skip_update(self.optimizer, model)
             self.in_a_row += 1
             self.skipped += 1
         self.step = step
@@ -272,36 +263,8 @@ class _Run(TrainerRun):
         return row
 
     def save(self, reason: str) -> Path:
-        ctx = self.ctx
-        tokenizer_json = json.loads(self.tokenizer.to_json())
-        task_table = ctx.table("data")
-        state = {
-            "trainer": self.trainer.name,
-            "stage": ctx.stage,
-            "reason": reason,
-            "steps": self.cfg.steps,
-            "data": self.batches.state_dict(),
-            "nonfinite_in_a_row": self.in_a_row,
-            "nonfinite_skipped": self.skipped,
-            "tokens_seen": self.tokens_seen,
-            "seed": ctx.seed,
-            "task": task_table,
-            "tokenizer": tokenizer_json,
-            "model": ctx.table("model"),
-        }
-        ckpt_cfg = ctx.section("checkpoint")
-        path = save_checkpoint(
-            ctx.run_dir,
-            self.step,
-            model=self.model,
-            optimizer=self.optimizer,
-            state=state,
-            config_extra={"tokenizer": tokenizer_json, "task": task_table, "step": self.step},
-            keep=getattr(ckpt_cfg, "keep", None),
-            save_delay=ctx.save_delay if self.step >= ctx.save_delay_from_step else 0.0,
-        )
-        self.last_checkpoint, self.last_saved_step = path, self.step
-        return path
+        state = {"steps": self.cfg.steps, "data": self.batches.state_dict()}
+        return self.write_checkpoint(reason, state, tokenizer=self.tokenizer)
 
     # -- the loop ----------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -318,8 +281,8 @@ class _Run(TrainerRun):
         return (
             f"the loss or gradient was non-finite for {self.in_a_row} optimizer steps in a row "
             f"(steps {first}-{step}; trainer.max_nonfinite = {self.cfg.max_nonfinite}); stopped. Those updates "
-            f"were skipped, so {path} holds the weights of the last good step. Lower trainer.lr or "
-            "raise trainer.warmup_steps, then resume or restart."
+            f"were skipped, so {path} holds the weights of the last good step. Lower optimizer.lr or "
+            "raise optimizer.warmup_steps, then resume or restart."
         )
 
     def summary_metrics(self, train: list[dict[str, Any]], timed: list[dict[str, Any]]) -> dict[str, Any]:

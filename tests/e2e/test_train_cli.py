@@ -176,9 +176,10 @@ type = "sft"
 steps = 4
 batch_size = 8
 seq_len = 40
+eval_samples = 4
+[stages.optimizer]
 lr = 1e-3
 warmup_steps = 0
-eval_samples = 4
 """
 )
 

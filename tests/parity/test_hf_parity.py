@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import dsk
 from dsk.model.generate import generate
 from dsk.model.hf import convert, save_hf
+from dsk.model.loss import training_loss
 
 transformers = pytest.importorskip("transformers")
 
@@ -102,7 +103,7 @@ def test_logits_match_transformers(variant, tmp_path):
     ids = _ids()
     with torch.no_grad():
         want = hf(ids, labels=ids)
-        got = model(ids, ids)
+        got = training_loss(model, ids, ids)
     assert _rel_err(got.logits, want.logits) < REL_TOL
     # same label convention as HF (aligned labels, shifted inside the loss)
     assert abs(got.lm_loss.item() - want.loss.item()) < 1e-5
@@ -201,7 +202,7 @@ def test_training_gradients_match_transformers(variant, tmp_path):
     model.train()
     ids = _ids()
     hf(ids, labels=ids).loss.backward()
-    model(ids, ids).lm_loss.backward()
+    training_loss(model, ids, ids).lm_loss.backward()
     ours = {name: p.grad for name, p in model.named_parameters()}
     checked = 0
     for name, p in hf.named_parameters():

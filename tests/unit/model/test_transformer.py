@@ -1,11 +1,13 @@
-"""DSKModel: shapes, the loss (LM + MTP + aux), caches and the side-channel helpers."""
+"""DSKModel: shapes, the training loss (LM + MTP + aux, computed apart from forward), stages, caches, side channels."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from dsk.data.batching import IGNORE_INDEX
 from dsk.model.build import build_model
-from dsk.model.transformer import after_optimizer_step, step_metrics, step_stat_tensors
+from dsk.model.loss import collect_side_channels, cross_entropy, staged_training_loss, training_loss
+from dsk.model.transformer import split_layers
 from tests.unit.model.tiny import VOCAB, tiny_config, tiny_model
 
 
@@ -21,7 +23,7 @@ def test_forward_returns_logits_and_hidden_of_every_position():
     out = model(ids)
     assert out.logits.shape == (3, 7, VOCAB)
     assert out.hidden.shape == (3, 7, 32)
-    assert out.loss is None and out.mtp_logits is None
+    assert out.mtp_logits is None
 
 
 def test_keep_logits_computes_only_the_last_positions():
@@ -41,7 +43,7 @@ def test_loss_is_hand_computed_cross_entropy_plus_mtp_plus_aux():
     model = tiny_model().train()
     ids, labels = _batch()
     labels[0, :3] = -100  # a masked prompt
-    out = model(ids, labels)
+    out = training_loss(model, ids, labels)
 
     logp = F.log_softmax(out.logits, dim=-1)
     B, T = ids.shape
@@ -72,7 +74,7 @@ def test_loss_is_hand_computed_cross_entropy_plus_mtp_plus_aux():
 def test_all_ignored_labels_give_zero_lm_loss_not_nan():
     model = tiny_model(mtp=None)
     ids, labels = _batch()
-    out = model(ids, torch.full_like(labels, -100))
+    out = training_loss(model, ids, torch.full_like(labels, -100))
     assert out.lm_loss.item() == 0.0
     assert out.mtp_loss is None
 
@@ -80,7 +82,7 @@ def test_all_ignored_labels_give_zero_lm_loss_not_nan():
 def test_loss_backpropagates_into_embedding_mtp_and_experts():
     model = tiny_model(dtype=torch.float32).train()
     ids, labels = _batch()
-    model(ids, labels).loss.backward()
+    training_loss(model, ids, labels).loss.backward()
     assert model.embed_tokens.weight.grad.abs().sum() > 0
     assert model.mtp.layers[1].eh_proj.weight.grad.abs().sum() > 0
     assert model.layers[1].mlp.experts.w_gate.grad.abs().sum() > 0
@@ -121,19 +123,87 @@ def test_vocab_size_comes_from_the_tokenizer_when_unset():
 def test_side_channels_report_each_moe_layer_and_update_router_bias():
     model = tiny_model(dtype=torch.float32).train()
     ids, labels = _batch()
-    model(ids, labels).loss.backward()
+    training_loss(model, ids, labels).loss.backward()
     n_moe = 2 + 2  # two main MoE layers, one per MTP depth
-    assert len(step_stat_tensors(model)) == n_moe
-    metrics = step_metrics(model)
+    side = collect_side_channels(model)
+    assert len(side.stat_tensors()) == n_moe
+    metrics = side.metrics()
     assert {"layers.1.mlp.maxvio", "layers.2.mlp.maxvio", "maxvio/mean", "maxvio/max"} <= set(metrics)
     routers = [m.gate for m in model.modules() if type(m).__name__ == "MoE"]
     unbalanced = [r for r in routers if r.step_load.unique().numel() > 1]
     assert unbalanced, "the batch happens to balance every layer; pick another seed"
     biases = [r.e_score_correction_bias.clone() for r in unbalanced]
     grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-    after_optimizer_step(model)
+    side.after_optimizer_step()
     assert all(not torch.equal(b, r.e_score_correction_bias) for b, r in zip(biases, unbalanced, strict=True))
     assert all(
         torch.equal(g, p.grad)
         for g, p in zip(grads, [p for p in model.parameters() if p.grad is not None], strict=True)
     )
+
+
+def _old_in_forward_loss(model, ids, labels):
+    """The loss as ``DSKModel.forward(ids, labels)`` computed it before it moved out of forward (same ops, same
+    order): shifted-label CE, then ``mtp.loss``, then the sum of the components' aux losses in module order."""
+    h = model.embed_tokens(ids)
+    pos = torch.arange(ids.shape[1])
+    for layer in model.layers:
+        h = layer(h, pos, None, None)
+    h = model.norm(h)
+    logits = model.lm_head(h)
+    loss = cross_entropy(logits, F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX))
+    loss = loss + model.mtp.loss(model.mtp(h, ids, model.embed_tokens, model.lm_head, pos=pos, mask=None), labels)
+    aux = [m.aux_loss() for m in model.modules() if m is not model and callable(getattr(m, "aux_loss", None))]
+    aux = [a for a in aux if a is not None]
+    return loss + torch.stack([a.to(loss.dtype) for a in aux]).sum()
+
+
+def test_training_loss_equals_the_old_in_forward_loss_bit_for_bit():
+    model = tiny_model(dtype=torch.float32).train()
+    ids, labels = _batch()
+    labels[1, :4] = IGNORE_INDEX
+    torch.manual_seed(0)
+    new = training_loss(model, ids, labels).loss
+    old = _old_in_forward_loss(model, ids, labels)
+    assert torch.equal(new, old)
+
+
+def _deep_model():
+    table = {"n_layers": 8, "first_k_dense": 1}
+    return tiny_model(dtype=torch.float64, **table).train()
+
+
+@pytest.mark.parametrize("n_stages", [2, 3, 4, 8])
+def test_stages_run_in_turn_give_the_unsplit_loss_and_gradients_exactly(n_stages):
+    ids, labels = _batch(B=2, T=12)
+    whole = _deep_model()
+    loss = training_loss(whole, ids, labels).loss
+    loss.backward()
+    cut = _deep_model()
+    bounds = split_layers(len(cut.layers), n_stages)
+    stages = [cut.stage(a, b, first=i == 0, last=i == n_stages - 1) for i, (a, b) in enumerate(bounds)]
+    staged = staged_training_loss(stages, cut, ids, labels).loss
+    staged.backward()
+    assert torch.equal(loss, staged)
+    for (name, p), (_, q) in zip(whole.named_parameters(), cut.named_parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert torch.equal(p.grad, q.grad), name
+    # every parameter belongs to exactly the stages that run it: the embedding to the first, head and MTP to the last
+    owned = [{id(p) for p in s.parameters()} for s in stages]
+    assert id(cut.embed_tokens.weight) in owned[0] and id(cut.lm_head.weight) in owned[-1]
+    assert sum(len(o) for o in owned) >= len({id(p) for p in cut.parameters()})
+
+
+def test_layers_split_evenly_or_as_asked_and_impossible_splits_are_refused():
+    assert split_layers(8, 3) == [(0, 3), (3, 6), (6, 8)]
+    assert split_layers(8, 2, [5, 3]) == [(0, 5), (5, 8)]
+    with pytest.raises(ValueError, match="cannot cut 8 layers into 9 stages"):
+        split_layers(8, 9)
+    with pytest.raises(ValueError, match="summing to 8"):
+        split_layers(8, 2, [4, 3])
+
+
+def test_parts_are_listed_in_execution_order():
+    names = [n for n, _ in tiny_model().parts()]
+    assert names == ["embed_tokens", "layers.0", "layers.1", "layers.2", "norm", "lm_head", "mtp"]

@@ -9,6 +9,7 @@ import torch
 
 from dsk.model.build import build_model
 from dsk.model.config import ModelConfig
+from dsk.testing import builtin_registry
 
 VOCAB = 48
 
@@ -47,7 +48,7 @@ def tiny_config(**overrides: Any) -> ModelConfig:
             table.pop(key, None)
         else:
             table[key] = value
-    return ModelConfig.model_validate(table)
+    return builtin_registry().validate(ModelConfig, table)
 
 
 def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float64, **overrides: Any):

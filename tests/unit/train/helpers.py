@@ -64,11 +64,13 @@ type = "pretrain"
 steps = 12
 batch_size = 8
 seq_len = 40
+eval_samples = 8
+eval_max_new_tokens = 32
+
+[optimizer]
 lr = 1e-2
 min_lr = 1e-3
 warmup_steps = 2
-eval_samples = 8
-eval_max_new_tokens = 32
 
 [checkpoint]
 every = 4

@@ -13,7 +13,9 @@ from dsk.train.checkpoint import (
     remove_stale_temporaries,
     save_checkpoint,
 )
-from dsk.train.optim import build_adamw, load_optimizer_state, optimizer_state_to_tensors
+from dsk.train.optim import load_optimizer_state, optimizer_state_to_tensors
+from dsk_optim.adamw import build_adamw
+from dsk_optim.config import AdamWConfig
 from tests.unit.train.helpers import make_run, tiny_table
 
 
@@ -106,15 +108,15 @@ def test_loading_a_directory_without_checkpoint_names_it(tmp_path):
 def test_optimizer_state_round_trips_by_parameter_name_and_rejects_another_model():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
-    opt = build_adamw(model, lr=0.1, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    opt = build_adamw(AdamWConfig(lr=0.1, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1), model)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]  # matrices decay, vectors do not
     model(torch.randn(2, 3)).sum().backward()
     opt.step()
     tensors, meta = optimizer_state_to_tensors(opt)
     assert "0.weight/exp_avg" in tensors and json.dumps(meta)
-    fresh = build_adamw(model, lr=0.1, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    fresh = build_adamw(AdamWConfig(lr=0.1, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1), model)
     load_optimizer_state(fresh, tensors, meta)
     assert torch.equal(fresh.state[model[0].weight]["exp_avg_sq"], opt.state[model[0].weight]["exp_avg_sq"])
-    other = build_adamw(torch.nn.Linear(3, 4), lr=0.1, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    other = build_adamw(AdamWConfig(lr=0.1, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1), torch.nn.Linear(3, 4))
     with pytest.raises(ValueError, match="parameter groups differ"):
         load_optimizer_state(other, tensors, meta)

@@ -38,7 +38,8 @@ def test_plugin_and_rewards_import_no_torch():
 def test_reward_tables_resolve_with_type_from_the_key(dsk_registry):
     from dsk_rl.config import GRPOConfig
 
-    cfg = GRPOConfig(rewards={"accuracy": {}, "language": {"weight": 0.5}, "fmt": {"type": "format", "weight": 2}})
+    rewards = {"accuracy": {}, "language": {"weight": 0.5}, "fmt": {"type": "format", "weight": 2}}
+    cfg = dsk_registry.validate(GRPOConfig, {"rewards": rewards})
     assert {k: (s.name, s.config.weight) for k, s in cfg.rewards.items()} == {
         "accuracy": ("accuracy", 1.0),
         "language": ("language_consistency", 0.5),

@@ -25,22 +25,26 @@ prompts_per_step = 4
 num_generations = 4
 micro_batch_size = 8
 max_completion_length = 6
-lr = 1e-2
 eval_samples = 0
 
 [trainer.rewards.accuracy]
 [trainer.rewards.format]
 require_think = false
 weight = 0.5
+
+[optimizer]
+lr = 1e-2
 """
 )
 
 
 def grpo_table(**trainer: Any) -> dict[str, Any]:
-    """The tiny GRPO recipe as a table, with trainer options replaced."""
+    """The tiny GRPO recipe as a table, with trainer options replaced (``lr`` goes to ``[optimizer]``)."""
     from dsk.recipe.load import tomllib
 
     table = copy.deepcopy(tomllib.loads(TINY_GRPO))
+    if "lr" in trainer:
+        table["optimizer"]["lr"] = trainer.pop("lr")
     table["trainer"].update(trainer)
     return table
 

@@ -1,6 +1,7 @@
 """The rl plugin: lazy, torch-free registration of the three trainers, and config validation with clear errors."""
 
 import importlib
+from dsk.testing import builtin_registry
 import subprocess
 import sys
 
@@ -37,8 +38,8 @@ def test_plugin_and_configs_import_no_torch():
 
 def test_grpo_needs_a_reward(dsk_registry):
     with pytest.raises(ValidationError, match="at least one reward"):
-        GRPOConfig()
-    cfg = GRPOConfig(rewards={"accuracy": {}})
+        builtin_registry().validate(GRPOConfig, {})
+    cfg = builtin_registry().validate(GRPOConfig, dict(rewards={"accuracy": {}}))
     assert (cfg.loss_type, cfg.scale_rewards, cfg.beta, cfg.epsilon, cfg.num_iterations) == ("dapo", "group", 0.0,
                                                                                              0.2, 1)  # fmt: skip
 
@@ -57,8 +58,8 @@ def test_unknown_loss_type_and_reward_are_reported_with_their_key(tmp_path, dsk_
 
 def test_rejection_and_distill_configs_check_their_combinations(dsk_registry):
     with pytest.raises(ValidationError, match="mix_task"):
-        RejectionSamplingConfig(rewards={"accuracy": {}}, mix_count=3)
+        builtin_registry().validate(RejectionSamplingConfig, dict(rewards={"accuracy": {}}, mix_count=3))
     with pytest.raises(ValidationError, match="teacher"):
-        DistillConfig(rewards={"accuracy": {}})
-    cfg = DistillConfig(rewards={"accuracy": {}}, teacher="ckpt", mode="logit")
+        builtin_registry().validate(DistillConfig, dict(rewards={"accuracy": {}}))
+    cfg = builtin_registry().validate(DistillConfig, dict(rewards={"accuracy": {}}, teacher="ckpt", mode="logit"))
     assert cfg.student_init == "previous" and cfg.kd_temperature == 1.0

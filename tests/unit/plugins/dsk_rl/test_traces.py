@@ -1,6 +1,7 @@
 """Trace selection for rejection sampling and distillation: only accepted, no duplicates, provenance on every row."""
 
 import math
+from dsk.testing import builtin_registry
 
 import pytest
 import torch
@@ -80,7 +81,7 @@ def test_generated_traces_hold_only_accepted_unique_completions_with_provenance(
         return Samples(repeated, ids, [truncated[i % n] for i in range(len(repeated))], texts)
 
     monkeypatch.setattr(traces_module, "sample", fake_sample)
-    cfg = RejectionSamplingConfig(samples_per_prompt=4, rewards={"accuracy": {}})
+    cfg = builtin_registry().validate(RejectionSamplingConfig, dict(samples_per_prompt=4, rewards={"accuracy": {}}))
     records = [
         {"prompt": "1+2=", "answer": "3", "split": "train", "index": 0, "completion": "<answer>3</answer>"},
         {"prompt": "2+2=", "answer": "4", "split": "train", "index": 5, "completion": "<answer>4</answer>"},

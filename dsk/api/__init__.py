@@ -6,12 +6,15 @@ This module never imports torch: config models and hook implementations must sta
 ``"package.module:Attr"`` strings and imported when a run builds them.
 
 Kinds a plugin can register (see ``KINDS``):
-    attention   forward(x [B,T,D], pos [T], mask [B,T,S] | None, cache | None) -> y [B,T,D]
+    attention   forward(x [B,T,D], pos [T] | [B,T], mask [B,T,S] | None, cache | None) -> y [B,T,D];
+                make_cache(B, max_len, device, dtype) -> dsk.api.AttentionCache: a length per row, row b's new
+                tokens at slots lengths[b].., positions(T) -> [T] (rows agree) | [B,T], truncate(int | [B])
     ffn         forward(x [B,T,D]) -> y [B,T,D]; auxiliary losses through ``aux_loss()``
     router      forward(x [N,D]) -> (weights [N,k], experts [N,k], stats)
     mtp         multi-token prediction heads that share the embedding and output head
-    feature     apply(model, optimizer, ctx): precision, memory and step features
-    parallel    data / expert / pipeline strategies built on torch.distributed
+    feature     dsk.api.Feature: acts in declared stages (model transform, weights, optimizer wrap, step, state)
+    parallel    dsk.api.ParallelStrategy: process groups, model wrap, data shard, reductions, writing rank
+    optimizer   impl(config, model) -> torch.optim.Optimizer (groups carry "names"); config subclasses OptimizerConfig
     trainer     run(ctx)
     task        seeded generator of verifiable records with disjoint train/test splits
     reward      fn(prompts, completions, **columns) -> list[float | None]
@@ -21,14 +24,32 @@ Kinds a plugin can register (see ``KINDS``):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler
+from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler, model_validator
 from pydantic_core import core_schema
 
 from dsk._markers import hookimpl
+from dsk.api.contracts import (
+    FEATURE_STAGES,
+    AfterOptimizerStep,
+    AuxLossSource,
+    Feature,
+    ParallelStrategy,
+    StepStatistics,
+)
+from dsk.errors import InputError
+from dsk.names import import_string
 
 __all__ = [
+    "FEATURE_STAGES",
+    "AfterOptimizerStep",
+    "AuxLossSource",
+    "Feature",
+    "InputError",
+    "OptimizerConfig",
+    "ParallelStrategy",
+    "StepStatistics",
     "KINDS",
     "BaseConfig",
     "NoConfig",
@@ -50,6 +71,7 @@ KINDS: dict[str, str] = {
     "mtp": "multi-token prediction heads",
     "feature": "precision, memory or step feature applied to model and optimizer",
     "parallel": "parallel strategy on torch.distributed",
+    "optimizer": "optimizer built from the model's parameters (its state saved by parameter name)",
     "trainer": "training loop",
     "task": "built-in data generator with verifiable answers",
     "reward": "reward function for RL trainers and rejection sampling",
@@ -65,6 +87,29 @@ class BaseConfig(BaseModel):
 
 class NoConfig(BaseConfig):
     """Config of a component that takes no options."""
+
+
+class OptimizerConfig(BaseConfig):
+    """The options every optimizer component has (``[optimizer]``): learning-rate schedule and clipping.
+
+    One place for all trainers: a trainer may declare different *defaults* (``optimizer_defaults`` on its config
+    class, e.g. RL's constant schedule), applied under what the recipe sets. The rate of optimizer step s of S is
+    a linear warm-up over ``warmup_steps``, then cosine decay to ``min_lr`` (or constant).
+    """
+
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    min_lr: float = Field(1e-4, ge=0, description="learning rate at the end of the cosine decay")
+    warmup_steps: int = Field(10, ge=0, description="linear warm-up from lr/warmup_steps to lr over these steps")
+    schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="after warm-up: cosine decay from lr to min_lr over the remaining steps, or constant lr"
+    )
+    grad_clip: float = Field(1.0, ge=0, description="clip the global gradient norm to this value (0: no clipping)")
+
+    @model_validator(mode="after")
+    def _check_rates(self) -> OptimizerConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr = {self.min_lr} is larger than lr = {self.lr}")
+        return self
 
 
 @dataclass(frozen=True)
@@ -114,8 +159,6 @@ class ResolvedSlot:
     def load(self) -> Any:
         """Import and return the implementation (class or callable)."""
         if isinstance(self.impl, str):
-            from dsk.registry import import_string
-
             return import_string(self.impl)
         return self.impl
 
@@ -125,8 +168,6 @@ class ResolvedSlot:
 
     def to_table(self) -> dict[str, Any]:
         """The slot as a plain TOML table (``type`` first, then the non-default options)."""
-        from dsk.recipe.dump import config_to_table
-
         return {"type": self.name, **config_to_table(self.config)}
 
     @classmethod
@@ -148,18 +189,16 @@ class Slot:
     def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
         kind, default_type = self.kind, self.default_type
 
-        def resolve(value: Any) -> Any:
+        def resolve(value: Any, info: core_schema.ValidationInfo) -> Any:
             if isinstance(value, ResolvedSlot) or value is None:
                 return value
             if isinstance(value, str):
                 value = {"type": value}
             if not isinstance(value, dict):
                 raise ValueError(f"expected a table with 'type' for a {kind} slot, got {type(value).__name__}")
-            from dsk.registry import current_registry
+            return _registry_of(info).resolve_slot(kind, value, default_type=default_type)
 
-            return current_registry().resolve_slot(kind, value, default_type=default_type)
-
-        return core_schema.no_info_before_validator_function(resolve, handler(source))
+        return core_schema.with_info_before_validator_function(resolve, handler(source))
 
 
 def SlotField(kind: str, *, default: str | None = None, required: bool = False, description: str = "") -> Any:
@@ -198,12 +237,12 @@ class SlotMap:
     def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
         kind = self.kind
 
-        def resolve(value: Any) -> Any:
+        def resolve(value: Any, info: core_schema.ValidationInfo) -> Any:
             if not isinstance(value, dict):
                 raise ValueError(f"expected a table of {kind} slots, got {type(value).__name__}")
-            from dsk.registry import current_registry
-
-            reg = current_registry()
+            if all(isinstance(t, ResolvedSlot) for t in value.values()):
+                return value
+            reg = _registry_of(info)
             out = {}
             for key, table in value.items():
                 if isinstance(table, ResolvedSlot):
@@ -214,16 +253,51 @@ class SlotMap:
                     )
             return out
 
-        return core_schema.no_info_before_validator_function(resolve, handler(source))
+        return core_schema.with_info_before_validator_function(resolve, handler(source))
 
 
-def build_component(kind: str, table: dict[str, Any] | str, *args: Any, **kwargs: Any) -> Any:
-    """Resolve ``table`` (``{"type": name, **options}``) against the current registry and build it."""
-    from dsk.registry import current_registry
+def _registry_of(info: core_schema.ValidationInfo) -> Any:
+    """The registry a raw slot table is resolved against: passed explicitly as the validation context."""
+    registry = (info.context or {}).get("registry") if isinstance(info.context, dict) else None
+    if registry is None:
+        raise ValueError(
+            "a component table given as plain data needs the registry to resolve its 'type': validate with "
+            "Model.model_validate(table, context={'registry': registry})"
+        )
+    return registry
 
+
+def build_component(registry: Any, kind: str, table: dict[str, Any] | str, *args: Any, **kwargs: Any) -> Any:
+    """Resolve ``table`` (``{"type": name, **options}``) against ``registry`` and build it with ``args``."""
     if isinstance(table, str):
         table = {"type": table}
-    return current_registry().resolve_slot(kind, table).build(*args, **kwargs)
+    return registry.resolve_slot(kind, table).build(*args, **kwargs)
+
+
+def _plain(value: Any) -> Any:
+    """Drop what TOML cannot hold (None) and turn nested configs and slots into tables."""
+    if isinstance(value, ResolvedSlot):
+        return value.to_table()
+    if isinstance(value, BaseModel):
+        return config_to_table(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value if v is not None]
+    return value
+
+
+def config_to_table(config: BaseModel) -> dict[str, Any]:
+    """Every option of a config (defaults included), slots as nested tables, None values left out."""
+    cls = type(config)
+    slot_fields = {name for name, f in cls.model_fields.items() if slot_kind(f) is not None}
+    dumped = config.model_dump(mode="json", by_alias=True, exclude=slot_fields)
+    table = _plain(dumped)
+    for name in (n for n in cls.model_fields if n in slot_fields):  # field order: a set would vary per process
+        value = getattr(config, name)
+        if value is not None:
+            table[cls.model_fields[name].alias or name] = _plain(value)
+    return table
 
 
 def slot_kind(field_info: Any) -> tuple[str, str | None, bool] | None:
@@ -232,3 +306,20 @@ def slot_kind(field_info: Any) -> tuple[str, str | None, bool] | None:
     if isinstance(extra, dict) and "dsk_slot_kind" in extra:
         return extra["dsk_slot_kind"], extra.get("dsk_slot_default"), bool(extra.get("dsk_slot_map"))
     return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HF checkpoint mapping: the adapter contract of dsk/api/hf.py (each component maps its own HF config and weights)
+# ---------------------------------------------------------------------------------------------------------------
+from dsk.api.hf import HFAdapter, HFCheckpoint, HFLayout  # noqa: E402 - kept in its own section
+
+__all__ += ["HFAdapter", "HFCheckpoint", "HFLayout"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation: the attention-cache contract (a length per row) and the speculative-decoding drafter protocol
+# (dsk/api/generation.py)
+# ---------------------------------------------------------------------------------------------------------------
+from dsk.api.generation import AttentionCache, Drafter, DrafterProvider  # noqa: E402 - kept in its own section
+
+__all__ += ["AttentionCache", "Drafter", "DrafterProvider"]

@@ -1,0 +1,194 @@
+"""The run-time contracts of dsk's plugin kinds: features, parallel strategies, optimizers, model side channels.
+
+Torch-free (torch types are named under ``TYPE_CHECKING`` only) and re-exported by :mod:`dsk.api`. The build path
+(:func:`dsk.api.runtime.build_run`) is the only caller of these methods; a plugin implements them.
+
+Build order (one stage of a recipe; each step sees what the previous ones made)::
+
+    tokenizer, task           [tokenizer], [data]
+    model                     [model] (weights drawn from the seeded torch RNG)
+    Feature.transform_model   in feature order: change the model's structure (e.g. swap linears for FP8 ones)
+    initial weights           the previous stage's checkpoint or a trainer's init checkpoint
+    Feature.after_weights     in feature order: what needs the real weights (e.g. an EMA copy)
+    ParallelStrategy.wrap     the strategy wraps, shards or cuts the model
+    optimizer                 [optimizer] over the (wrapped) model's parameters
+    ParallelStrategy.wrap_optimizer, then Feature.wrap_optimizer in feature order
+                              so a sharding strategy (ZeRO-1) wraps first, BF16 moments live in the [optimizer]
+                              component itself, and a CPU offload declared ``after`` the others wraps last
+    side channels             the model's auxiliary-loss and step-statistics providers, collected once
+
+Per optimizer step (the shared update, :meth:`dsk.api.runtime.BuiltRun.update`): gradient clipping and the
+finite check, ``Feature.before_step``, ``optimizer.step()``, the step statistics read, the components'
+``after_optimizer_step`` (router bias updates), ``Feature.after_step``. A skipped (non-finite) step runs none of
+them and zeroes the step statistics. ``Feature.state_dict`` goes into every checkpoint and comes back through
+``Feature.load_state_dict`` on ``--resume``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+__all__ = [
+    "FEATURE_STAGES",
+    "AfterOptimizerStep",
+    "AuxLossSource",
+    "Feature",
+    "ParallelStrategy",
+    "StepStatistics",
+]
+
+#: the stages a feature may act in, in the order the build path and the update run them
+FEATURE_STAGES: tuple[str, ...] = (
+    "transform_model",
+    "after_weights",
+    "wrap_optimizer",
+    "before_step",
+    "after_step",
+    "state",
+)
+
+
+class Feature:
+    """Base class of a feature (kind ``feature``): a precision, memory or step technique applied from outside.
+
+    A feature is built as ``impl(config)`` from its ``[features.<name>]`` table and acts only in the stages it lists
+    in ``stages`` (a subset of :data:`FEATURE_STAGES`); the build path calls nothing else. Its order relative to
+    other features is declared when it is registered (``register("feature", name, impl, after=(...),
+    before=(...), conflicts=(...))``), so it is known, and checked, when the recipe is validated.
+
+    Attributes:
+        stages: the stages this feature acts in.
+        name: the recipe key it was built from (``[features.<name>]``), set by the build path.
+    """
+
+    stages: ClassVar[tuple[str, ...]] = ()
+    name: str = ""
+
+    def __init__(self, config: Any = None):
+        self.config = config
+
+    def transform_model(self, model: nn.Module, run: Any) -> nn.Module | None:
+        """Change the model before its initial weights are loaded; return a replacement or None (changed in place)."""
+        return None
+
+    def after_weights(self, model: nn.Module, run: Any) -> nn.Module | None:
+        """Act on the model once its initial weights are in place; return a replacement or None."""
+        return None
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module, run: Any) -> torch.optim.Optimizer:
+        """Wrap or replace the optimizer; the result keeps ``param_groups`` with their ``"names"``."""
+        return optimizer
+
+    def before_step(self, run: Any, step: int) -> None:
+        """Runs after the gradients of step ``step`` are final (clipped, finite), before ``optimizer.step()``."""
+
+    def after_step(self, run: Any, step: int) -> dict[str, float] | None:
+        """Runs after the update of step ``step``; may return metrics for the step's row."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """State saved in every checkpoint: tensors (saved as safetensors) and JSON values."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (``--resume``)."""
+
+
+class ParallelStrategy:
+    """Base class of a parallel strategy (kind ``parallel``) and the one-process default behind the same interface.
+
+    A strategy sets up its process groups (a DeviceMesh) with ``torch.distributed``, wraps the model (or cuts it
+    into stages), says which slice of the data stream this rank reads, reduces what must be reduced across ranks,
+    and says which rank writes the run directory (metrics, checkpoints, ``resolved.toml``, the summary). The base
+    class is one process: rank 0 of 1, writes everything, reduces nothing.
+    """
+
+    name: str = "single"
+
+    def __init__(self, config: Any = None):
+        self.config = config
+
+    # -- process layout ----------------------------------------------------------------------------------------
+    def setup(self, run: Any) -> None:
+        """Create the process groups / DeviceMesh; runs before the model is built."""
+
+    @property
+    def rank(self) -> int:
+        """This process's rank among all ranks."""
+        return 0
+
+    @property
+    def world_size(self) -> int:
+        """The number of processes."""
+        return 1
+
+    @property
+    def is_writer(self) -> bool:
+        """Whether this rank writes metrics, checkpoints, ``resolved.toml`` and the summary, and shows progress."""
+        return self.rank == 0
+
+    @property
+    def data_rank(self) -> int:
+        """Which slice of each global batch this rank reads."""
+        return 0
+
+    @property
+    def data_world_size(self) -> int:
+        """Into how many slices each global batch is cut."""
+        return 1
+
+    # -- model and optimizer -----------------------------------------------------------------------------------
+    def wrap_model(self, model: nn.Module, run: Any) -> nn.Module:
+        """Wrap, shard or cut the model; returns what the trainer runs."""
+        return model
+
+    def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module, run: Any) -> torch.optim.Optimizer:
+        """Shard the optimizer state (ZeRO-1) or return it unchanged."""
+        return optimizer
+
+    # -- reductions --------------------------------------------------------------------------------------------
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Reduce ``tensor`` in place over the data-parallel ranks (``sum``, ``max`` or ``mean``); returns it."""
+        return tensor
+
+    def reduce_step_statistics(self, tensors: list[torch.Tensor]) -> None:
+        """Sum the components' step statistics (expert loads) over the ranks before they are read or applied."""
+        for t in tensors:
+            self.all_reduce(t, "sum")
+
+    def barrier(self) -> None:
+        """Wait for every rank."""
+
+    def teardown(self) -> None:
+        """Release the process groups at the end of the run."""
+
+
+@runtime_checkable
+class AuxLossSource(Protocol):
+    """A model component with an auxiliary loss (the MoE balance loss): the training loss adds it."""
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """The auxiliary loss of the last forward (a scalar already weighted), or None."""
+
+
+@runtime_checkable
+class StepStatistics(Protocol):
+    """A model component that counts something over an optimizer step (per-expert loads)."""
+
+    def step_stat_tensors(self) -> list[torch.Tensor]:
+        """The counters of this step: a data-parallel strategy sums them, a skipped step zeroes them."""
+
+    def step_metrics(self) -> dict[str, float | list[float]]:
+        """Metrics of the step (``maxvio``; lists such as per-expert loads), read before the update resets them."""
+
+
+@runtime_checkable
+class AfterOptimizerStep(Protocol):
+    """A model component that acts after each optimizer step, never on gradients (a router's bias update)."""
+
+    def after_optimizer_step(self) -> None:
+        """Apply and reset this step's statistics."""

@@ -1,0 +1,1 @@
+"""dsk_optim: the optimizers of dsk (kind ``optimizer``): ``adamw``."""
