@@ -82,12 +82,10 @@ def _pretrain(tmp: Path, s: dict[str, int]) -> Path:
             "steps": s["pretrain"],
             "batch_size": 64,
             "seq_len": 40,
-            "lr": 3e-3,
-            "min_lr": 3e-4,
-            "warmup_steps": 20,
             "eval_samples": 0,
             "device": "cpu",
         },  # fmt: skip
+        "optimizer": {"lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 20},
         "logging": {"progress": False},
     }
     path = tmp / "pretrain.toml"
@@ -111,17 +109,15 @@ def _grpo_table(s: dict[str, int], init: Path) -> dict[str, Any]:
             "max_completion_length": s["L"],
             "micro_batch_size": s["prompts"] * s["G"],
             "generation_batch_size": s["prompts"] * s["G"],
-            "lr": 1e-4,
-            "betas": [0.9, 0.99],
             "loss_type": "dapo",
             "beta": 0.0,
             "eval_samples": 0,
             "log_completions": 0,
-            "grad_clip": 1.0,
             "device": "cpu",
             "init_checkpoint": str(init),
             "rewards": {"accuracy": {}},
         },  # fmt: skip
+        "optimizer": {"lr": 1e-4, "betas": [0.9, 0.99], "grad_clip": 1.0},
         "logging": {"progress": False},
     }
 
@@ -139,35 +135,31 @@ def _dsk_run(tmp: Path, table: dict[str, Any]):
 
     from dsk.plugins import make_plugin_manager
     from dsk.recipe import Recipe, validate_recipe
-    from dsk.registry import build_registry, use_registry
+    from dsk.registry import build_registry
     from dsk.train.context import RunContext
     from dsk.train.metrics import MetricsWriter
     from dsk.train.progress import Reporter
 
     pm = make_plugin_manager(allow={"dsk"})
     registry = build_registry(pm)
-    with use_registry(registry):
-        result = validate_recipe(Recipe(data=table), registry, check=True)
-        ctx = RunContext(
-            run_dir=tmp / "dsk", sections=result.resolved, registry=registry, pm=pm,
-            metrics=MetricsWriter(tmp / "dsk" / "metrics.jsonl"), reporter=Reporter(_Quiet(), enabled=False), seed=0,
-        )  # fmt: skip
-        run = _GRPORun(result.resolved["trainer"].build(), ctx)
-        run.setup()
+    result = validate_recipe(Recipe(data=table), registry, check=True)
+    ctx = RunContext(
+        run_dir=tmp / "dsk", sections=result.resolved, registry=registry, pm=pm,
+        metrics=MetricsWriter(tmp / "dsk" / "metrics.jsonl"), reporter=Reporter(_Quiet(), enabled=False), seed=0,
+    )  # fmt: skip
+    run = _GRPORun(result.resolved["trainer"].build(), ctx)
+    run.setup()
     return run, registry
 
 
 def _time_dsk(run: Any, registry: Any, n: int) -> tuple[list[float], list[float]]:
     """Step times and frac_reward_zero_std of ``n`` steps."""
-    from dsk.registry import use_registry
-
     times, zero_std = [], []
-    with use_registry(registry):
-        for _ in range(n):
-            t0 = time.perf_counter()
-            row = run.train_step()
-            times.append(time.perf_counter() - t0)
-            zero_std.append(row["frac_reward_zero_std"])
+    for _ in range(n):
+        t0 = time.perf_counter()
+        row = run.train_step()
+        times.append(time.perf_counter() - t0)
+        zero_std.append(row["frac_reward_zero_std"])
     return times, zero_std
 
 

@@ -40,7 +40,7 @@ def _quickstart_run(tmp: Path, without_mtp: bool):
 
     from dsk.plugins import make_plugin_manager
     from dsk.recipe import load_recipe, validate_recipe
-    from dsk.registry import build_registry, use_registry
+    from dsk.registry import build_registry
     from dsk.train.context import RunContext
     from dsk.train.metrics import MetricsWriter
     from dsk.train.progress import Reporter
@@ -49,14 +49,13 @@ def _quickstart_run(tmp: Path, without_mtp: bool):
     registry = build_registry(pm)
     overrides = [("unset", "model.mtp")] if without_mtp else []
     recipe = load_recipe(str(ROOT / "recipes" / "quickstart.toml"), overrides=overrides)
-    with use_registry(registry):
-        sections = validate_recipe(recipe, registry, pm, check=True).resolved
-        ctx = RunContext(
-            run_dir=tmp, sections=sections, registry=registry, pm=pm, metrics=MetricsWriter(tmp / "metrics.jsonl"),
-            reporter=Reporter(_Quiet(), False), seed=sections["dsk"].seed,
-        )  # fmt: skip
-        run = _Run(sections["trainer"].build(), ctx)
-        run.setup()
+    sections = validate_recipe(recipe, registry, pm, check=True).resolved
+    ctx = RunContext(
+        run_dir=tmp, sections=sections, registry=registry, pm=pm, metrics=MetricsWriter(tmp / "metrics.jsonl"),
+        reporter=Reporter(_Quiet(), False), seed=sections["dsk"].seed,
+    )  # fmt: skip
+    run = _Run(sections["trainer"].build(), ctx)
+    run.setup()
     return run
 
 
@@ -93,8 +92,9 @@ def _throughput_row(quick: bool, without_mtp: bool) -> dict[str, Any]:
         model.load_state_dict({**model.state_dict(), **same})
         batches = [next(run.batches) for _ in range(steps + warmup)]
         run.batches = iter(copy.copy(batches))  # the trainer's step reads the same batches as the peer
+        ocfg = run.built.optimizer_config
         opt = torch.optim.AdamW(
-            peer.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay
+            peer.parameters(), lr=ocfg.lr, betas=ocfg.betas, eps=ocfg.eps, weight_decay=ocfg.weight_decay
         )
 
         def dsk_step(i: int) -> None:
@@ -105,7 +105,7 @@ def _throughput_row(quick: bool, without_mtp: bool) -> dict[str, Any]:
             out = peer(input_ids=b["input_ids"], attention_mask=(b["doc_ids"] >= 0).long(), labels=b["labels"])
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(peer.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(peer.parameters(), ocfg.grad_clip)
             opt.step()
 
         t = _interleaved({"dsk": dsk_step, "peer": peer_step}, steps, warmup)

@@ -241,7 +241,9 @@ class Registrar:
     ) -> None:
         allowed = HOOK_KINDS.get(self.hook, ())
         if (after or before or conflicts) and kind != "feature":
-            raise RegistryError(f"{kind} '{name}' from plugin '{self.provider}': after/before/conflicts are for features")
+            raise RegistryError(
+                f"{kind} '{name}' from plugin '{self.provider}': after/before/conflicts are for features"
+            )
         if hf is not None and self.hook != "register_model_components":
             raise RegistryError(f"{kind} '{name}' from plugin '{self.provider}': hf= is for model components")
         if kind not in allowed:

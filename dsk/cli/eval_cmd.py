@@ -107,7 +107,6 @@ def eval_cmd(ctx, checkpoint, task_type, sets, samples, max_new_tokens, pass_k, 
 
     from dsk.data.tokenizers import load_tokenizer
     from dsk.model.hf import CheckpointError, load_pretrained
-    from dsk.registry import use_registry
     from dsk.train.evaluate import evaluate_task, test_records
 
     spec = _read_json(ckpt / "config.json").get("tokenizer")
@@ -115,12 +114,10 @@ def eval_cmd(ctx, checkpoint, task_type, sets, samples, max_new_tokens, pass_k, 
         raise DskUsageError(f"{ckpt / 'config.json'}: no 'tokenizer' entry; was it written by `dsk train`?")
     try:
         tokenizer = load_tokenizer(spec)
-        with use_registry(registry):
-            model = load_pretrained(ckpt).to(torch.device(device))
+        model = load_pretrained(ckpt, registry=registry).to(torch.device(device))
     except (CheckpointError, ValueError) as exc:
         raise DskUsageError(f"cannot load {ckpt}: {exc}") from None
-    with use_registry(registry):
-        task = slot.build()
+    task = slot.build()
     records = test_records(task, samples)
     if not records:
         raise DskUsageError(f"task {slot.name!r} has no test split to evaluate on")

@@ -155,9 +155,7 @@ class LossOutput:
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
 
-def loss_from_output(
-    model: nn.Module, out: Any, labels: torch.Tensor, side: SideChannels | None = None
-) -> LossOutput:
+def loss_from_output(model: nn.Module, out: Any, labels: torch.Tensor, side: SideChannels | None = None) -> LossOutput:
     """The training loss of a forward's output (with MTP logits when the model has MTP heads).
 
     ``model.mtp.loss`` scores the MTP depths; the auxiliary losses come from ``side`` (collected from ``model``

@@ -21,8 +21,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from dsk.api import Problem
-from dsk.recipe.errors import RecipeError, format_path
 from dsk.names import did_you_mean
+from dsk.recipe.errors import RecipeError, format_path
 
 Path_ = tuple[Any, ...]
 

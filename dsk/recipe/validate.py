@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ValidationError
 
 from dsk.api import Problem, ResolvedSlot, slot_kind
+from dsk.names import LookupFailed, did_you_mean
 from dsk.recipe.errors import RecipeError, join
 from dsk.recipe.load import Recipe, merge_into
 from dsk.recipe.order import FeatureEntry, order_features
@@ -25,7 +26,6 @@ from dsk.recipe.schema import (
     DskMeta,
     LoggingConfig,
 )
-from dsk.names import LookupFailed, did_you_mean
 
 if TYPE_CHECKING:  # pragma: no cover
     from dsk.plugins import DskPluginManager

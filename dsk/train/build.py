@@ -107,7 +107,9 @@ def build_parallel(sections: dict[str, Any]) -> ParallelStrategy:
     for key, slot in slots.items():
         strategy = slot.build()
         if not isinstance(strategy, ParallelStrategy):
-            raise RunSetupError(f"parallel.{key}: {slot.name!r} built a {type(strategy).__name__}, not a ParallelStrategy")
+            raise RunSetupError(
+                f"parallel.{key}: {slot.name!r} built a {type(strategy).__name__}, not a ParallelStrategy"
+            )
         strategy.name = key
         strategies.append(strategy)
     if not strategies:
@@ -233,7 +235,9 @@ def _build_features(ctx: RunContext) -> list[Feature]:
     for key, slot in (ctx.section("features") or {}).items():  # already in application order (recipe validation)
         feature = slot.build()
         if not isinstance(feature, Feature):
-            raise RunSetupError(f"features.{key}: {slot.name!r} built a {type(feature).__name__}, not a dsk.api.Feature")
+            raise RunSetupError(
+                f"features.{key}: {slot.name!r} built a {type(feature).__name__}, not a dsk.api.Feature"
+            )
         feature.name = key
         out.append(feature)
     return out
@@ -274,6 +278,11 @@ def build_run(
     parallel = build_parallel(ctx.sections)
     parallel.setup(ctx)
     ctx.parallel = parallel
+    if not parallel.is_writer:  # one rank writes metrics and shows progress; the others run silently
+        if getattr(ctx.metrics, "enabled", False):
+            ctx.metrics.enabled = False
+        if getattr(ctx.reporter, "enabled", False):
+            ctx.reporter.enabled = False
     tokenizer = tokenizer if tokenizer is not None else ctx.build_tokenizer()
     task = ctx.build_task() if with_task else None
     features = _build_features(ctx)

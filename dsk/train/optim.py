@@ -34,7 +34,9 @@ def _group_names(optimizer: torch.optim.Optimizer) -> list[list[str]]:
     names = []
     for i, group in enumerate(optimizer.param_groups):
         if "names" not in group or len(group["names"]) != len(group["params"]):
-            raise ValueError(f"optimizer param group {i} has no parameter names (group['names']); see dsk.api.OptimizerConfig")
+            raise ValueError(
+                f"optimizer param group {i} has no parameter names (group['names']); see dsk.api.OptimizerConfig"
+            )
         names.append(list(group["names"]))
     return names
 

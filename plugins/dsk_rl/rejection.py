@@ -17,7 +17,15 @@ from typing import Any, ClassVar
 
 import torch
 
-from dsk.api.runtime import RunContext, RunFailed, build_run, latest_checkpoint, load_checkpoint, read_jsonl, test_records
+from dsk.api.runtime import (
+    RunContext,
+    RunFailed,
+    build_run,
+    latest_checkpoint,
+    load_checkpoint,
+    read_jsonl,
+    test_records,
+)
 from dsk_rl.common import build_policy, evaluate_row, save_run_checkpoint, step_generator, train_record_fn
 from dsk_rl.config import RejectionSamplingConfig
 from dsk_rl.sft import resolve_checkpoint, run_sft, sft_steps

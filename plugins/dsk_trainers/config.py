@@ -12,8 +12,6 @@ The optimizer and its learning-rate schedule are the ``[optimizer]`` section's (
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field
 
 from dsk.api import BaseConfig

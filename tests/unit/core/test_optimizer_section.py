@@ -18,13 +18,18 @@ def _problems(table):
 
 def test_a_recipe_without_optimizer_gets_adamw_with_the_trainers_defaults():
     lm = validate_recipe(Recipe(data={**BASE, "trainer": {"type": "pretrain"}}), builtin_registry())
-    rl = validate_recipe(Recipe(data={**BASE, "trainer": {"type": "grpo", "rewards": {"accuracy": {}}}}), builtin_registry())
+    rl = validate_recipe(
+        Recipe(data={**BASE, "trainer": {"type": "grpo", "rewards": {"accuracy": {}}}}), builtin_registry()
+    )
     assert lm.ok and rl.ok
     assert lm.resolved["optimizer"].name == "adamw"
     assert (lm.resolved["optimizer"].config.schedule, lm.resolved["optimizer"].config.betas) == ("cosine", (0.9, 0.95))
     # the RL trainers declare TRL's defaults under the recipe's keys
     assert (rl.resolved["optimizer"].config.schedule, rl.resolved["optimizer"].config.lr) == ("constant", 1e-4)
-    rl2 = validate_recipe(Recipe(data={**BASE, "trainer": {"type": "grpo", "rewards": {"accuracy": {}}}, "optimizer": {"lr": 5e-5}}), builtin_registry())
+    rl2 = validate_recipe(
+        Recipe(data={**BASE, "trainer": {"type": "grpo", "rewards": {"accuracy": {}}}, "optimizer": {"lr": 5e-5}}),
+        builtin_registry(),
+    )
     assert (rl2.resolved["optimizer"].config.lr, rl2.resolved["optimizer"].config.weight_decay) == (5e-5, 0.0)
 
 

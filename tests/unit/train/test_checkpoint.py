@@ -4,6 +4,8 @@ import json
 
 import pytest
 import torch
+from dsk_optim.adamw import build_adamw
+from dsk_optim.config import AdamWConfig
 
 from dsk.train.checkpoint import (
     CheckpointLoadError,
@@ -14,8 +16,6 @@ from dsk.train.checkpoint import (
     save_checkpoint,
 )
 from dsk.train.optim import load_optimizer_state, optimizer_state_to_tensors
-from dsk_optim.adamw import build_adamw
-from dsk_optim.config import AdamWConfig
 from tests.unit.train.helpers import make_run, tiny_table
 
 

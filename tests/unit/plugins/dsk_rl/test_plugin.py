@@ -1,7 +1,6 @@
 """The rl plugin: lazy, torch-free registration of the three trainers, and config validation with clear errors."""
 
 import importlib
-from dsk.testing import builtin_registry
 import subprocess
 import sys
 
@@ -9,6 +8,8 @@ import pytest
 from dsk_rl import plugin
 from dsk_rl.config import DistillConfig, GRPOConfig, RejectionSamplingConfig
 from pydantic import ValidationError
+
+from dsk.testing import builtin_registry
 
 
 def registrations():

@@ -1,7 +1,6 @@
 """Trace selection for rejection sampling and distillation: only accepted, no duplicates, provenance on every row."""
 
 import math
-from dsk.testing import builtin_registry
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from dsk_rl.rollout import Samples, pack, score
 from dsk_rl.traces import generate_traces, select
 
 from dsk.api import ResolvedSlot
+from dsk.testing import builtin_registry
 
 
 def test_select_keeps_accepted_eos_terminated_unique_completions():
