@@ -64,7 +64,7 @@ def run_ablation(
     steps: int | None = None, out_dir: Path | None = None, seed: int | None = None
 ) -> list[dict[str, Any]]:
     """Train the three router recipes; one result dict per router (``seed`` sets both dsk.seed and data.seed)."""
-    sets = [] if steps is None else [f"trainer.steps={steps}", f"trainer.warmup_steps={max(1, steps // 20)}"]
+    sets = [] if steps is None else [f"trainer.steps={steps}", f"optimizer.warmup_steps={max(1, steps // 20)}"]
     if seed is not None:
         sets += [f"dsk.seed={seed}", f"data.seed={seed}"]
     base = out_dir or Path(tempfile.mkdtemp(prefix="dsk-ablation-"))

@@ -14,11 +14,11 @@ from typing import Any
 import click
 
 from dsk import __version__
+from dsk.errors import InputError
 
 #: built-in commands, imported lazily
 LAZY_COMMANDS: dict[str, str] = {
     "train": "dsk.cli.run_cmd:train",
-    "distill": "dsk.cli.distill_cmd:distill",
     "profile": "dsk.cli.run_cmd:profile",
     "generate": "dsk.cli.model_cmd:generate_cmd",
     "convert": "dsk.cli.model_cmd:convert_cmd",
@@ -30,7 +30,6 @@ LAZY_COMMANDS: dict[str, str] = {
 
 SHORT_HELP: dict[str, str] = {
     "train": "Train from a recipe (one stage or a [[stages]] pipeline).",
-    "distill": "Teacher -> reasoning traces -> student.",
     "profile": "Measure time, memory, FLOPs and expert load of recipes.",
     "generate": "Sample from a checkpoint (KV cache, MTP speculation).",
     "convert": "Convert checkpoints between HF and dsk formats.",
@@ -101,6 +100,16 @@ class DskGroup(click.Group):
             self.commands[name] = cmd
             return cmd
         return self._app(ctx).plugin_commands().get(name)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        # Bad input that a command (built-in or a plugin's) did not turn into a usage error itself: a data row, a
+        # tokenizer file, a checkpoint. It is the user's to fix, so one line and exit 2, never a traceback.
+        try:
+            return super().invoke(ctx)
+        except InputError as exc:
+            from dsk.cli.common import DskUsageError
+
+            raise DskUsageError.from_input_error(exc) from None
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # short help from a table so that `dsk --help` imports no command module

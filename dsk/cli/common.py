@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from dsk.api import Problem
+from dsk.errors import InputError
 from dsk.recipe.errors import RecipeError
 
 
@@ -29,6 +30,11 @@ class DskUsageError(click.ClickException):
             render_problems(console, self.message, self.problems, self.recipe)
         else:
             console.print(f"[bold red]Error:[/] {escape(self.message)}")
+
+    @classmethod
+    def from_input_error(cls, exc: InputError) -> DskUsageError:
+        """The exit-2 form of bad input found past validation (a data row, a tokenizer file, a checkpoint)."""
+        return cls(str(exc))
 
 
 def escape(text: str) -> str:
@@ -149,7 +155,7 @@ def recipe_options(func: Callable) -> Callable:
 
 
 def run_options(func: Callable) -> Callable:
-    """Options shared by the run commands (train, distill, profile)."""
+    """Options shared by the run commands (train, profile, and plugin run commands)."""
     func = click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")(func)
     func = click.option("--dry-run", is_flag=True, help="Validate and resolve the recipe, write nothing else.")(func)
     func = click.option(
@@ -174,10 +180,9 @@ def load_and_validate(
     require: tuple[str, ...] = (),
 ):
     """Load, override and validate a recipe; any problem becomes a :class:`DskUsageError` (exit 2)."""
-    from dsk.cli import App
     from dsk.recipe import load_recipe, validate_recipe
 
-    app: App = ctx.find_root().obj
+    app = ctx.find_root().obj  # the root group's dsk.cli.App (not imported: dsk.cli imports this module)
     try:
         recipe = load_recipe(path, configs=configs, overrides=overrides_from(ctx, sets, unsets))
     except RecipeError as exc:
@@ -186,6 +191,34 @@ def load_and_validate(
     if result.problems:
         raise DskUsageError(_headline(path, result.problems), result.problems, recipe)
     return result
+
+
+def load_recipe_data(
+    ctx: click.Context,
+    path: str | None,
+    configs: tuple[str, ...] = (),
+    sets: tuple[str, ...] = (),
+    unsets: tuple[str, ...] = (),
+) -> dict[str, Any] | None:
+    """The recipe's merged table (layers and overrides applied, not validated), or None when it does not load.
+
+    For a command that adapts its overrides to the recipe's shape before validating it (an option that sets a key
+    inside each ``[[stages]]`` entry of some kind); a recipe that does not load is reported by
+    :func:`load_and_validate` afterwards, with all its problems.
+    """
+    from dsk.recipe import load_recipe
+
+    try:
+        return load_recipe(path, configs=configs, overrides=overrides_from(ctx, sets, unsets)).data
+    except (RecipeError, OSError):
+        return None
+
+
+def add_override(ctx: click.Context, sets: tuple[str, ...], value: str) -> tuple[str, ...]:
+    """Append ``--set value`` after the command line's own ``--set``/``--unset`` (which keep their order); returns
+    the new ``sets`` to pass on to :func:`load_and_validate`."""
+    ctx.meta.setdefault("dsk.overrides", []).append(("set", value))
+    return (*sets, value)
 
 
 def _headline(path: str | None, problems: list[Problem]) -> str:
@@ -199,7 +232,7 @@ def echo_json(payload: Any) -> None:
 
 
 def handle_recipe_errors(func: Callable) -> Callable:
-    """Turn a stray RecipeError raised inside a command into a clean exit-2 message."""
+    """Turn a stray RecipeError or InputError raised inside a command into a clean exit-2 message."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -207,5 +240,7 @@ def handle_recipe_errors(func: Callable) -> Callable:
             return func(*args, **kwargs)
         except RecipeError as exc:
             raise DskUsageError(str(exc), exc.problems) from None
+        except InputError as exc:
+            raise DskUsageError.from_input_error(exc) from None
 
     return wrapper

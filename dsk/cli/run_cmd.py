@@ -1,4 +1,5 @@
-"""``dsk train``, ``dsk distill`` and ``dsk profile``."""
+"""``dsk train`` and ``dsk profile``, and :func:`execute`, which runs a validated recipe for them and for the run
+commands that plugins add (see :mod:`dsk.api.cli`)."""
 
 from __future__ import annotations
 
@@ -126,10 +127,21 @@ def execute(
     dry_run: bool,
     as_json: bool,
 ) -> tuple[dict[str, Any], Any, Path] | None:
-    """Run a validated recipe (the shared part of ``dsk train`` and ``dsk distill``).
+    """Run a validated recipe into a run directory (the shared part of ``dsk train`` and the plugin run commands).
 
-    Returns ``(summary, console, run_path)`` for the caller to print, or None when nothing is left to print
-    (a dry run, or ``--json``, whose summary has been written to stdout).
+    Args:
+        ctx: the command's click context (its root holds the plugin manager and registry).
+        result: what :func:`dsk.cli.common.load_and_validate` returned.
+        recipe: the recipe path, as given on the command line.
+        run_dir: ``--run-dir`` (None: ``runs/<recipe>-<time>``).
+        resume: ``--resume``: continue the latest checkpoint of ``run_dir``.
+        stage: ``--stage``: run only this stage of a ``[[stages]]`` pipeline (None: all).
+        dry_run: ``--dry-run``: print the plan and the resolved recipe, write nothing.
+        as_json: ``--json``: the summary goes to stdout as JSON, progress to stderr.
+
+    Exits 2 on bad input (also found mid-run: a data row, a checkpoint), 1 when the run failed, 128 + the signal
+    when interrupted. Returns ``(summary, console, run_path)`` for the caller to print, or None when nothing is
+    left to print (a dry run, or ``--json``, whose summary has been written to stdout).
     """
     from dsk.train.runner import default_run_dir
 
@@ -140,10 +152,8 @@ def execute(
         _dry_run(result, recipe, run_path, as_json)
         return None
     console = stderr_console() if as_json else stdout_console()
-    from dsk.kernels import pin_malloc_thresholds
-
-    pin_malloc_thresholds()  # steady page reuse step after step (see its docstring)
-    summary = _run(ctx.find_root().obj, result, recipe, run_path, resume, stage, console, _save_delay())
+    command = f"dsk {ctx.info_name or 'train'}"  # the command to repeat with --resume
+    summary = _run(ctx.find_root().obj, result, recipe, run_path, resume, stage, console, _save_delay(), command)
     if as_json:
         echo_json(summary)
         return None
@@ -151,10 +161,10 @@ def execute(
 
 
 def _run(app: Any, result: Any, recipe: str, run_path: Path, resume: bool, stage: str | None, console: Any,
-         save_delay: tuple[float, int]) -> dict[str, Any]:  # fmt: skip
+         save_delay: tuple[float, int], command: str) -> dict[str, Any]:  # fmt: skip
     """Run the recipe; map the run's exceptions onto exit codes (2 bad input, 1 failed, 130/143 interrupted)."""
-    from dsk.train.checkpoint import CheckpointLoadError
-    from dsk.train.context import RunFailed, RunInterrupted, RunSetupError
+    from dsk.errors import InputError
+    from dsk.train.context import RunFailed, RunInterrupted
     from dsk.train.progress import Reporter
     from dsk.train.runner import run_recipe
 
@@ -174,16 +184,18 @@ def _run(app: Any, result: Any, recipe: str, run_path: Path, resume: bool, stage
             save_delay=save_delay[0],
             save_delay_from_step=save_delay[1],
         )
-    except (RunSetupError, CheckpointLoadError) as exc:
+    except InputError as exc:
+        # bad input, wherever the run met it (setup, a data row read mid-run, a checkpoint that does not load):
+        # one line, exit 2; what the run wrote before (checkpoints, metrics rows) stays as it is
         reporter.stop()
-        raise DskUsageError(str(exc)) from None
+        raise DskUsageError.from_input_error(exc) from None
     except RunFailed as exc:
         reporter.stop()
         err.print(f"[bold red]Run failed:[/] {escape(str(exc))}")
         raise SystemExit(1) from None
     except RunInterrupted as exc:
         reporter.stop()
-        err.print(f"[yellow]Interrupted:[/] {escape(str(exc))}. Continue with: dsk train {escape(recipe)} "
+        err.print(f"[yellow]Interrupted:[/] {escape(str(exc))}. Continue with: {escape(command)} {escape(recipe)} "
                   f"--run-dir {escape(str(run_path))} --resume")  # fmt: skip
         raise SystemExit(128 + exc.signum) from None
     except KeyboardInterrupt:

@@ -28,6 +28,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from dsk.errors import InputError
+
 __all__ = [
     "ANSWER_CLOSE",
     "ANSWER_OPEN",
@@ -44,6 +46,7 @@ __all__ = [
     "CharTokenizer",
     "HFTokenizer",
     "Tokenizer",
+    "TokenizerFileError",
     "build_byte_tokenizer",
     "build_char_tokenizer",
     "build_hf_tokenizer",
@@ -64,6 +67,11 @@ DEFAULT_ALPHABET: str = (
     " \t\n" + string.digits + string.punctuation + string.ascii_lowercase + string.ascii_uppercase + _ACCENTED
 )
 _FORMAT_VERSION = 1
+
+
+class TokenizerFileError(InputError):
+    """A tokenizer file is missing, unreadable or not a tokenizer (``file`` names it); the CLI reports it as bad
+    input (exit 2)."""
 
 
 @runtime_checkable
@@ -386,8 +394,15 @@ class HFTokenizer:
         if path.is_dir():
             path = path / "tokenizer.json"
         if not path.is_file():
-            raise FileNotFoundError(f"no tokenizer.json at {path}")
-        return cls(_HFTok.from_file(str(path)), **special_tokens)
+            raise TokenizerFileError("no tokenizer.json here", file=path)
+        try:
+            tokenizer = _HFTok.from_file(str(path))
+        except Exception as exc:  # the library raises a bare Exception for unreadable or malformed files
+            raise TokenizerFileError(f"not a tokenizer.json the tokenizers library reads ({exc})", file=path) from None
+        try:
+            return cls(tokenizer, **special_tokens)
+        except ValueError as exc:  # a special token it lacks
+            raise TokenizerFileError(str(exc), file=path) from None
 
     @classmethod
     def from_str(cls, text: str, **special_tokens: str | None) -> HFTokenizer:
@@ -473,7 +488,7 @@ def load_tokenizer(spec: Any) -> Tokenizer:
 
     Raises:
         ValueError: the spec is none of these (the message quotes it).
-        FileNotFoundError: a path that does not exist.
+        TokenizerFileError: a path that does not exist, or a file that is not a tokenizer.
     """
     if isinstance(spec, (CharTokenizer, ByteTokenizer, HFTokenizer)):
         return spec
@@ -496,13 +511,21 @@ def load_tokenizer(spec: Any) -> Tokenizer:
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.exists():
-        raise FileNotFoundError(f"tokenizer spec {spec!r} is not 'char', 'byte', JSON or an existing path")
-    text = path.read_text(encoding="utf-8")
-    payload = json.loads(text)
+        raise TokenizerFileError(f"tokenizer spec {spec!r} is not 'char', 'byte', JSON or an existing path")
+    try:
+        text = path.read_text(encoding="utf-8")
+        payload = json.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TokenizerFileError(f"cannot read tokenizer JSON ({exc})", file=path) from None
     # A dsk tokenizer JSON names its type at the top level; a tokenizers-library file never has a top-level "type".
-    if isinstance(payload, dict) and payload.get("type") in _BY_TYPE:
-        return load_tokenizer(payload)
-    return HFTokenizer.from_str(text)
+    try:
+        if isinstance(payload, dict) and payload.get("type") in _BY_TYPE:
+            return load_tokenizer(payload)
+        return HFTokenizer.from_str(text)
+    except TokenizerFileError:
+        raise
+    except Exception as exc:  # ValueError from ours, a bare Exception from the tokenizers library
+        raise TokenizerFileError(f"not a tokenizer ({exc})", file=path) from None
 
 
 def build_char_tokenizer(config: Any) -> CharTokenizer:

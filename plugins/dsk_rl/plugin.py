@@ -28,3 +28,11 @@ def register_trainers(register):
         config=DistillConfig,
         summary="a teacher checkpoint writes verified traces; the student learns them by SFT (+ optional logit KD)",
     )
+
+
+@hookimpl
+def register_commands(cli):
+    """Add ``dsk distill`` (its module is torch-free; the run imports torch when it starts)."""
+    from dsk_rl.cli import distill
+
+    cli.add_command(distill)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from dsk.data.languages import SYMBOLIC, Step
+from dsk.api.runtime import SYMBOLIC, Step
 from dsk_tasks.base import Problem, VerifiableTask, parse_int
 from dsk_tasks.config import ArithmeticConfig
 

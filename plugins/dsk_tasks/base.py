@@ -20,8 +20,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from dsk.data.completions import extract_answer
-from dsk.data.languages import SPELLED_LANGUAGES, SYMBOLIC, Step, render_steps
+from dsk.api.runtime import SPELLED_LANGUAGES, SYMBOLIC, Step, extract_answer, render_steps
 from dsk_tasks.config import TaskConfig
 
 __all__ = [

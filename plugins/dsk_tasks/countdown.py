@@ -14,7 +14,7 @@ import random
 from collections import Counter
 from typing import Any
 
-from dsk.data.languages import SPELLED_LANGUAGES, SYMBOLIC, Step
+from dsk.api.runtime import SPELLED_LANGUAGES, SYMBOLIC, Step
 from dsk_tasks.base import Problem, VerifiableTask
 from dsk_tasks.config import CountdownConfig
 from dsk_tasks.expr import ExpressionError, evaluate

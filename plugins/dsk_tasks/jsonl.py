@@ -12,8 +12,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from dsk.data.completions import extract_answer
-from dsk.data.jsonl import JsonlSource
+from dsk.api.runtime import DataError, JsonlSource, extract_answer
 from dsk_tasks.base import SPLITS, stable_hash
 from dsk_tasks.config import JsonlConfig
 
@@ -48,7 +47,12 @@ class JsonlTask:
             raise ValueError(f"split={split!r}: must be 'train' or 'test'")
         rows = self._rows[split]
         if not rows:
-            raise ValueError(f"jsonl task has no {split} rows (set test_path or test_percent for a test split)")
+            # bad input, not a crash: the files (or test_percent) give this split nothing
+            files = self.config.test_path if split == "test" and self.config.test_path else self.config.path
+            raise DataError(
+                f"the jsonl task has no {split} rows (set test_path or test_percent for a test split)",
+                file=files if isinstance(files, str) else ", ".join(files),
+            )
         return rows
 
     def _order(self, split: str, epoch: int) -> list[int]:

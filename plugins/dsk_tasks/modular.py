@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from dsk.data.languages import SYMBOLIC
+from dsk.api.runtime import SYMBOLIC
 from dsk_tasks.base import Problem, VerifiableTask, parse_int
 from dsk_tasks.config import ModularConfig
 

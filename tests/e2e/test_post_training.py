@@ -41,10 +41,12 @@ type = "pretrain"
 steps = 60
 batch_size = 32
 seq_len = 24
+eval_samples = 0
+
+[optimizer]
 lr = 1e-2
 min_lr = 1e-3
 warmup_steps = 5
-eval_samples = 0
 """
 
 # Six fixed training prompts (a JSONL task), so "the reward on its training prompts" is measured on the same prompts
@@ -64,11 +66,13 @@ steps = 30
 prompts_per_step = 16
 num_generations = 8
 max_completion_length = 6
-lr = 5e-3
-warmup_steps = 3
 eval_samples = 0
 log_completions = 4
 init_checkpoint = "{base}"
+
+[optimizer]
+lr = 5e-3
+warmup_steps = 3
 
 [trainer.rewards.accuracy]
 [trainer.rewards.format]
@@ -89,11 +93,13 @@ threshold = 1.0
 steps = 8
 batch_size = 16
 seq_len = 24
-lr = 1e-3
 eval_samples = 5
 eval_max_new_tokens = 6
 init_checkpoint = "{base}"
 mix_count = 5
+
+[optimizer]
+lr = 1e-3
 
 [trainer.mix_task]
 type = "modular"
@@ -135,9 +141,11 @@ threshold = 1.0
 steps = 10
 batch_size = 16
 seq_len = 24
-lr = 1e-2
 eval_samples = 5
 eval_max_new_tokens = 6
+
+[optimizer]
+lr = 1e-2
 
 [trainer.rewards.accuracy]
 """

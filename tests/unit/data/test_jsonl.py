@@ -65,3 +65,29 @@ def test_empty_source_is_an_error(tmp_path):
     path = write(tmp_path / "empty.jsonl", [""])
     with pytest.raises(DataError, match="no rows"):
         JsonlSource(path)
+
+
+def test_a_missing_file_is_a_data_error_naming_it(tmp_path):
+    with pytest.raises(DataError, match=r"gone\.jsonl: no such JSONL file") as info:
+        read_jsonl(tmp_path / "gone.jsonl")
+    assert info.value.file == str(tmp_path / "gone.jsonl") and info.value.line is None
+
+
+def test_bytes_that_are_not_utf8_name_their_own_line(tmp_path):
+    # 20 good lines first, so a reader that decodes ahead in chunks would blame line 1
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b"".join([json.dumps({"text": f"row {i}"}).encode() + b"\n" for i in range(20)])
+                     + '{"text": "caf\xe9"}\n'.encode("latin-1"))  # fmt: skip
+    with pytest.raises(DataError, match=r"latin1\.jsonl:21: not UTF-8") as info:
+        read_jsonl(path)
+    assert info.value.line == 21
+
+
+def test_data_errors_are_input_errors_with_file_and_line(tmp_path):
+    from dsk.errors import InputError
+
+    path = write(tmp_path / "bad.jsonl", [json.dumps({"text": "a"}), "[1, 2]"])
+    with pytest.raises(InputError) as info:
+        read_jsonl(path)
+    assert (info.value.file, info.value.line) == (str(path), 2)
+    assert info.value.message == "expected a JSON object, got list"

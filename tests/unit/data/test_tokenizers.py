@@ -15,6 +15,7 @@ from dsk.data.tokenizers import (
     CharTokenizer,
     HFTokenizer,
     Tokenizer,
+    TokenizerFileError,
     build_char_tokenizer,
     load_tokenizer,
 )
@@ -245,7 +246,7 @@ def test_load_tokenizer_by_name_and_file(tmp_path):
 
 
 def test_load_tokenizer_rejects_unknown_specs(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope"):
+    with pytest.raises(TokenizerFileError, match="nope"):
         load_tokenizer("nope")
     with pytest.raises(ValueError, match="'wordpiece'"):
         load_tokenizer({"type": "wordpiece"})
@@ -266,3 +267,26 @@ def test_tokenizer_module_does_not_import_torch():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env={"PYTHONPATH": ":".join(sys.path)}
     )
     assert out.stdout.strip() == "False"
+
+
+def test_a_missing_or_unreadable_hf_tokenizer_file_is_input_error_naming_it(tmp_path):
+    from dsk.errors import InputError
+
+    missing = tmp_path / "nope" / "tokenizer.json"
+    with pytest.raises(TokenizerFileError, match="no tokenizer.json") as info:
+        HFTokenizer.from_file(missing)
+    assert isinstance(info.value, InputError) and info.value.file == str(missing)
+    garbage = tmp_path / "tokenizer.json"
+    garbage.write_text("{not json", encoding="utf-8")
+    with pytest.raises(TokenizerFileError, match="not a tokenizer.json") as info:
+        HFTokenizer.from_file(tmp_path)
+    assert info.value.file == str(garbage)
+    with pytest.raises(TokenizerFileError, match="cannot read tokenizer JSON") as info:
+        load_tokenizer(garbage)
+    assert info.value.file == str(garbage)
+
+
+def test_an_hf_tokenizer_without_the_named_special_token_names_its_file(hf_tokenizer_json):
+    with pytest.raises(TokenizerFileError, match="pad_token='<nope>' is not in its vocabulary") as info:
+        HFTokenizer.from_file(hf_tokenizer_json, pad_token="<nope>")
+    assert info.value.file == str(hf_tokenizer_json)

@@ -2,6 +2,8 @@
 
 The command runs a recipe whose ``[trainer]`` (or one of whose ``[[stages]]``) is ``type = "distill"`` through the
 same build path as ``dsk train`` (run directory, checkpoints, ``--resume``), then prints teacher against student.
+Registered by :func:`dsk_rl.plugin.register_commands`; torch-free at import, like every command, so ``dsk --help``
+can list it.
 """
 
 from __future__ import annotations
@@ -11,12 +13,9 @@ from typing import Any
 
 import click
 
-from dsk.cli.common import (
-    DskUsageError,
-    escape,
-    load_and_validate,
-    run_options,
-)
+from dsk.api.cli import DskUsageError, add_override, escape, execute, load_and_validate, load_recipe_data, run_options
+
+__all__ = ["distill"]
 
 
 def _distill_stages(result: Any) -> list[str | None]:
@@ -27,19 +26,11 @@ def _distill_stages(result: Any) -> list[str | None]:
     return [None] if getattr(trainer, "name", None) == "distill" else []
 
 
-def _teacher_keys(ctx: click.Context, recipe: str, configs, sets, unsets) -> list[str]:
+def _teacher_keys(data: dict[str, Any] | None) -> list[str]:
     """Where ``--teacher`` goes: ``trainer.teacher``, or ``stages.<i>.trainer.teacher`` of every distill stage."""
-    from dsk.cli.common import overrides_from
-    from dsk.recipe import load_recipe
-    from dsk.recipe.errors import RecipeError
-
-    try:
-        data = load_recipe(recipe, configs=configs, overrides=overrides_from(ctx, sets, unsets)).data
-    except (RecipeError, OSError):
-        return ["trainer.teacher"]  # validation reports the problem
-    stages = data.get("stages")
+    stages = (data or {}).get("stages")
     if not isinstance(stages, list):
-        return ["trainer.teacher"]
+        return ["trainer.teacher"]  # also for a recipe that does not load: validation reports it
     keys = [
         f"stages.{i}.trainer.teacher"
         for i, stage in enumerate(stages)
@@ -78,7 +69,7 @@ def _table(summary: dict[str, Any]) -> Any:
     return table
 
 
-@click.command()
+@click.command(short_help="Teacher -> reasoning traces -> student.")
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @run_options
 @click.option("--teacher", metavar="CKPT", help="Teacher checkpoint directory (sets trainer.teacher).")
@@ -98,19 +89,15 @@ def distill(ctx, recipe, configs, sets, unsets, run_dir, dry_run, as_json, teach
       dsk distill recipes/distill.toml --teacher runs/r1/stages/final --set trainer.mode=logit --json
     """
     if teacher is not None:
-        # keep the command-line order of --set/--unset intact; the teacher option applies last
-        for key in _teacher_keys(ctx, recipe, configs, sets, unsets):
-            value = f"{key}={json.dumps(str(teacher))}"
-            ctx.meta.setdefault("dsk.overrides", []).append(("set", value))
-            sets = (*sets, value)
+        # the command line's --set/--unset keep their order; the teacher option applies last
+        for key in _teacher_keys(load_recipe_data(ctx, recipe, configs, sets, unsets)):
+            sets = add_override(ctx, sets, f"{key}={json.dumps(str(teacher))}")
     result = load_and_validate(ctx, recipe, configs, sets, unsets, require=("model", "trainer"))
     if not _distill_stages(result):
         raise DskUsageError(
             f'{recipe}: no [trainer] with type = "distill"; dsk distill runs distillation recipes '
             "(use dsk train for the others)"
         )
-    from dsk.cli.run_cmd import execute
-
     done = execute(ctx, result, recipe, run_dir, resume, stage, dry_run, as_json)
     if done is None:
         return
