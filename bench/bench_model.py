@@ -63,10 +63,11 @@ def _median_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warm
 
 def _train_step_rows(quick: bool) -> list[dict]:
     import transformers
+    from dsk_optim.adamw import build_adamw
+    from dsk_optim.config import AdamWConfig
 
     import dsk
-    from dsk.model.transformer import after_optimizer_step
-    from dsk.train.optim import build_adamw
+    from dsk.model.loss import collect_side_channels, training_loss
 
     # DeepSeek-V3's routing topology scaled down: fine-grained experts, half of the groups kept per token.
     dim, layers, experts, top_k, groups, batch, seq = (64, 3, 16, 4, 4, 4, 64) if quick else (128, 4, 64, 6, 8, 8, 128)
@@ -99,15 +100,16 @@ def _train_step_rows(quick: bool) -> list[dict]:
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     # each side with its own trainer's optimizer: dsk's build_adamw (fused kernel where torch has one) and the
     # torch AdamW defaults an HF training loop uses; same lr, betas, eps and weight decay
-    opt_dsk = build_adamw(model, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    opt_dsk = build_adamw(AdamWConfig(lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01), model)
+    side = collect_side_channels(model)  # as the build path does, once
     opt_peer = torch.optim.AdamW(peer.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
 
     def dsk_step() -> None:
-        loss = model(ids, ids).loss
+        loss = training_loss(model, ids, ids, side=side).loss
         opt_dsk.zero_grad(set_to_none=True)
         loss.backward()
         opt_dsk.step()
-        after_optimizer_step(model)
+        side.after_optimizer_step()
 
     def peer_step() -> None:
         loss = peer(input_ids=ids, labels=ids).loss
@@ -151,15 +153,18 @@ def _train_step_rows(quick: bool) -> list[dict]:
 def _tiny_dsv3(vocab: int):
     from dsk.model.build import build_model
     from dsk.model.config import ModelConfig
+    from dsk.testing import builtin_registry
 
     table = tomllib.loads((ROOT / "recipes" / "base" / "tiny-dsv3.toml").read_text())["model"]
     torch.manual_seed(0)
-    return build_model(ModelConfig.model_validate({**table, "vocab_size": vocab}))
+    return build_model(builtin_registry().validate(ModelConfig, {**table, "vocab_size": vocab}))
 
 
 def _speculative_rows(quick: bool) -> list[dict]:
-    from dsk.model.generate import generate, speculative_generate
-    from dsk.model.transformer import after_optimizer_step
+    from dsk_mtp.speculative import speculative_generate
+
+    from dsk.model.generate import generate
+    from dsk.model.loss import collect_side_channels, training_loss
 
     vocab, steps, batch, new_tokens = 64, (30 if quick else 60), (4 if quick else 8), (32 if quick else 96)
     model = _tiny_dsv3(vocab).train()
@@ -167,14 +172,15 @@ def _speculative_rows(quick: bool) -> list[dict]:
     order = torch.randperm(vocab, generator=g)
     stream = order.repeat(8)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    side = collect_side_channels(model)
     for _ in range(steps):
         starts = torch.randint(0, vocab, (batch,), generator=g).tolist()
         ids = torch.stack([stream[s : s + 64] for s in starts])
-        loss = model(ids, ids).loss
+        loss = training_loss(model, ids, ids, side=side).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        after_optimizer_step(model)
+        side.after_optimizer_step()
     model.eval()
     prompt = order[:4].tolist()
     spec = speculative_generate(model, prompt, new_tokens)

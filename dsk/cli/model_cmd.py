@@ -81,9 +81,10 @@ def _load_tokenizer(checkpoint: str, spec: str | None) -> Any:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the sampling generator.")
 @click.option(
     "--speculative",
-    type=click.Choice(["mtp"]),
+    metavar="DRAFTER",
     default=None,
-    help="Greedy speculative decoding: the MTP heads draft, the model verifies (one prompt at a time).",
+    help="Greedy speculative decoding: the drafter a model component offers under this name proposes tokens, "
+    "the model verifies them (one prompt at a time).",
 )
 @click.option("--tokenizer", "tokenizer_spec", default=None, help="char, byte, a tokenizer.json or dsk tokenizer JSON.")
 @click.option("--bos/--no-bos", default=True, show_default=True, help="Prepend the tokenizer's BOS token.")
@@ -98,7 +99,7 @@ def generate_cmd(
     Examples:
       dsk generate path/to/checkpoint --prompt "12+7=" --temperature 0
       dsk generate ckpt --prompt "a" --prompt "b" --top-p 0.9 --json
-      dsk generate ckpt --prompt "12+7=" --speculative mtp
+      dsk generate ckpt --prompt "12+7=" --speculative DRAFTER
     """
     tok = _load_tokenizer(checkpoint, tokenizer_spec)
     model = _load_model(checkpoint, dtype)
@@ -107,9 +108,16 @@ def generate_cmd(
             f"{checkpoint}: the tokenizer has {tok.vocab_size} ids but the model only {model.vocab_size}"
         )
     if speculative and temperature not in (None, 0):
-        raise DskUsageError("--speculative mtp decodes greedily: drop --temperature or pass --temperature 0")
-    if speculative and model.mtp is None:
-        raise DskUsageError(f"{checkpoint}: the model has no MTP heads, so --speculative mtp cannot draft")
+        raise DskUsageError(f"--speculative {speculative} decodes greedily: drop --temperature or pass --temperature 0")
+    if speculative:
+        from dsk.model.generate import drafter_names
+
+        offered = drafter_names(model)
+        if speculative not in offered:
+            raise DskUsageError(
+                f"{checkpoint}: no component of the model offers a drafter named {speculative!r} "
+                f"(offered: {', '.join(offered) or 'none'})"
+            )
     temperature = (0.0 if speculative else 1.0) if temperature is None else temperature
     encoded = [tok.encode(p, add_bos=bos and tok.bos_id is not None) for p in prompts]
     if any(not ids for ids in encoded):
@@ -126,7 +134,7 @@ def generate_cmd(
         if speculative:
             drafted = accepted = 0
             for ids in encoded:
-                r = speculative_generate(model, ids, max_new_tokens, eos_id=tok.eos_id)
+                r = speculative_generate(model, ids, max_new_tokens, eos_id=tok.eos_id, drafter=speculative)
                 drafted, accepted = drafted + r.drafted, accepted + r.accepted
                 rows.append({"tokens": r.tokens, "finished": r.finished, "truncated": not r.finished})
             stats = {
@@ -180,7 +188,9 @@ def generate_cmd(
         console.print(f"[bold]{escape(row['prompt'])}[/]{escape(row['text'])}")
     summary = f"{n_tokens} tokens in {elapsed:.2f}s ({n_tokens / max(elapsed, 1e-9):.1f} tokens/s)"
     if stats:
-        summary += f"; MTP acceptance {stats['acceptance_rate']:.1%} ({stats['accepted']}/{stats['drafted']})"
+        summary += (
+            f"; {speculative} draft acceptance {stats['acceptance_rate']:.1%} ({stats['accepted']}/{stats['drafted']})"
+        )
     console.print(f"[dim]{summary}[/]")
 
 

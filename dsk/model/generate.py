@@ -1,12 +1,16 @@
-"""KV-cached batched sampling and MTP speculative decoding.
+"""KV-cached batched sampling, and greedy speculative decoding driven by a drafter protocol.
 
-Batching and positions: prompts of different lengths are left-padded to the longest one P. The attention
-contract shares one ``pos`` [T] across the batch, so row b's real tokens sit at positions ``pad_b .. P-1``
-instead of ``0 .. len_b-1``. That is harmless: RoPE makes ``q_i . k_j`` depend only on ``i - j``, so shifting
-all of a row's positions by the constant ``pad_b`` leaves every attention score unchanged (YaRN rescales
-frequencies, not positions, so it stays relative). The padded keys are masked out (mask [B,T,S], True = may
-attend); a padding query may attend to itself only, so its softmax row is never empty (no NaN), and its
-output is never read.
+Batching and positions: prompts of different lengths are right-padded to the longest one P for the prefill, so
+row b's real tokens sit at slots and positions ``0 .. len_b-1``, exactly where they sit when the prompt runs
+alone. Causal attention keeps every real token blind to the padding after it, so the prefill needs no mask; the
+caches are then cut back row by row to each prompt (the attention-cache contract keeps a length per row, see
+``dsk.api.AttentionCache``), and row b's next token goes to slot and position ``len_b``. A decode step attends
+through a mask [B, 1, S] (True = may attend) that shows each row only its own slots. Nothing in a row's
+computation depends on the other rows, so a batch generates what each prompt generates alone.
+
+Speculative decoding (:func:`speculative_generate`) asks a component of the model for a drafter
+(``dsk.api.DrafterProvider`` / ``dsk.api.Drafter``) by name; the loop here verifies its proposals with the main
+model and knows nothing of how they were made.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
+
+from dsk.api import DrafterProvider
 
 if TYPE_CHECKING:  # pragma: no cover
     from dsk.model.transformer import DSKModel
@@ -103,7 +110,7 @@ def generate(
 
     Args:
         model: a :class:`DSKModel` (put in eval mode for the call).
-        prompts: token ids per row; rows may differ in length (left-padded with ``pad_id``).
+        prompts: token ids per row; rows may differ in length (padded with ``pad_id`` for the prefill).
         max_new_tokens: most tokens generated per row (fewer when max_seq_len is reached: ``truncated``).
         temperature: softmax temperature; 0 = greedy.
         top_p: nucleus sampling mass (1 = off).
@@ -130,7 +137,7 @@ def _generate(model, prompts, P, max_new_tokens, temperature, top_p, eos_id, gen
     lens = torch.tensor([len(p) for p in prompts], device=device)
     ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)
     for b, p in enumerate(prompts):  # building the batch, not a per-token loop
-        ids[b, P - len(p) :] = torch.tensor(p, dtype=torch.long, device=device)
+        ids[b, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)
 
     tokens = torch.full((B, budget), pad_id, dtype=torch.long, device=device)
     logps = torch.zeros(
@@ -141,18 +148,18 @@ def _generate(model, prompts, P, max_new_tokens, temperature, top_p, eos_id, gen
     if budget == 0:
         return _result(tokens, length, done, logps if return_logprobs else None)
 
-    padded = bool((lens != P).any())
-    # key_ok[b, s]: key position s holds a real token of row b (prompt or generated).
-    key_ok = torch.ones((B, P + budget), dtype=torch.bool, device=device)
-    key_ok[:, :P] = torch.arange(P, device=device)[None, :] >= (P - lens)[:, None]
-    mask = None
-    if padded:
-        causal = torch.ones((P, P), dtype=torch.bool, device=device).tril()
-        mask = (causal[None] & key_ok[:, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)[None]  # (B,P,P)
-
+    ragged = bool((lens != P).any())
     caches = model.make_caches(B, P + budget, device, model.embed_tokens.weight.dtype)
-    out = model(ids, pos=torch.arange(P, device=device), mask=mask, caches=caches, keep_logits=1)
-    logits = out.logits[:, -1]  # (B, V)
+    # Causal attention keeps every real token blind to the padding after it, so the prefill needs no mask.
+    out = model(ids, pos=torch.arange(P, device=device), caches=caches, keep_logits=1)
+    if ragged:
+        lens_host = lens.cpu()  # cache lengths are host bookkeeping: one copy, not one per layer
+        for c in caches:
+            c.truncate(lens_host)  # each row keeps its prompt; its padding slots are overwritten by what it generates
+        # each row's last prompt token, where the padded prefill put it
+        logits = model.lm_head(out.hidden[torch.arange(B, device=device), lens - 1])  # (B, V)
+    else:
+        logits = out.logits[:, -1]  # (B, V)
     for step in range(budget):
         nxt = sample_next(logits, temperature, top_p, generator)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
@@ -166,10 +173,11 @@ def _generate(model, prompts, P, max_new_tokens, temperature, top_p, eos_id, gen
             done = done | hit
         if step == budget - 1 or bool(done.all()):
             break
-        S = P + step + 1
-        step_mask = key_ok[:, None, :S] if padded else None  # (B, 1, S)
-        pos = torch.tensor([P + step], device=device)
-        logits = model(nxt[:, None], pos=pos, mask=step_mask, caches=caches).logits[:, -1]
+        step_mask = None
+        if ragged:
+            # row b's new token sits at slot lens[b] + step and sees the slots up to it; built once for all layers
+            step_mask = torch.arange(P + step + 1, device=device)[None, None, :] <= (lens + step)[:, None, None]
+        logits = model(nxt[:, None], pos=caches[0].positions(1), mask=step_mask, caches=caches).logits[:, -1]
     return _result(tokens, length, done, logps if return_logprobs else None)
 
 
@@ -184,7 +192,7 @@ def _result(tokens, length, done, logps) -> GenerationResult:
     )
 
 
-# -- speculative decoding with the MTP heads -----------------------------------------------------------
+# -- speculative decoding: a drafter proposes, the model verifies ---------------------------------------
 @dataclass
 class SpeculativeResult:
     """Output of :func:`speculative_generate` (one prompt).
@@ -192,7 +200,7 @@ class SpeculativeResult:
     Attributes:
         tokens: generated ids (EOS included when produced); equal to greedy :func:`generate`'s.
         finished: stopped at ``eos_id``.
-        drafted: MTP draft tokens proposed in total.
+        drafted: draft tokens proposed in total.
         accepted: drafts the main model confirmed.
         verify_steps: main-model forwards after the prefill (each yields 1 + accepted tokens).
     """
@@ -214,79 +222,82 @@ class SpeculativeResult:
         return len(self.tokens) / (self.verify_steps + 1)
 
 
+def drafter_names(model: nn.Module) -> list[str]:
+    """The names of the drafters the model's components offer (:class:`dsk.api.DrafterProvider`), sorted."""
+    return sorted({m.drafter_name for m in model.modules() if isinstance(m, DrafterProvider)})
+
+
+def find_drafter(model: nn.Module, name: str) -> DrafterProvider:
+    """The component of ``model`` that offers the drafter called ``name``; ValueError naming those offered."""
+    for m in model.modules():
+        if isinstance(m, DrafterProvider) and m.drafter_name == name:
+            return m
+    offered = ", ".join(drafter_names(model)) or "none"
+    raise ValueError(f"the model has no component offering a drafter named {name!r} (offered: {offered})")
+
+
 @torch.no_grad()
 def speculative_generate(
-    model: DSKModel, prompt: list[int], max_new_tokens: int, eos_id: int | None = None, *, depth: int | None = None
+    model: DSKModel,
+    prompt: list[int],
+    max_new_tokens: int,
+    eos_id: int | None = None,
+    *,
+    drafter: str | DrafterProvider,
+    max_drafts: int | None = None,
 ) -> SpeculativeResult:
-    """Greedy decoding where the MTP heads draft tokens and the main model verifies them in one cached forward.
+    """Greedy decoding where a drafter proposes tokens and the main model verifies them in one cached forward.
 
-    Each round: depth k drafts ``t_{n+k}`` (chained: depth k reads depth k-1's hidden state at the last position
-    and the previous draft's embedding); the main model runs on ``[t_n, d_1 .. d_d]``; the longest prefix of
-    drafts equal to the main model's argmax is accepted, plus the main model's next token; caches are rolled back
-    with ``truncate``. The main model picks every token, so the output equals greedy :func:`generate`'s.
+    Each round the drafter proposes up to ``max_drafts`` tokens ``d_1 .. d_d`` after the committed ``t_0 .. t_n``;
+    the main model runs once on ``[t_n, d_1 .. d_d]``; the longest prefix of drafts equal to the main model's
+    argmax is accepted, plus the main model's own next token; the caches are rolled back (``truncate``) past it.
+    The main model picks every token, so the output equals greedy :func:`generate`'s whatever the drafter does;
+    a good drafter only makes it faster (1 + accepted tokens per forward).
 
     Args:
-        model: a :class:`DSKModel` with MTP heads (``model.mtp``).
-        prompt: token ids (batch of one: rows would accept different numbers of drafts, and the attention contract
-            keeps one cache length for all rows).
+        model: a :class:`DSKModel`.
+        prompt: token ids (one sequence: batched rows would accept different numbers of drafts).
         max_new_tokens: most tokens to generate.
         eos_id: stop after producing it.
-        depth: number of drafts per round (default: all of ``model.mtp.depth``).
+        drafter: the name of a drafter one of the model's components offers (:func:`find_drafter`), or a
+            :class:`dsk.api.DrafterProvider`.
+        max_drafts: most drafts per round (default: as many as the drafter proposes).
     """
-    mtp = model.mtp
-    if mtp is None:
-        raise ValueError("the model has no MTP heads (model.mtp); speculative decoding needs them")
+    provider = find_drafter(model, drafter) if isinstance(drafter, str) else drafter
     P = _check_args(model, [prompt], max_new_tokens, 0.0, 1.0)
-    D = mtp.depth if depth is None else min(depth, mtp.depth)
+    if max_drafts is not None and max_drafts < 0:
+        raise ValueError(f"max_drafts = {max_drafts}: must be >= 0")
     was_training = model.training
     model.eval()
     try:
-        return _speculative(model, mtp, prompt, P, max_new_tokens, eos_id, D)
+        return _speculative(model, provider, prompt, P, max_new_tokens, eos_id, max_drafts)
     finally:
         model.train(was_training)
 
 
-def _speculative(model, mtp, prompt, P, max_new_tokens, eos_id, D) -> SpeculativeResult:
+def _speculative(model, provider, prompt, P, max_new_tokens, eos_id, max_drafts) -> SpeculativeResult:
     device = model.embed_tokens.weight.device
-    dtype = model.embed_tokens.weight.dtype
-    cap = model.config.max_seq_len
-    budget = min(max_new_tokens, cap - P)
+    budget = min(max_new_tokens, model.config.max_seq_len - P)
     if budget == 0:
         return SpeculativeResult([], False, 0, 0, 0)
-    cache_len = min(P + budget + D, cap)
-    caches = model.make_caches(1, cache_len, device, dtype)
-    mtp_caches = mtp.make_caches(1, cache_len, device, dtype)
+    # A round drafts at most budget - len(generated) - 1 tokens, so its block never passes slot P + budget - 1.
+    max_len = P + budget
+    caches = model.make_caches(1, max_len, device, model.embed_tokens.weight.dtype)
+    draft = provider.make_drafter(model, max_len)
 
     out = model(torch.tensor([prompt], device=device), caches=caches, keep_logits=1)
-    # hid[k, i] = h^k_i (k = 0: the main model's final-norm output), preallocated so a round writes O(D) rows.
-    # valid[k]: depth k's cache holds positions 0..valid[k]-1 computed from committed tokens only, to be kept.
-    hid = out.hidden.new_empty((D + 1, cache_len, out.hidden.shape[-1]))
-    hid[0, :P] = out.hidden[0]
-    valid = [0] * (D + 1)
     seq = [*prompt, int(out.logits[0, -1].argmax())]  # committed tokens t_0 .. t_n
     generated = [seq[-1]]
+    draft.observe(seq, out.hidden[0])
     drafted = accepted = steps = 0
     stop = eos_id is not None and generated[-1] == eos_id
     while len(generated) < budget and not stop:
         n = len(seq) - 1  # t_n is committed but not yet fed to the main model
-        d = min(D, budget - len(generated) - 1, cache_len - n - 1)
-        drafts: list[int] = []
-        for k in range(1, d + 1):
-            L = valid[k]
-            mtp_caches[k - 1].truncate(L)
-            # depth k at positions L..n-1 reads h^{k-1} there and t_{i+k}, which runs past t_n into the drafts
-            toks = torch.tensor([(seq[L + k :] + drafts)[: n - L]], device=device)
-            h_k, logits = mtp.step(
-                k,
-                hid[k - 1, L:n][None],
-                toks,
-                model.embed_tokens,
-                model.lm_head,
-                pos=torch.arange(L, n, device=device),
-                cache=mtp_caches[k - 1],
-            )
-            hid[k, L:n] = h_k[0]
-            drafts.append(int(logits[0, -1].argmax()))
+        limit = budget - len(generated) - 1
+        if max_drafts is not None:
+            limit = min(limit, max_drafts)
+        drafts = [int(t) for t in draft.propose(limit)][:limit] if limit > 0 else []
+        d = len(drafts)
         block = torch.tensor([[seq[n], *drafts]], device=device)  # (1, d+1) at positions n..n+d
         out = model(block, caches=caches)
         steps += 1
@@ -296,13 +307,10 @@ def _speculative(model, mtp, prompt, P, max_new_tokens, eos_id, D) -> Speculativ
             a += 1
         drafted += d
         accepted += a
-        for k in range(1, d + 1):
-            # position i of depth k read tokens up to t_{i+k}; those up to t_{n+a} are now committed
-            valid[k] = max(0, min(n, n + a - k + 1))
         for c in caches:
             c.truncate(n + a + 1)
-        hid[0, n : n + a + 1] = out.hidden[0, : a + 1]
         new = drafts[:a] + [greedy[a]]
+        draft.observe(new, out.hidden[0, : a + 1])
         seq += new
         generated += new
         stop = eos_id is not None and eos_id in new

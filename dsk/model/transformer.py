@@ -259,7 +259,7 @@ def split_layers(n_layers: int, n_stages: int, layers_per_stage: Sequence[int] |
     return out
 
 
-def truncate_caches(caches: Sequence[Any], length: int) -> None:
-    """Roll every cache back to ``length`` tokens."""
+def truncate_caches(caches: Sequence[Any], length: int | torch.Tensor) -> None:
+    """Roll every cache back to ``length`` tokens (an int for every row, or a LongTensor [B] per row)."""
     for c in caches:
         c.truncate(length)

@@ -10,51 +10,155 @@ __all__ = ["KVCache", "attend", "attention_bias"]
 
 
 class KVCache:
-    """Preallocated per-layer cache of per-token tensors.
+    """Preallocated per-layer cache of per-token tensors, with a length per batch row.
 
-    Every buffer holds ``max_len`` token slots along ``seq_dim``; slots ``[0, length)`` are filled. ``layout``
-    names what the buffers hold ("latent": MLA's compressed latent, "full": per-head K and V).
+    Every buffer holds ``max_len`` token slots along ``seq_dim``; row b fills slots ``[0, lengths[b])``, and row
+    b's next token goes to slot ``lengths[b]`` at position ``lengths[b]`` (:meth:`positions`). Rows may hold
+    different lengths (prompts of different lengths, or speculative rows that accepted different numbers of
+    drafts): the attention then reads slots ``[0, span + T)`` and :meth:`causal_mask` hides from each row the
+    slots past its own tokens. ``layout`` names what the buffers hold ("latent": MLA's compressed latent, "full":
+    per-head K and V).
+
+    The lengths are host-side bookkeeping (a Python int while all rows agree, else a CPU LongTensor), so reading
+    them never waits for the device.
     """
 
     def __init__(self, buffers: dict[str, Tensor], seq_dim: int, layout: str):
         self.buffers = buffers
         self.seq_dim = seq_dim
         self.layout = layout
-        self.length = 0  # a Python int: reading it never syncs with the device
+        self._common: int | None = 0  # the length of every row while they agree
+        self._rows: Tensor | None = None  # CPU LongTensor [B] once they differ
+        self._rows_on_device: Tensor | None = None  # _rows on the buffers' device, made on first use
+
+    @property
+    def batch_size(self) -> int:
+        """Rows B."""
+        return next(iter(self.buffers.values())).shape[0]
 
     @property
     def max_len(self) -> int:
-        """Token slots available."""
+        """Token slots available per row."""
         return next(iter(self.buffers.values())).shape[self.seq_dim]
+
+    @property
+    def device(self) -> torch.device:
+        """Where the buffers live."""
+        return next(iter(self.buffers.values())).device
+
+    @property
+    def lengths(self) -> Tensor:
+        """Tokens cached per row: a new CPU LongTensor [B]."""
+        if self._common is not None:
+            return torch.full((self.batch_size,), self._common, dtype=torch.long)
+        return self._rows.clone()
+
+    @property
+    def length(self) -> int:
+        """The common length of all rows; raises when the rows differ (read :attr:`lengths` then)."""
+        if self._common is None:
+            raise ValueError(f"the cache rows hold different lengths {self._rows.tolist()}; read .lengths instead")
+        return self._common
+
+    @property
+    def span(self) -> int:
+        """Slots in use by the longest row: new tokens attend over ``span + T`` slots."""
+        return self._common if self._common is not None else int(self._rows.max())
 
     def values_per_token(self) -> int:
         """Values stored per token (all buffers, all batch rows counted once)."""
         return sum(b[:1].narrow(self.seq_dim, 0, 1).numel() for b in self.buffers.values())
 
+    def _lengths_on_device(self) -> Tensor:
+        if self._rows_on_device is None:
+            self._rows_on_device = self._rows.to(self.device)
+        return self._rows_on_device
+
+    def _set_rows(self, rows: Tensor) -> None:
+        if bool((rows == rows[0]).all()):
+            self._common, self._rows = int(rows[0]), None
+        else:
+            self._common, self._rows = None, rows
+        self._rows_on_device = None
+
+    def positions(self, n: int) -> Tensor:
+        """Positions of the next ``n`` tokens of each row: LongTensor [n] when all rows agree, else [B, n].
+
+        [n] is ``length + arange(n)`` (shared by the batch, as a training forward's positions are); [B, n] is
+        ``lengths[:, None] + arange(n)``. RoPE takes either.
+        """
+        steps = torch.arange(n, device=self.device)
+        if self._common is not None:
+            return steps + self._common
+        return self._lengths_on_device()[:, None] + steps
+
+    def causal_mask(self, n: int) -> Tensor | None:
+        """The mask [B, n, span + n] (True = may attend) for ``n`` new tokens when rows differ, else None.
+
+        Query i of row b sits at slot ``lengths[b] + i`` and sees slots ``0 .. lengths[b] + i``: its own cached
+        and new tokens, never the slots past them (stale, or another row's longer history). With equal rows
+        causality by slot needs no mask (``attention_bias`` builds it from the common offset).
+        """
+        if self._common is not None:
+            return None
+        query_slot = self.positions(n)  # (B, n)
+        keys = torch.arange(self.span + n, device=self.device)
+        return keys[None, None, :] <= query_slot[:, :, None]  # (B, n, S)
+
     def append(self, **new: Tensor) -> dict[str, Tensor]:
-        """Write the T new tokens of each buffer at slots ``[length, length+T)``; return views of slots ``[0, length+T)``."""
+        """Write each row's T new tokens at its slots ``[lengths[b], lengths[b] + T)``; return views of slots
+        ``[0, span + T)`` of every buffer (what the new tokens attend over)."""
         n_new = next(iter(new.values())).shape[self.seq_dim]
-        if self.length + n_new > self.max_len:
+        start = self.span
+        if start + n_new > self.max_len:
             raise ValueError(
-                f"KV cache full: {self.length} cached + {n_new} new tokens > max_len {self.max_len}; "
+                f"KV cache full: {start} cached + {n_new} new tokens > max_len {self.max_len}; "
                 "make the cache with a larger max_len"
             )
-        out = {}
-        for name, value in new.items():
-            buf = self.buffers[name]
-            buf.narrow(self.seq_dim, self.length, n_new).copy_(value)
-            out[name] = buf.narrow(self.seq_dim, 0, self.length + n_new)
-        self.length += n_new
-        return out
+        if self._common is not None:
+            for name, value in new.items():
+                self.buffers[name].narrow(self.seq_dim, start, n_new).copy_(value)
+            self._common += n_new
+        else:
+            slots = self.positions(n_new)  # (B, T): each row writes at its own offset
+            rows = torch.arange(self.batch_size, device=self.device)[:, None]
+            for name, value in new.items():
+                buf = self.buffers[name]
+                # b ... s ... -> b s ...: index (row, slot) pairs; the movedim view writes through to the buffer
+                buf.movedim(self.seq_dim, 1)[rows, slots] = value.movedim(self.seq_dim, 1).to(buf.dtype)
+            self._rows = self._rows + n_new
+            self._rows_on_device = None
+        return {name: self.buffers[name].narrow(self.seq_dim, 0, start + n_new) for name in new}
 
-    def truncate(self, length: int) -> None:
-        """Roll back to the first ``length`` tokens (speculative decoding rejects the rest)."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"truncate({length}): must be between 0 and the cached length {self.length}")
-        self.length = length
+    def truncate(self, length: int | Tensor) -> None:
+        """Roll rows back: all to ``length`` (an int), or row b to ``length[b]`` (a LongTensor [B]).
+
+        Speculative decoding rejects drafts this way; a batch prefilled with padding after its shorter prompts
+        cuts each row back to its prompt. A row can only shrink: the slots past its length are stale.
+        """
+        if self._common is not None and not isinstance(length, Tensor):
+            if not 0 <= length <= self._common:  # the decoding loop's case: no tensor work
+                raise ValueError(f"truncate({length}): must be between 0 and the cached length {self._common}")
+            self._common = int(length)
+            return
+        old = self.lengths
+        if isinstance(length, Tensor):
+            new = length.detach().to("cpu", torch.long).reshape(-1)
+            if new.shape[0] != old.shape[0]:
+                raise ValueError(f"truncate: got {new.shape[0]} lengths for a cache of {old.shape[0]} rows")
+        else:
+            new = torch.full_like(old, int(length))
+        bad = (new < 0) | (new > old)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0])
+            raise ValueError(
+                f"truncate: row {row} to {int(new[row])} tokens; must be between 0 and its cached length {int(old[row])}"
+            )
+        self._set_rows(new)
 
     def __repr__(self) -> str:
-        return f"KVCache(layout={self.layout!r}, length={self.length}, max_len={self.max_len})"
+        lengths = self._common if self._common is not None else self._rows.tolist()
+        return f"KVCache(layout={self.layout!r}, lengths={lengths}, max_len={self.max_len})"
 
 
 def attention_bias(

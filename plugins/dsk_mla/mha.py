@@ -6,6 +6,7 @@ Shapes: B batch, T new tokens, S keys (cached + new), H heads, d head_dim, D mod
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 from dsk.api import ModelContext
@@ -48,23 +49,29 @@ class MHA(nn.Module):
             nn.init.normal_(m.weight, std=self.init_std)
 
     def forward(self, x: Tensor, pos: Tensor, mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
-        """``x [B, T, D], pos [T] long, mask [B, T, S] bool | None, cache -> y [B, T, D]``."""
-        B, T, _ = x.shape
-        H, d = self.n_heads, self.head_dim
-        q = self.rope(self.q_proj(x).view(B, T, H, d), pos).transpose(1, 2)  # b t (h d) -> b h t d
-        k = self.rope(self.k_proj(x).view(B, T, H, d), pos).transpose(1, 2)  # b t (h d) -> b h t d
-        v = self.v_proj(x).view(B, T, H, d).transpose(1, 2)  # b t (h d) -> b h t d
+        """``x [B, T, D], pos [T] | [B, T] long, mask [B, T, S] bool | None, cache -> y [B, T, D]``.
+
+        With a cache, row b's T tokens go to slots ``cache.lengths[b] ..`` and S = ``cache.span + T``.
+        """
+        T, H = x.shape[1], self.n_heads
+        # RoPE rotates in the b t h d layout; attention wants the heads before the tokens
+        q = self.rope(rearrange(self.q_proj(x), "b t (h d) -> b t h d", h=H), pos)
+        k = self.rope(rearrange(self.k_proj(x), "b t (h d) -> b t h d", h=H), pos)
+        q, k = (rearrange(t, "b t h d -> b h t d") for t in (q, k))
+        v = rearrange(self.v_proj(x), "b t (h d) -> b h t d", h=H)
         offset = 0
         if cache is not None:
             if cache.layout != "full":
                 raise ValueError(f"MHA cannot use a cache with layout {cache.layout!r}; make it with MHA.make_cache")
-            offset = cache.length
+            offset = cache.span  # slots before the new tokens (the longest row's, when rows differ)
+            if mask is None:
+                mask = cache.causal_mask(T)  # rows of different lengths: each sees its own slots only
             new = cache.append(k=k, v=v)
             k, v = new["k"].to(q.dtype), new["v"].to(q.dtype)  # [B, H, S, d]
         S = k.shape[2]
         bias = attention_bias(mask, T, S, offset, q.dtype, q.device) if offset or mask is not None else None
         o = attend(q, k, v, bias, self.softmax_scale, causal=True)
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, H * d))  # b h t d -> b t (h d)
+        return self.o_proj(rearrange(o, "b h t d -> b t (h d)"))
 
     def make_cache(
         self, batch_size: int, max_len: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None

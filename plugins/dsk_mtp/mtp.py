@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from dsk.api import ModelContext
-from dsk.data.batching import IGNORE_INDEX
-from dsk.model.norm import RMSNorm
+from dsk.api.runtime import IGNORE_INDEX, RMSNorm
 from dsk_mtp.config import MTPConfig
 
 
@@ -61,7 +61,7 @@ class MTPLayer(nn.Module):
         mask: torch.Tensor | None = None,
         cache: Any = None,
     ) -> torch.Tensor:
-        """h_prev [B,T,D] (h^{k-1}), emb [B,T,D] (Emb(t_{i+k})), pos [T] -> h^k [B,T,D] (before shared_head.norm)."""
+        """h_prev [B,T,D] (h^{k-1}), emb [B,T,D] (Emb(t_{i+k})), pos [T] | [B,T] -> h^k [B,T,D] (before the norm)."""
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))  # (B, T, 2D) -> (B, T, D)
         return self.block(x, pos, mask, cache)
 
@@ -70,8 +70,11 @@ class MTP(nn.Module):
     """D sequential MTP modules; embedding and output head are the main model's, passed to ``forward``.
 
     Built as ``MTP(config, ctx, block_factory)``; block k is ``block_factory(ctx.n_layers + k)`` so its layer
-    index is the one the HF checkpoint uses (``model.layers.{num_hidden_layers + k}``).
+    index is the one the HF checkpoint uses (``model.layers.{num_hidden_layers + k}``). It offers the drafter
+    ``"mtp"`` for speculative decoding (a ``dsk.api.DrafterProvider``, see :mod:`dsk_mtp.speculative`).
     """
+
+    drafter_name = "mtp"  # the name this component is registered under (dsk_mtp.plugin)
 
     def __init__(self, config: MTPConfig, ctx: ModelContext, block_factory: Callable[[int], nn.Module]):
         super().__init__()
@@ -98,7 +101,7 @@ class MTP(nn.Module):
             input_ids: [B, T] the main model's input tokens.
             embed: the shared token embedding.
             head: the shared output head, [..., D] -> [..., V].
-            pos: [T] positions of the main sequence (default arange(T)).
+            pos: [T] (or [B, T]) positions of the main sequence (default arange(T)).
             mask: [B, T, T] bool mask of the main sequence (True = may attend) or None (causal).
 
         Returns:
@@ -114,7 +117,7 @@ class MTP(nn.Module):
         for k, layer in enumerate(self.layers, start=1):
             n = max(T - k, 0)  # positions with a known t_{i+k}
             m = mask[:, :n, :n] if mask is not None else None
-            h = layer(h[:, :n], emb[:, k : k + n], pos[:n], m)
+            h = layer(h[:, :n], emb[:, k : k + n], pos[..., :n], m)
             logits.append(head(layer.shared_head.norm(h)))  # (B, T-k, V)
         return logits
 
@@ -132,14 +135,20 @@ class MTP(nn.Module):
         depth_losses = []
         for k, lg in enumerate(logits, start=1):
             target = labels[:, k + 1 :]  # token i+k+1 for positions i = 0 .. T-k-2
-            flat = lg[:, : target.shape[1]].reshape(-1, lg.shape[-1])
+            flat = rearrange(lg[:, : target.shape[1]], "b t v -> (b t) v")
             flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
-            ce = F.cross_entropy(flat, target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+            ce = F.cross_entropy(flat, rearrange(target, "b t -> (b t)"), ignore_index=IGNORE_INDEX, reduction="sum")
             depth_losses.append(ce / n_main.to(ce.dtype))
         total = torch.stack(depth_losses).sum() * (self.loss_weight / self.depth)
         return (total, depth_losses) if per_depth else total
 
     # -- speculative decoding ----------------------------------------------------------------------
+    def make_drafter(self, model: nn.Module, max_len: int) -> Any:
+        """A :class:`dsk_mtp.speculative.MTPDrafter` for one sequence of at most ``max_len`` tokens of ``model``."""
+        from dsk_mtp.speculative import MTPDrafter
+
+        return MTPDrafter(self, model, max_len)
+
     def make_caches(
         self, batch: int, max_len: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> list[Any]:
@@ -162,7 +171,7 @@ class MTP(nn.Module):
         Args:
             h_prev: [B, T, D] h^{k-1} at the chunk's positions.
             tokens: [B, T] t_{i+k} for the chunk's positions i.
-            pos: [T] the positions i.
+            pos: [T] (or [B, T]) the positions i.
 
         Returns:
             (h^k [B, T, D], logits [B, T, V] for t_{i+k+1}).

@@ -63,7 +63,7 @@ def sample(
 
     The budget is capped by the model's context: a prompt of P tokens leaves ``max_seq_len - P`` new tokens.
     """
-    from dsk.model.generate import generate
+    from dsk.api.runtime import generate
 
     repeated = [list(p) for p in prompt_ids for _ in range(n)]
     room = model.config.max_seq_len - max(len(p) for p in repeated)

@@ -1,4 +1,4 @@
-"""Batched KV-cached generation: cache == recompute, left padding, EOS, sampling, top-p, log-probs."""
+"""Batched KV-cached generation: cache == recompute, prompts of different lengths, EOS, sampling, top-p, log-probs."""
 
 import pytest
 import torch
@@ -24,19 +24,48 @@ def test_kv_cached_greedy_generation_equals_recomputing_the_full_forward():
     assert res.tokens[0] == _greedy_by_recompute(model, PROMPTS[0], 12)
 
 
-def test_left_padded_batch_generates_what_each_prompt_generates_alone():
+def test_padded_batch_generates_what_each_prompt_generates_alone():
     model = tiny_model(mtp=None)
     batch = generate(model, PROMPTS, 10, temperature=0)
     alone = [generate(model, [p], 10, temperature=0).tokens[0] for p in PROMPTS]
     assert batch.tokens == alone
 
 
-def test_left_padded_logprobs_match_per_prompt_logprobs():
+def test_padded_batch_logprobs_match_per_prompt_logprobs():
+    # each row sits at its own positions 0 .. len-1 in the batch, as alone: float64 agrees to rounding
     model = tiny_model(mtp=None)
     batch = generate(model, PROMPTS, 6, temperature=0, return_logprobs=True)
     for i, p in enumerate(PROMPTS):
         alone = generate(model, [p], 6, temperature=0, return_logprobs=True)
-        torch.testing.assert_close(torch.tensor(batch.logprobs[i]), torch.tensor(alone.logprobs[0]))
+        torch.testing.assert_close(
+            torch.tensor(batch.logprobs[i]), torch.tensor(alone.logprobs[0]), rtol=1e-12, atol=1e-13
+        )
+
+
+def test_cache_rows_of_different_lengths_decode_each_prompt_as_alone():
+    # the attention-cache contract at the model level: a right-padded prefill cut back row by row, then decode
+    # steps with the caches' per-row positions and no mask (each row's causal window comes from its own length)
+    model = tiny_model(mtp=None)
+    lens = torch.tensor([len(p) for p in PROMPTS])
+    ids = torch.zeros(3, int(lens.max()), dtype=torch.long)
+    for b, p in enumerate(PROMPTS):
+        ids[b, : len(p)] = torch.tensor(p)
+    nxt = torch.tensor([[11, 12], [13, 14], [15, 16]])
+    with torch.no_grad():
+        caches = model.make_caches(3, 16)
+        model(ids, pos=torch.arange(ids.shape[1]), caches=caches)
+        for c in caches:
+            c.truncate(lens)
+        steps = []
+        for j in range(2):
+            pos = caches[0].positions(1)
+            assert torch.equal(pos, (lens + j)[:, None])
+            steps.append(model(nxt[:, j : j + 1], pos=pos, caches=caches).logits)
+        got = torch.cat(steps, 1)
+        for b, p in enumerate(PROMPTS):
+            alone = model(torch.tensor([p + nxt[b].tolist()])).logits[0, len(p) :]
+            torch.testing.assert_close(got[b], alone, rtol=1e-10, atol=1e-12)
+    assert caches[0].lengths.tolist() == (lens + 2).tolist()
 
 
 def test_logprobs_are_the_model_log_softmax_of_the_sampled_tokens():

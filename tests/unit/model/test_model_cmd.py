@@ -76,6 +76,14 @@ def test_speculative_with_a_temperature_is_a_usage_error(dsk_cli, ckpt):
     assert r.exit_code == 2 and "greedily" in r.stderr
 
 
+def test_speculative_with_a_drafter_no_component_offers_exits_2_listing_those_offered(dsk_cli, ckpt, tmp_path):
+    r = dsk_cli(["generate", ckpt, "--prompt", "1", "--speculative", "medusa"])
+    assert r.exit_code == 2 and "'medusa' (offered: mtp)" in r.stderr and "Traceback" not in r.output
+    save_dsk(tiny_model(dtype=torch.float32, vocab_size=CharTokenizer().vocab_size, mtp=None), tmp_path / "plain")
+    r = dsk_cli(["generate", str(tmp_path / "plain"), "--prompt", "1", "--tokenizer", "char", "--speculative", "mtp"])
+    assert r.exit_code == 2 and "offered: none" in r.stderr
+
+
 def test_convert_round_trip_and_refusal_to_overwrite(dsk_cli, ckpt, tmp_path):
     hf = str(tmp_path / "hf")
     r = dsk_cli(["convert", ckpt, hf, "--to", "hf", "--json"])

@@ -108,3 +108,14 @@ def test_rotation_table_is_shared_per_pos_tensor_and_rebuilt_when_pos_changes():
     assert a.rotation(pos, torch.float32) is moved
     assert RotaryEmbedding(8, 500.0).rotation(pos, torch.float32) is not moved  # other frequencies, other table
     torch.testing.assert_close(moved, RotaryEmbedding(8, 1000.0).rotation(torch.arange(3, 9), torch.float32))
+
+
+@pytest.mark.parametrize("heads", [(), (3,)])
+def test_per_row_positions_rotate_each_row_as_its_own_shared_positions(heads):
+    # a batch whose rows sit at different offsets (a cache with a length per row) gives pos [B, T]
+    rope = RotaryEmbedding(8, 500.0, YarnConfig(factor=4.0, original_max_position_embeddings=32))
+    x = torch.randn(3, 2, *heads, 8, dtype=torch.float64)
+    pos = torch.tensor([[5, 6], [0, 1], [17, 18]])
+    got = rope(x, pos)
+    for b in range(3):
+        torch.testing.assert_close(got[b : b + 1], rope(x[b : b + 1], pos[b]), rtol=0, atol=0)

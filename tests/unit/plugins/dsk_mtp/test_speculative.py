@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+from dsk_mtp.speculative import speculative_generate
 
-from dsk.model.generate import generate, speculative_generate
+from dsk.model.generate import generate
+from dsk.model.loss import training_loss
 from tests.unit.model.tiny import tiny_model
 
 PROMPTS = [[3, 7, 1, 9, 4], [5], [8, 8, 6, 1, 2, 2, 2]]
@@ -38,7 +40,7 @@ def test_heads_trained_on_a_cycle_draft_tokens_the_model_accepts():
     g = torch.Generator().manual_seed(0)
     for _ in range(25):
         ids = torch.stack([seq[s : s + 24] for s in torch.randint(0, 7, (4,), generator=g).tolist()])
-        loss = model(ids, ids).loss
+        loss = training_loss(model, ids, ids).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -61,3 +63,16 @@ def test_speculative_respects_max_seq_len():
     assert len(spec.tokens) == 6
     assert spec.tokens == generate(model, [[1] * 58], 20, temperature=0).tokens[0]
     assert torch.is_grad_enabled()
+
+
+def test_the_mtp_heads_offer_the_drafter_the_core_loop_finds_by_name():
+    from dsk.api import Drafter, DrafterProvider
+    from dsk.model.generate import find_drafter
+    from dsk.model.generate import speculative_generate as core_speculative_generate
+
+    model = tiny_model(seed=2)
+    assert isinstance(model.mtp, DrafterProvider) and find_drafter(model, "mtp") is model.mtp
+    assert isinstance(model.mtp.make_drafter(model, 16), Drafter)
+    for prompt in PROMPTS:
+        by_name = core_speculative_generate(model, prompt, 12, drafter="mtp", max_drafts=2)
+        assert by_name == speculative_generate(model, prompt, 12, depth=2)
