@@ -47,11 +47,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from dsk.kernels import pin_malloc_thresholds
+    from dsk.train.process import tune_process
 
-    # Both sides of every row run in this process: pin glibc's adaptive mmap/trim thresholds so that both run
-    # under the same allocator policy, whatever the other side freed (see dsk.kernels.pin_malloc_thresholds).
-    pinned = pin_malloc_thresholds()
+    # Both sides of every row run in this process: the training-process setup (glibc's mmap/trim thresholds
+    # pinned) makes both run under the same allocator policy, whatever the other side freed (dsk.train.process).
+    pinned = tune_process()["malloc_pinned"]
     threads = int(os.environ.get("DSK_BENCH_THREADS", os.cpu_count() or 1))
     torch.set_num_threads(threads)
     rows = []

@@ -6,7 +6,7 @@ One MoE layer (noaux_tc router, 1 shared expert), float32, CPU, training mode; e
 median of the per-round ratios, so load from other processes on a shared machine hits both sides alike.
 
 Rows:
-* ``moe_vs_loop``: ``dsk`` = dsk MoE (``dispatch="auto"``: the CPU kernel of ``dsk.kernels`` for small experts,
+* ``moe_vs_loop``: ``dsk`` = dsk MoE (``dispatch="auto"``: the CPU kernel of ``dsk_moe.kernels`` for small experts,
   else torch._grouped_mm), ``peer`` = the obvious per-expert loop of the DeepSeek reference inference MoE (an
   ``nn.ModuleList`` of experts; for each expert ``torch.where`` its tokens, run it, add into y) with the same router
   and weights. ``dsk_loop_slices`` is the fallback dispatch (one matmul per expert slice). ``ratio = peer / dsk``.

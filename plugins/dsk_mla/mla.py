@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
-from dsk import kernels
 from dsk.api import ModelContext
-from dsk.model.norm import RMSNorm
+from dsk.api.runtime import RMSNorm, cpu_kernel_supports
+from dsk_mla import kernels
 from dsk_mla.attention import PAD_V_MIN_SCORES, KVCache, attend, attention_bias
 from dsk_mla.config import MLAConfig
 from dsk_mla.rope import RotaryEmbedding, softmax_mscale
@@ -87,11 +88,10 @@ class MLA(nn.Module):
 
         ``q_down``: the first output of :meth:`_down_projections`, when the caller already has it.
         """
-        B, T, _ = x.shape
         if q_down is None:
             q_down = self.q_proj(x) if self.q_lora_rank is None else self.q_a_proj(x)
         q = q_down if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(q_down))
-        q = q.view(B, T, self.n_heads, self.qk_head_dim)  # b t (h d) -> b t h d
+        q = rearrange(q, "b t (h d) -> b t h d", h=self.n_heads)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         return q_nope, self.rope(q_pe, pos)
 
@@ -110,27 +110,28 @@ class MLA(nn.Module):
         B, S, _ = kv.shape
         H, dn, dr = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
         latent, k_pe = kv.split([self.kv_lora_rank, dr], dim=-1)
-        kv_b = self.kv_b_proj(latent).view(B, S, H, dn + self.v_head_dim)  # b s (h d) -> b s h d
+        kv_b = rearrange(self.kv_b_proj(latent), "b s (h d) -> b s h d", h=H)
         k_nope, v = kv_b.split([dn, self.v_head_dim], dim=-1)
         k = torch.cat((k_nope, k_pe[:, :, None, :].expand(B, S, H, dr)), dim=-1)  # rope key shared by all heads
-        return k.transpose(1, 2), v.transpose(1, 2)  # b s h d -> b h s d
+        return rearrange(k, "b s h d -> b h s d"), rearrange(v, "b s h d -> b h s d")
 
     # -- attention paths ---------------------------------------------------------------------------------------
 
     def _attend_naive(self, q_nope: Tensor, q_pe: Tensor, kv: Tensor, mask: Tensor | None, offset: int) -> Tensor:
         """Expand the latents to per-head K/V and attend: ``-> o [B, T, H, dv]``."""
         B, T, _, _ = q_nope.shape
-        if offset == 0 and mask is None and kv.shape[1] == T and T * T <= PAD_V_MIN_SCORES and self._kernel_ok(kv):
+        short_causal = offset == 0 and mask is None and kv.shape[1] == T and T * T <= PAD_V_MIN_SCORES
+        if short_causal and self._kernel_ok(q_nope, q_pe, kv):
             # CPU, short causal self-attention: the fused kernel reads the projections' views as they are
             latent, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-            kv_b = self.kv_b_proj(latent).view(B, T, self.n_heads, self.qk_nope_head_dim + self.v_head_dim)
+            kv_b = rearrange(self.kv_b_proj(latent), "b t (h d) -> b t h d", h=self.n_heads)
             k_nope, v = kv_b.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
             return kernels.mla_attention(q_nope, q_pe, k_nope, k_pe, v, self.softmax_scale)
         k, v = self._expand(kv)
-        q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # b t h d -> b h t d
+        q = rearrange(torch.cat((q_nope, q_pe), dim=-1), "b t h d -> b h t d")
         bias = attention_bias(mask, T, kv.shape[1], offset, q.dtype, q.device) if offset or mask is not None else None
         o = attend(q, k, v, bias, self.softmax_scale, causal=True)
-        return o.transpose(1, 2)  # b h t d -> b t h d
+        return rearrange(o, "b h t d -> b t h d")
 
     def _attend_absorbed(self, q_nope: Tensor, q_pe: Tensor, kv: Tensor, mask: Tensor | None, offset: int) -> Tensor:
         """Attend in latent space (spec §1.6 item 4) over ``kv [B, S, c + dr]``: ``-> o [B, T, H, dv]``.
@@ -140,7 +141,7 @@ class MLA(nn.Module):
         """
         B, T, H, _ = q_nope.shape
         S, c = kv.shape[1], self.kv_lora_rank
-        w = self.kv_b_proj.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, c)  # (h d) c -> h d c
+        w = rearrange(self.kv_b_proj.weight, "(h d) c -> h d c", h=H)
         w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
         q_c = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # fold W_UK into the query
         q_abs = torch.cat((q_c, q_pe), dim=-1)  # pairs with kv's layout [latent | rope key]
@@ -152,12 +153,13 @@ class MLA(nn.Module):
         if bias is not None:
             scores = scores + bias[:, :, None, :]  # b t s -> b t 1 s (broadcast over heads)
         probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(kv.dtype)
-        o_c = torch.matmul(probs.view(B, T * H, S), kv[..., :c])  # b (t h) s, b s c -> b (t h) c
-        return torch.einsum("bthc,hdc->bthd", o_c.view(B, T, H, c), w_uv)  # fold W_UV on the output
+        o_c = torch.matmul(rearrange(probs, "b t h s -> b (t h) s"), kv[..., :c])  # b (t h) s, b s c -> b (t h) c
+        return torch.einsum("bthc,hdc->bthd", rearrange(o_c, "b (t h) c -> b t h c", h=H), w_uv)  # fold W_UV
 
     @staticmethod
-    def _kernel_ok(kv: Tensor) -> bool:
-        return kernels.supports(kv) and kernels.load() is not None
+    def _kernel_ok(*operands: Tensor) -> bool:
+        # plain CPU float32/float64 operands (no DTensor) and a built kernel
+        return cpu_kernel_supports(*operands) and kernels.EXTENSION.load() is not None
 
     def _absorb_is_cheaper(self, n_queries: int) -> bool:
         """Whether the absorbed path needs fewer multiply-adds than expanding the cached latents, per key and head.
@@ -171,9 +173,10 @@ class MLA(nn.Module):
     # -- public API --------------------------------------------------------------------------------------------
 
     def forward(self, x: Tensor, pos: Tensor, mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
-        """``x [B, T, D], pos [T] long, mask [B, T, S] bool | None, cache -> y [B, T, D]``.
+        """``x [B, T, D], pos [T] | [B, T] long, mask [B, T, S] bool | None, cache -> y [B, T, D]``.
 
-        With a cache the T tokens are appended at slots ``cache.length ..`` and attend over all S cached keys.
+        With a cache, row b's T tokens are appended at slots ``cache.lengths[b] ..`` and attend over the
+        S = ``cache.span + T`` slots (causally, each row over its own tokens, when ``mask`` is None).
         """
         B, T, _ = x.shape
         q_down, kv_a = self._down_projections(x)
@@ -182,29 +185,31 @@ class MLA(nn.Module):
         if cache is None:
             o = self._attend_naive(q_nope, q_pe, kv, mask, offset=0)
         elif cache.layout == "latent":
-            offset = cache.length
+            offset = cache.span  # slots before the new tokens (the longest row's, when rows differ)
+            mask = cache.causal_mask(T) if mask is None else mask  # rows of different lengths see their own slots
             kv_all = cache.append(kv=kv)["kv"].to(kv.dtype)  # [B, S, c + dr]
             if self._absorb_is_cheaper(T):
                 o = self._attend_absorbed(q_nope, q_pe, kv_all, mask, offset)
             else:
                 o = self._attend_naive(q_nope, q_pe, kv_all, mask, offset)
         elif cache.layout == "full":
-            offset = cache.length
+            offset = cache.span
+            mask = cache.causal_mask(T) if mask is None else mask
             k, v = self._expand(kv)  # [B, H, T, dn + dr], [B, H, T, dv]
             new = cache.append(k=k, v=v)
-            q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)  # b t h d -> b h t d
+            q = rearrange(torch.cat((q_nope, q_pe), dim=-1), "b t h d -> b h t d")
             bias = attention_bias(mask, T, offset + T, offset, q.dtype, q.device)
-            o = attend(q, new["k"].to(q.dtype), new["v"].to(q.dtype), bias, self.softmax_scale).transpose(1, 2)
+            o = attend(q, new["k"].to(q.dtype), new["v"].to(q.dtype), bias, self.softmax_scale)
+            o = rearrange(o, "b h t d -> b t h d")
         else:
             raise ValueError(f"MLA cannot use a cache with layout {cache.layout!r}; make it with MLA.make_cache")
-        return self.o_proj(o.reshape(B, T, self.n_heads * self.v_head_dim))  # b t h d -> b t (h d)
+        return self.o_proj(rearrange(o, "b t h d -> b t (h d)"))
 
     def forward_absorbed(self, x: Tensor, pos: Tensor, mask: Tensor | None = None) -> Tensor:
         """The absorbed path without a cache (for tests): ``x [B, T, D], pos [T], mask [B, T, T] | None -> [B, T, D]``."""
-        B, T, _ = x.shape
         q_nope, q_pe = self._queries(x, pos)
         o = self._attend_absorbed(q_nope, q_pe, self._latents(x, pos), mask, offset=0)
-        return self.o_proj(o.reshape(B, T, self.n_heads * self.v_head_dim))  # b t h d -> b t (h d)
+        return self.o_proj(rearrange(o, "b t h d -> b t (h d)"))
 
     def make_cache(
         self,

@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsk import kernels
 from dsk.api import ModelContext
+from dsk.api.runtime import cpu_kernel_supports
 
+from . import kernels
 from .config import DenseConfig
 
 __all__ = ["SwiGLU", "Dense", "RoutedExperts", "grouped_mm_supported"]
@@ -103,7 +104,7 @@ class RoutedExperts(nn.Module):
     def resolve_dispatch(self, x_RD: torch.Tensor, dispatch: Dispatch, n_rows: int | None = None) -> Resolved:
         """The GEMM path for these inputs.
 
-        ``auto`` takes the CPU kernel (:mod:`dsk.kernels`) for float32/float64 on CPU while the experts
+        ``auto`` takes the CPU kernel (:mod:`dsk_moe.kernels`) for float32/float64 on CPU while the experts
         average at most ``CPU_KERNEL_MAX_MEAN_ROWS`` rows and the kernel is built, else ``torch._grouped_mm``
         where supported (no host sync, 3 autograd nodes instead of 3 * E), else one matmul per expert slice.
         Forcing a path the inputs cannot take raises a ValueError naming ``ffn.dispatch``. ``n_rows`` is the
@@ -111,13 +112,13 @@ class RoutedExperts(nn.Module):
         """
         params = (self.w_gate, self.w_up, self.w_down)
         if dispatch == "cpu_kernel":
-            if not kernels.supports(x_RD, *params):
+            if not cpu_kernel_supports(x_RD, *params):
                 raise ValueError(
                     f"ffn.dispatch = 'cpu_kernel': the CPU expert kernel runs float32/float64 on cpu, not "
-                    f"{x_RD.dtype} on {x_RD.device.type} (or DSK_CPU_KERNELS=0 is set); use dispatch = 'auto'"
+                    f"{x_RD.dtype} on {x_RD.device.type} (plain tensors, not DTensors); use dispatch = 'auto'"
                 )
-            if kernels.load() is None:
-                raise ValueError(f"ffn.dispatch = 'cpu_kernel': {kernels.status()}; use dispatch = 'auto'")
+            if kernels.EXTENSION.load() is None:
+                raise ValueError(f"ffn.dispatch = 'cpu_kernel': {kernels.EXTENSION.status()}; use dispatch = 'auto'")
             return "cpu_kernel"
         if dispatch == "grouped_mm":
             if not grouped_mm_supported(x_RD, *params):
@@ -131,7 +132,7 @@ class RoutedExperts(nn.Module):
         if dispatch == "auto":
             rows = x_RD.shape[0] if n_rows is None else n_rows
             few_rows = rows <= CPU_KERNEL_MAX_MEAN_ROWS * self.n_experts
-            if few_rows and kernels.supports(x_RD, *params) and kernels.load() is not None:
+            if few_rows and cpu_kernel_supports(x_RD, *params) and kernels.EXTENSION.load() is not None:
                 return "cpu_kernel"
             if grouped_mm_supported(x_RD, *params):
                 return "grouped_mm"

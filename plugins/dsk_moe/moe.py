@@ -18,11 +18,12 @@ from __future__ import annotations
 import re
 
 import torch
+from einops import rearrange
 from torch import nn
 
-from dsk import kernels
 from dsk.api import ModelContext
 
+from . import kernels
 from .config import MoEConfig, router_fit_problems
 from .experts import RoutedExperts, SwiGLU
 
@@ -57,15 +58,16 @@ class MoE(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         """x [B, T, D] -> y [B, T, D]."""
-        B, T, D = x_BTD.shape
+        B, T, _ = x_BTD.shape
         N, K = B * T, self.top_k
-        x_ND = x_BTD.reshape(N, D)
+        x_ND = rearrange(x_BTD, "b t d -> (b t) d")
         weights_NK, idx_NK, stats = self.gate(x_ND, seq_shape=(B, T))
 
-        # Dispatch: sort the N*K slots by expert (stable, so a token's rows keep token order within an expert).
+        # Dispatch: sort the N*K slots (slot = n * K + k) by expert; stable, so a token's rows keep token order
+        # within an expert.
         order_R = stats.get("order")  # routers on the CPU kernel sort while selecting
         if order_R is None:
-            order_R = torch.argsort(idx_NK.flatten(), stable=True)
+            order_R = torch.argsort(rearrange(idx_NK, "n k -> (n k)"), stable=True)
         y_ND = self.shared_experts(x_ND) if self.shared_experts is not None else None
         path = self.experts.resolve_dispatch(x_ND, self.cfg.dispatch, n_rows=N * K)
         if path == "cpu_kernel":
@@ -74,17 +76,17 @@ class MoE(nn.Module):
             routed_ND = kernels.routed_experts(
                 x_ND, weights_NK, order_R, stats["load"], ex.w_gate, ex.w_up, ex.w_down, K
             )
-            return (routed_ND if y_ND is None else y_ND + routed_ND).view(B, T, D)
+            return rearrange(routed_ND if y_ND is None else y_ND + routed_ND, "(b t) d -> b t d", b=B)
         token_R = order_R // K  # slot n*K + k belongs to token n
         x_RD = x_ND.index_select(0, token_R)
-        scale_R = weights_NK.flatten().index_select(0, order_R)
+        scale_R = rearrange(weights_NK, "n k -> (n k)").index_select(0, order_R)
         out_RD = self.experts(x_RD, stats["load"], scale_R, path)  # the path resolved above, not "auto" again
 
         # Combine: add each slot's weighted output into its token's row (one pass over R x D; backward is a
         # gather). index_add is deterministic on CPU, and on CUDA under torch.use_deterministic_algorithms.
         if y_ND is None:
             y_ND = torch.zeros_like(x_ND)
-        return y_ND.index_add(0, token_R, out_RD).view(B, T, D)
+        return rearrange(y_ND.index_add(0, token_R, out_RD), "(b t) d -> b t d", b=B)
 
     # -- ffn side channels (contract in docs/plugins.md) ------------------------------------------------
 

@@ -26,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsk import kernels
 from dsk.api import ModelContext
+from dsk.api.runtime import cpu_kernel_supports
 
+from . import kernels
 from .config import AuxLossConfig, GreedyConfig, NoauxTCConfig, router_fit_problems
 
 __all__ = ["TopKRouter", "GreedyRouter", "AuxLossRouter", "NoauxTCRouter"]
@@ -80,7 +81,7 @@ class TopKRouter(nn.Module):
         # Selection never carries gradient (top-k is piecewise constant); only the gathered weights do.
         fused_loss: torch.Tensor | None = None
         alpha = self._seq_loss_alpha() if self.training else None
-        if kernels.supports(scores_NE) and kernels.load() is not None:
+        if cpu_kernel_supports(scores_NE) and kernels.EXTENSION.load() is not None:
             # one pass: selection, and the slots sorted by expert that the MoE layer's dispatch needs; then one
             # for the weights and (noaux_tc) the sequence-wise loss
             idx_NK, order_R, load_E = kernels.route_topk(scores_NE, *self._kernel_routing())
@@ -119,11 +120,11 @@ class TopKRouter(nn.Module):
         return scores_NE.topk(self.top_k, dim=-1, sorted=False).indices
 
     def _kernel_routing(self) -> tuple[torch.Tensor | None, int, int, int, bool]:
-        """The selection :meth:`select` makes, as arguments of :func:`dsk.kernels.route_topk`."""
+        """The selection :meth:`select` makes, as arguments of :func:`dsk_moe.kernels.route_topk`."""
         return None, 1, 1, self.top_k, True
 
     def _seq_loss_alpha(self) -> float | None:
-        """alpha when the balance loss is the sequence-wise loss :func:`dsk.kernels.route_weights` computes
+        """alpha when the balance loss is the sequence-wise loss :func:`dsk_moe.kernels.route_weights` computes
         (then the kernel path computes it too), None when :meth:`compute_balance_loss` defines another."""
         return None
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -173,3 +176,20 @@ def test_prebuild_entry_reports_each_declared_extension(monkeypatch, capsys):
     assert "dsk_rms_norm: unavailable: disabled by DSK_CPU_KERNELS=0" in capsys.readouterr().out
     assert extension.main(["dsk.no_such_module"]) == 2
     assert "cannot import dsk.no_such_module" in capsys.readouterr().err
+
+
+def test_a_build_lock_left_by_a_killed_build_does_not_block_forever(tmp_build, caplog):
+    source = tmp_build / "after_crash.cpp"
+    source.write_text('#error "compiled after the stale lock was cleared"\n')
+    ext = CppExtension(fresh_name(), [source])
+    lock = ext._build_directory() / "lock"
+    lock.touch()  # what torch's file baton leaves when the building process is killed
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    result = []
+    worker = threading.Thread(target=lambda: result.append(ext.load()), daemon=True)
+    with caplog.at_level(logging.INFO, logger="dsk.extension"):
+        worker.start()
+        worker.join(timeout=120)
+    assert result == [None], "load() waited on the stale lock"
+    assert any("compiled after the stale lock was cleared" in n for n in notices(caplog))

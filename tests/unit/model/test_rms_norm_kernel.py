@@ -1,4 +1,4 @@
-"""The fused CPU RMSNorm (dsk.kernels) against the PyTorch composition, and the RMSNorm module's two paths."""
+"""The fused CPU RMSNorm (dsk/model/csrc/rms_norm.cpp) against the PyTorch composition, and the module's two paths."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from dsk import kernels
+from dsk.extension import cpu_kernel_supports
+from dsk.model import norm as kernels
 from dsk.model.norm import RMSNorm
 
 pytestmark = pytest.mark.skipif(os.environ.get("DSK_CPU_KERNELS") == "0", reason="CPU kernels disabled")
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("DSK_CPU_KERNELS") == "0", reason
 
 @pytest.fixture(scope="module", autouse=True)
 def kernel():
-    assert kernels.load() is not None, kernels.status()  # a build failure must fail the suite, not skip it
+    assert kernels.EXTENSION.load() is not None, kernels.EXTENSION.status()  # a build failure fails the suite
 
 
 def reference(x, w, eps):
@@ -33,7 +34,7 @@ def test_kernel_matches_the_composition_in_float64(shape):
     x = torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(True)
     w = torch.randn(shape[-1], generator=g, dtype=torch.float64).requires_grad_(True)
     dy = torch.randn(*shape, generator=g, dtype=torch.float64)
-    got = grads(lambda a, b: kernels.rms_norm(a, b, 1e-6), x, w, dy)
+    got = grads(lambda a, b: kernels.rms_norm_kernel(a, b, 1e-6), x, w, dy)
     want = grads(lambda a, b: reference(a, b, 1e-6), x, w, dy)
     for name, a, b in zip(["y", "dx", "dw"], got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
@@ -45,7 +46,7 @@ def test_kernel_float32_and_strided_input_match_the_float64_composition():
     w = torch.randn(64, generator=g, dtype=torch.float64)
     dy = torch.randn(8, 40, 64, generator=g, dtype=torch.float64)
     x32 = base.float()[..., 3:67].requires_grad_(True)  # a non-contiguous view
-    got = grads(lambda a, b: kernels.rms_norm(a, b, 1e-5), x32, w.float().requires_grad_(True), dy.float())
+    got = grads(lambda a, b: kernels.rms_norm_kernel(a, b, 1e-5), x32, w.float().requires_grad_(True), dy.float())
     x64 = base[..., 3:67].clone().requires_grad_(True)
     want = grads(lambda a, b: reference(a, b, 1e-5), x64, w.clone().requires_grad_(True), dy)
     for a, b in zip(got, want, strict=True):
@@ -58,8 +59,8 @@ def test_module_uses_the_kernel_and_matches_its_pytorch_path(monkeypatch):
         norm.weight.uniform_(0.5, 1.5)
     x = torch.randn(4, 6, 32, dtype=torch.float64, requires_grad=True)
     calls = []
-    real = kernels.rms_norm
-    monkeypatch.setattr(kernels, "rms_norm", lambda *a: calls.append(1) or real(*a))
+    real = kernels.rms_norm_kernel
+    monkeypatch.setattr(kernels, "rms_norm_kernel", lambda *a: calls.append(1) or real(*a))
     fused = norm(x)
     fused.sum().backward()
     fused_grads = x.grad.clone(), norm.weight.grad.clone()
@@ -77,14 +78,5 @@ def test_module_uses_the_kernel_and_matches_its_pytorch_path(monkeypatch):
 def test_bfloat16_takes_the_pytorch_path():
     norm = RMSNorm(16).to(torch.bfloat16)
     x = torch.randn(2, 16, dtype=torch.bfloat16)
-    assert not kernels.supports(x, norm.weight.float())
+    assert not cpu_kernel_supports(x, norm.weight.float())
     assert norm(x).dtype == torch.bfloat16
-
-
-def test_pin_malloc_thresholds_applies_on_linux_and_can_be_turned_off(monkeypatch):
-    import sys
-
-    monkeypatch.setenv("DSK_PIN_MALLOC", "0")
-    assert kernels.pin_malloc_thresholds() is False
-    monkeypatch.delenv("DSK_PIN_MALLOC")
-    assert kernels.pin_malloc_thresholds() is sys.platform.startswith("linux")

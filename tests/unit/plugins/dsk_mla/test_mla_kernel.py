@@ -1,4 +1,4 @@
-"""MLA's fused CPU attention core (dsk.kernels.mla_attention): gradients and the layer against its PyTorch path."""
+"""MLA's fused CPU attention core (dsk_mla.kernels.mla_attention): gradients and the layer against its PyTorch path."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import os
 
 import pytest
 import torch
-
-from dsk import kernels
+from dsk_mla import kernels
 
 from .test_mla import CASES, inputs, make_mla
 
@@ -16,7 +15,7 @@ pytestmark = pytest.mark.skipif(os.environ.get("DSK_CPU_KERNELS") == "0", reason
 
 @pytest.fixture(scope="module", autouse=True)
 def kernel():
-    assert kernels.load() is not None, kernels.status()  # a build failure must fail the suite, not skip it
+    assert kernels.EXTENSION.load() is not None, kernels.EXTENSION.status()  # a build failure fails the suite
 
 
 def reference(q_nope, q_pe, k_nope, k_pe, v, scale):

@@ -312,9 +312,9 @@ def test_router_rejects_top_k_above_expert_count_naming_the_key():
 def test_routing_kernel_selects_as_the_pytorch_path_and_sorts_slots_stably(
     monkeypatch, n_groups, topk_groups, group_score
 ):
-    from dsk import kernels
+    from dsk_moe import kernels
 
-    assert kernels.load() is not None, kernels.status()
+    assert kernels.EXTENSION.load() is not None, kernels.EXTENSION.status()
     cfg = NoauxTCConfig(top_k=6, n_groups=n_groups, topk_groups=topk_groups, group_score=group_score)
     router = make_router(NoauxTCRouter, cfg, n_experts=64, dim=16, dtype=torch.float32).eval()
     router.e_score_correction_bias.copy_(torch.randn(64, generator=torch.Generator().manual_seed(2)) * 0.05)
@@ -338,9 +338,9 @@ def test_routing_kernel_selects_as_the_pytorch_path_and_sorts_slots_stably(
 @pytest.mark.skipif(__import__("os").environ.get("DSK_CPU_KERNELS") == "0", reason="CPU kernels disabled")
 @pytest.mark.parametrize("norm,alpha,seq_shape", [(True, 1e-2, (3, 8)), (False, 1e-2, None), (True, 0.0, (3, 8))])
 def test_routing_weights_kernel_matches_the_pytorch_path_with_gradients(monkeypatch, norm, alpha, seq_shape):
-    from dsk import kernels
+    from dsk_moe import kernels
 
-    assert kernels.load() is not None, kernels.status()
+    assert kernels.EXTENSION.load() is not None, kernels.EXTENSION.status()
     cfg = NoauxTCConfig(top_k=3, n_groups=4, topk_groups=2, norm_topk_prob=norm, route_scale=2.5, seq_aux_alpha=alpha)
     router = make_router(NoauxTCRouter, cfg, n_experts=16).train()
     x = torch.randn(24, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
@@ -372,9 +372,9 @@ def test_routing_weights_kernel_matches_the_pytorch_path_with_gradients(monkeypa
 
 @pytest.mark.skipif(__import__("os").environ.get("DSK_CPU_KERNELS") == "0", reason="CPU kernels disabled")
 def test_routing_weights_kernel_gradcheck():
-    from dsk import kernels
+    from dsk_moe import kernels
 
-    assert kernels.load() is not None, kernels.status()
+    assert kernels.EXTENSION.load() is not None, kernels.EXTENSION.status()
     g = torch.Generator().manual_seed(7)
     scores = torch.rand(6, 5, dtype=torch.float64, generator=g).add_(0.1).requires_grad_(True)
     idx = torch.stack([torch.randperm(5, generator=g)[:2] for _ in range(6)])
@@ -384,9 +384,9 @@ def test_routing_weights_kernel_gradcheck():
 
 @pytest.mark.skipif(__import__("os").environ.get("DSK_CPU_KERNELS") == "0", reason="CPU kernels disabled")
 def test_routing_kernel_keeps_expert_ids_valid_on_nan_scores():
-    from dsk import kernels
+    from dsk_moe import kernels
 
-    assert kernels.load() is not None, kernels.status()
+    assert kernels.EXTENSION.load() is not None, kernels.EXTENSION.status()
     scores = torch.rand(5, 16)
     scores[1] = float("nan")  # a diverged token
     scores[3, :8] = float("nan")

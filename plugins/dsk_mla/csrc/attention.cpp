@@ -1,0 +1,193 @@
+// MLA's causal attention core on CPU for short sequences, forward and backward (float32/float64).
+//
+// o[b, t, h] = softmax_s(scale * (q_nope[b,t,h] . k_nope[b,s,h] + q_pe[b,t,h] . k_pe[b,s]), s <= t) @ v[b, :, h].
+// One (batch, head) pair per task, its T x T scores in the thread's cache: two GEMMs for the scores (the rope key
+// is shared by the heads, so no per-head copy of it and no concatenation of the nope and rope parts), the causal
+// softmax in place, one GEMM for the output, written straight into the [B, T, H, dv] layout the output projection
+// reads. Operands are read through their strides (last dim contiguous), so the views of the projections need no
+// transposes or copies. The probabilities are kept for the backward ([B, H, T, T]).
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "dsk_gemm.h"
+#include "dsk_vec_math.h"
+
+namespace {
+
+struct AttnView {
+  int64_t sb, st, sh;  // strides of batch, position, head (elements); sh unused for k_pe
+};
+
+AttnView view_of(const at::Tensor& t, bool has_head) {
+  TORCH_CHECK(t.stride(-1) == 1, "attention operands must have a contiguous last dim");
+  return {t.stride(0), t.stride(1), has_head ? t.stride(2) : 0};
+}
+
+// Query rows r0 .. r0 + rows of a [*, ld] score block: row i sees keys 0 .. r0 + i; the rest of the row is zeroed.
+constexpr int64_t kCausalBlock = 64;
+
+template <typename T>
+void softmax_causal_rows(T* S, int64_t rows, int64_t ld, int64_t r0, T scale) {
+  for (int64_t ii = 0; ii < rows; ++ii) {
+    const int64_t i = r0 + ii, Tn = ld;
+    T* row = S + ii * ld;
+    T mx = -std::numeric_limits<T>::infinity();
+    for (int64_t j = 0; j <= i; ++j) mx = std::max(mx, row[j] * scale);
+    const T inv = T(1) / dsk::exp_scaled_row(row, i + 1, scale, mx);
+    for (int64_t j = 0; j <= i; ++j) row[j] *= inv;
+    std::fill(row + i + 1, row + Tn, T(0));
+  }
+}
+
+template <typename T>
+void mla_attention_forward_impl(const at::Tensor& qn, const at::Tensor& qp, const at::Tensor& kn, const at::Tensor& kp,
+                                const at::Tensor& v, double scale, at::Tensor& o, at::Tensor& P) {
+  const int64_t B = qn.size(0), Tn = qn.size(1), H = qn.size(2), dn = qn.size(3), dr = qp.size(3), dv = v.size(3);
+  const AttnView vqn = view_of(qn, true), vqp = view_of(qp, true), vkn = view_of(kn, true), vkp = view_of(kp, false),
+                 vv = view_of(v, true);
+  const T *QN = qn.data_ptr<T>(), *QP = qp.data_ptr<T>(), *KN = kn.data_ptr<T>(), *KP = kp.data_ptr<T>(),
+          *V = v.data_ptr<T>();
+  T *O = o.data_ptr<T>(), *PP = P.data_ptr<T>();
+  at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / H, h = task % H;
+      T* S = PP + task * Tn * Tn;
+      const T *qn_bh = QN + b * vqn.sb + h * vqn.sh, *qp_bh = QP + b * vqp.sb + h * vqp.sh;
+      const T *kn_bh = KN + b * vkn.sb + h * vkn.sh, *kp_b = KP + b * vkp.sb, *v_bh = V + b * vv.sb + h * vv.sh;
+      // causal blocks: query rows [r0, r1) only see keys [0, r1), so the products skip the masked upper blocks
+      for (int64_t r0 = 0; r0 < Tn; r0 += kCausalBlock) {
+        const int64_t rows = std::min(kCausalBlock, Tn - r0), keys = r0 + rows;
+        T* Sb = S + r0 * Tn;
+        dsk::gemm_rm<T>(false, true, rows, keys, dn, qn_bh + r0 * vqn.st, vqn.st, kn_bh, vkn.st, T(0), Sb, Tn);
+        dsk::gemm_rm<T>(false, true, rows, keys, dr, qp_bh + r0 * vqp.st, vqp.st, kp_b, vkp.st, T(1), Sb, Tn);
+        softmax_causal_rows<T>(Sb, rows, Tn, r0, static_cast<T>(scale));
+        dsk::gemm_rm<T>(false, false, rows, dv, keys, Sb, Tn, v_bh, vv.st, T(0), O + ((b * Tn + r0) * H + h) * dv, H * dv);
+      }
+    }
+  });
+}
+
+void check_attention(const at::Tensor& qn, const at::Tensor& qp, const at::Tensor& kn, const at::Tensor& kp,
+                     const at::Tensor& v) {
+  TORCH_CHECK(qn.dim() == 4 && qp.dim() == 4 && kn.dim() == 4 && kp.dim() == 3 && v.dim() == 4,
+              "expected q_nope, q_pe, k_nope, v [B, T, H, d] and k_pe [B, T, dr]");
+  TORCH_CHECK(qn.scalar_type() == at::kFloat || qn.scalar_type() == at::kDouble, "float32 or float64 only");
+  for (const auto* t : {&qp, &kn, &kp, &v}) {
+    TORCH_CHECK(t->scalar_type() == qn.scalar_type() && t->device().is_cpu(), "operands must share dtype, on CPU");
+  }
+  const int64_t B = qn.size(0), Tn = qn.size(1), H = qn.size(2);
+  TORCH_CHECK(qp.size(0) == B && qp.size(1) == Tn && qp.size(2) == H, "q_pe must be [B, T, H, dr]");
+  TORCH_CHECK(kn.size(0) == B && kn.size(1) == Tn && kn.size(2) == H && kn.size(3) == qn.size(3),
+              "k_nope must be [B, T, H, dn] (causal self-attention: as many keys as queries)");
+  TORCH_CHECK(kp.size(0) == B && kp.size(1) == Tn && kp.size(2) == qp.size(3), "k_pe must be [B, T, dr]");
+  TORCH_CHECK(v.size(0) == B && v.size(1) == Tn && v.size(2) == H, "v must be [B, T, H, dv]");
+}
+
+std::vector<at::Tensor> mla_attention_forward(const at::Tensor& q_nope, const at::Tensor& q_pe,
+                                              const at::Tensor& k_nope, const at::Tensor& k_pe, const at::Tensor& v,
+                                              double scale) {
+  check_attention(q_nope, q_pe, k_nope, k_pe, v);
+  const int64_t B = q_nope.size(0), Tn = q_nope.size(1), H = q_nope.size(2);
+  auto o = at::empty({B, Tn, H, v.size(3)}, q_nope.options());
+  auto P = at::empty({B, H, Tn, Tn}, q_nope.options());
+  AT_DISPATCH_FLOATING_TYPES(q_nope.scalar_type(), "dsk_mla_attention_forward", [&] {
+    mla_attention_forward_impl<scalar_t>(q_nope, q_pe, k_nope, k_pe, v, scale, o, P);
+  });
+  return {o, P};
+}
+
+// With S = scale * (q k^T), P = softmax(S), o = P v:  dP = do v^T, dS = P * (dP - rowsum(dP * P)) * scale,
+// dq = dS k, dk = dS^T q, dv = P^T do. The rope key is shared by the heads: each head's dk_pe goes to its own
+// slice of a [B, H, T, dr] buffer, summed over heads after the parallel region (no two threads write one row).
+template <typename T>
+void mla_attention_backward_impl(const at::Tensor& dO, const at::Tensor& qn, const at::Tensor& qp,
+                                 const at::Tensor& kn, const at::Tensor& kp, const at::Tensor& v, const at::Tensor& P,
+                                 double scale, at::Tensor& dqn, at::Tensor& dqp, at::Tensor& dkn,
+                                 at::Tensor& dkp_heads, at::Tensor& dv) {
+  const int64_t B = qn.size(0), Tn = qn.size(1), H = qn.size(2), dn = qn.size(3), dr = qp.size(3), Dv = v.size(3);
+  const AttnView vqn = view_of(qn, true), vqp = view_of(qp, true), vkn = view_of(kn, true), vkp = view_of(kp, false),
+                 vv = view_of(v, true);
+  const T *QN = qn.data_ptr<T>(), *QP = qp.data_ptr<T>(), *KN = kn.data_ptr<T>(), *KP = kp.data_ptr<T>(),
+          *V = v.data_ptr<T>(), *PP = P.data_ptr<T>(), *DO = dO.data_ptr<T>();
+  T *DQN = dqn.data_ptr<T>(), *DQP = dqp.data_ptr<T>(), *DKN = dkn.data_ptr<T>(), *DKPH = dkp_heads.data_ptr<T>(),
+    *DV = dv.data_ptr<T>();
+  const T sc = static_cast<T>(scale);
+  at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> dS(Tn * Tn);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / H, h = task % H;
+      const T* Pm = PP + task * Tn * Tn;
+      const T* dOb = DO + (b * Tn * H + h) * Dv;  // dO is contiguous [B, T, H, dv]
+      const T *qn_bh = QN + b * vqn.sb + h * vqn.sh, *qp_bh = QP + b * vqp.sb + h * vqp.sh;
+      const T *kn_bh = KN + b * vkn.sb + h * vkn.sh, *kp_b = KP + b * vkp.sb, *v_bh = V + b * vv.sb + h * vv.sh;
+      T *dv_bh = DV + (b * Tn * H + h) * Dv, *dkn_bh = DKN + (b * Tn * H + h) * dn, *dkp_bh = DKPH + task * Tn * dr;
+      // causal blocks as in the forward; dk and dv of keys [0, r1) gather every later block's share (beta = 1)
+      for (int64_t r0 = 0; r0 < Tn; r0 += kCausalBlock) {
+        const int64_t rows = std::min(kCausalBlock, Tn - r0), keys = r0 + rows;
+        const T* Pb = Pm + r0 * Tn;
+        T* dSb = dS.data();
+        // dP = dO v^T
+        dsk::gemm_rm<T>(false, true, rows, keys, Dv, dOb + r0 * H * Dv, H * Dv, v_bh, vv.st, T(0), dSb, Tn);
+        for (int64_t ii = 0; ii < rows; ++ii) {
+          const int64_t i = r0 + ii;
+          T* row = dSb + ii * Tn;
+          const T* p = Pb + ii * Tn;
+          T dot = 0;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t j = 0; j <= i; ++j) dot += row[j] * p[j];
+          for (int64_t j = 0; j <= i; ++j) row[j] = p[j] * (row[j] - dot) * sc;
+          std::fill(row + i + 1, row + keys, T(0));
+        }
+        // blocks past the first add to the dk / dv rows the earlier blocks wrote; rows [r0, keys) are new
+        auto accumulate = [&](int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* Bm, int64_t ldb,
+                              T* C, int64_t ldc) {
+          if (r0 > 0) dsk::gemm_rm<T>(true, false, r0, n, k, A, lda, Bm, ldb, T(1), C, ldc);  // old rows
+          dsk::gemm_rm<T>(true, false, m - r0, n, k, A + r0, lda, Bm, ldb, T(0), C + r0 * ldc, ldc);  // new rows
+        };
+        // dv[:keys] += P^T dO, dk[:keys] += dS^T q (contiguous [B, T, H, d] outputs)
+        accumulate(keys, Dv, rows, Pb, Tn, dOb + r0 * H * Dv, H * Dv, dv_bh, H * Dv);
+        accumulate(keys, dn, rows, dSb, Tn, qn_bh + r0 * vqn.st, vqn.st, dkn_bh, H * dn);
+        accumulate(keys, dr, rows, dSb, Tn, qp_bh + r0 * vqp.st, vqp.st, dkp_bh, dr);
+        // dq = dS k
+        dsk::gemm_rm<T>(false, false, rows, dn, keys, dSb, Tn, kn_bh, vkn.st, T(0), DQN + ((b * Tn + r0) * H + h) * dn,
+                   H * dn);
+        dsk::gemm_rm<T>(false, false, rows, dr, keys, dSb, Tn, kp_b, vkp.st, T(0), DQP + ((b * Tn + r0) * H + h) * dr,
+                   H * dr);
+      }
+    }
+  });
+}
+
+std::vector<at::Tensor> mla_attention_backward(const at::Tensor& dO, const at::Tensor& q_nope, const at::Tensor& q_pe,
+                                               const at::Tensor& k_nope, const at::Tensor& k_pe, const at::Tensor& v,
+                                               const at::Tensor& P, double scale) {
+  check_attention(q_nope, q_pe, k_nope, k_pe, v);
+  const int64_t B = q_nope.size(0), Tn = q_nope.size(1), H = q_nope.size(2);
+  TORCH_CHECK(dO.is_contiguous() && dO.size(0) == B && dO.size(1) == Tn && dO.size(2) == H && dO.size(3) == v.size(3),
+              "dO must be a contiguous [B, T, H, dv] tensor");
+  TORCH_CHECK(P.is_contiguous() && P.numel() == B * H * Tn * Tn, "P must be the probabilities of the forward");
+  auto opts = q_nope.options();
+  auto dqn = at::empty({B, Tn, H, q_nope.size(3)}, opts), dqp = at::empty({B, Tn, H, q_pe.size(3)}, opts);
+  auto dkn = at::empty({B, Tn, H, k_nope.size(3)}, opts), dv = at::empty({B, Tn, H, v.size(3)}, opts);
+  auto dkp_heads = at::empty({B, H, Tn, q_pe.size(3)}, opts);
+  AT_DISPATCH_FLOATING_TYPES(q_nope.scalar_type(), "dsk_mla_attention_backward", [&] {
+    mla_attention_backward_impl<scalar_t>(dO, q_nope, q_pe, k_nope, k_pe, v, P, scale, dqn, dqp, dkn, dkp_heads, dv);
+  });
+  return {dqn, dqp, dkn, dkp_heads.sum(1), dv};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("mla_attention_forward", &mla_attention_forward,
+        "mla_attention_forward(q_nope, q_pe, k_nope, k_pe, v, scale) -> (o [B, T, H, dv], probs [B, H, T, T])");
+  m.def("mla_attention_backward", &mla_attention_backward,
+        "mla_attention_backward(do, q_nope, q_pe, k_nope, k_pe, v, probs, scale) -> (dq_nope, dq_pe, dk_nope, dk_pe, "
+        "dv)");
+}

@@ -1,0 +1,59 @@
+"""MLA's CPU attention kernel (``csrc/attention.cpp``): the causal attention core for short sequences.
+
+One (batch, head) per task with its scores in cache, the rope key shared by the heads (no concatenation, no
+per-head copy), operands read through their strides and the output written in the layout the output projection
+reads; GEMMs through ATen (``dsk/csrc/dsk_gemm.h``). :class:`dsk_mla.mla.MLA` takes it for plain float32/float64
+CPU tensors once :data:`EXTENSION` has built, and otherwise runs its PyTorch path, which the kernel is tested
+against.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dsk.api.runtime import CppExtension
+
+__all__ = ["EXTENSION", "mla_attention"]
+
+#: The MLA attention kernel; ``EXTENSION.load()`` is the module, or None where it cannot build or run.
+EXTENSION = CppExtension("dsk_mla_kernels", [Path(__file__).parent / "csrc" / "attention.cpp"])
+
+
+class _MLAAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q_nope, q_pe, k_nope, k_pe, v, scale):  # type: ignore[override]
+        o, probs = EXTENSION.load().mla_attention_forward(q_nope, q_pe, k_nope, k_pe, v, scale)
+        ctx.save_for_backward(q_nope, q_pe, k_nope, k_pe, v, probs)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):  # type: ignore[override]
+        q_nope, q_pe, k_nope, k_pe, v, probs = ctx.saved_tensors
+        grads = EXTENSION.load().mla_attention_backward(
+            do.contiguous(), q_nope, q_pe, k_nope, k_pe, v, probs, ctx.scale
+        )
+        return (*grads, None)
+
+
+def mla_attention(
+    q_nope: torch.Tensor, q_pe: torch.Tensor, k_nope: torch.Tensor, k_pe: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Causal MLA attention over one sequence block: ``q_nope, k_nope [B, T, H, dn], q_pe [B, T, H, dr], k_pe [B, T,
+    dr]`` (the rope key shared by the heads), ``v [B, T, H, dv]`` -> ``o [B, T, H, dv]``; differentiable.
+
+    Scores ``scale * (q_nope . k_nope + q_pe . k_pe)`` over keys ``s <= t``. Operands may be strided views (last
+    dim contiguous). Keeps the [B, H, T, T] probabilities for the backward: meant for short sequences (the MLA layer
+    uses it up to T = 512). The caller has checked ``cpu_kernel_supports`` and that ``EXTENSION.load()`` is not None.
+    """
+    # BLAS reads each (batch, head) block as a row-major matrix: contiguous rows, rows that do not overlap
+    args = [
+        t if t.stride(-1) == 1 and t.stride(1) >= t.shape[-1] else t.contiguous()
+        for t in (q_nope, q_pe, k_nope, k_pe, v)
+    ]
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in args):
+        return EXTENSION.load().mla_attention_forward(*args, scale)[0]
+    return _MLAAttention.apply(*args, scale)
