@@ -44,9 +44,10 @@ def _exact_match(record: dict[str, Any], text: str) -> bool:
     return answer is not None and answer == str(record["answer"]).strip()
 
 
-def _registry_checkers(task_names: Sequence[Any] | None) -> Checker:
-    """A checker that asks the task named in each record's ``task`` column (built once per name, default options)."""
-    if not task_names:
+def _registry_checkers(task_names: Sequence[Any] | None, registry: Any) -> Checker:
+    """A checker that asks the task named in each record's ``task`` column (built once per name, default options,
+    from the run's ``registry``; without one, or for an unknown name, the answer text is compared)."""
+    if not task_names or registry is None:
         return _exact_match
     from dsk.api import build_component
 
@@ -54,7 +55,7 @@ def _registry_checkers(task_names: Sequence[Any] | None) -> Checker:
     for name in set(task_names):
         if isinstance(name, str):
             try:
-                tasks[name] = build_component("task", name)
+                tasks[name] = build_component(registry, "task", name)
             except Exception:  # an unknown task name: fall back to comparing the answer text
                 continue
 
@@ -71,6 +72,7 @@ def accuracy(
     completions: list[str],
     *,
     checker: Checker | None = None,
+    registry: Any = None,
     **columns: Any,
 ) -> list[float | None]:
     """``correct`` when the task's checker accepts the completion, else ``wrong``; None for a record without
@@ -80,7 +82,7 @@ def accuracy(
     is built from the registry, and without that the ``<answer>`` text is compared with ``answer`` verbatim.
     """
     rows = rows_of(columns, len(completions))
-    check = checker if checker is not None else _registry_checkers(columns.get("task"))
+    check = checker if checker is not None else _registry_checkers(columns.get("task"), registry)
     out: list[float | None] = []
     for record, text in zip(rows, completions, strict=True):
         if record.get("answer") is None:

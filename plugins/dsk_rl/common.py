@@ -121,6 +121,7 @@ def evaluate_row(
         scores = score(
             rewards, [r["prompt"] for r in records], samples.texts, records, completion_ids=samples.completion_ids,
             truncated=samples.truncated, max_completion_length=max_new_tokens, checker=task.check,
+            registry=ctx.registry,
         )  # fmt: skip
         for k, name in enumerate(scores.names):
             col = scores.values[:, k]

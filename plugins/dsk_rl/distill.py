@@ -137,7 +137,7 @@ class DistillTrainer:
             ctx.reporter.message(f"distill: {cfg.num_prompts} prompts x {cfg.samples_per_prompt} teacher samples")
             rows, stats = generate_traces(
                 teacher, teacher_tok, records, cfg, checker=getattr(task, "check", None),
-                generator=step_generator(device, ctx.seed, 0, salt=29), source=str(teacher_path), origin=self.name,
+                generator=step_generator(device, ctx.seed, 0, salt=29), source=str(teacher_path), origin=self.name, registry=ctx.registry,
             )  # fmt: skip
             if not rows:
                 raise RunFailed(f"the teacher {teacher_path} wrote no accepted trace; nothing to distill", None)

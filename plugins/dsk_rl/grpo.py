@@ -197,7 +197,7 @@ class _GRPORun(TrainerRun):
         scores = score(
             cfg.rewards, [r["prompt"] for r in records], samples.texts, records,
             completion_ids=samples.completion_ids, truncated=samples.truncated,
-            max_completion_length=cfg.max_completion_length, checker=self.task.check,
+            max_completion_length=cfg.max_completion_length, checker=self.task.check, registry=self.ctx.registry,
         )  # fmt: skip
         return records, samples, scores
 

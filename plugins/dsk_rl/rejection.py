@@ -96,6 +96,7 @@ class RejectionSamplingTrainer:
                 policy, tokenizer, records, cfg, checker=getattr(task, "check", None),
                 generator=step_generator(device, ctx.seed, 0, salt=17),
                 source=str(policy_init) if policy_init else "initial weights", origin=self.name,
+                registry=ctx.registry,
             )  # fmt: skip
             mix = mixed_rows(cfg)
             write_jsonl(data_path, rows + mix)

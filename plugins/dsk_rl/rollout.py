@@ -119,12 +119,14 @@ def score(
     truncated: Sequence[bool] | None = None,
     max_completion_length: int | None = None,
     checker: Callable[[dict[str, Any], str], bool] | None = None,
+    registry: Any = None,
 ) -> RewardScores:
     """Call every reward slot on the batch: ``fn(config, prompts, completions, **columns)``.
 
     Columns are the records' keys (one list each; a key missing from a record is None there, except ``prompt`` and
     ``completion``, which would clash with the reference completion of SFT data), plus ``completion_ids``,
-    ``truncated``, and the scalars ``max_completion_length`` and ``checker`` (the task's ``check``).
+    ``truncated``, and the scalars ``max_completion_length``, ``checker`` (the task's ``check``) and ``registry`` (the
+    run's component registry, for rewards that look components up by name).
 
     Raises:
         ValueError: a reward returned a list of the wrong length or a non-number.
@@ -142,7 +144,7 @@ def score(
         slot = rewards[name]
         out = slot.load()(
             slot.config, list(prompts), list(completions), **columns,
-            max_completion_length=max_completion_length, checker=checker,
+            max_completion_length=max_completion_length, checker=checker, registry=registry,
         )  # fmt: skip
         if len(out) != n:
             raise ValueError(f"reward '{name}' returned {len(out)} values for {n} completions")

@@ -120,6 +120,7 @@ def generate_traces(
     source: str,
     origin: str,
     chunk_prompts: int = 64,
+    registry: Any = None,
 ) -> tuple[list[dict[str, Any]], TraceStats]:
     """Sample ``cfg.samples_per_prompt`` completions per record, score them with ``cfg.rewards``, keep the accepted.
 
@@ -151,7 +152,7 @@ def generate_traces(
         scores = score(
             cfg.rewards, [r["prompt"] for r in repeated], samples.texts, repeated,
             completion_ids=samples.completion_ids, truncated=samples.truncated,
-            max_completion_length=cfg.max_completion_length, checker=checker,
+            max_completion_length=cfg.max_completion_length, checker=checker, registry=registry,
         )  # fmt: skip
         totals = scores.total.tolist()
         kept, counts = select(

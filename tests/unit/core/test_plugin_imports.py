@@ -61,3 +61,9 @@ def test_every_runtime_name_resolves():
 def test_the_public_api_modules_import_without_torch(module):
     code = f"import sys, {module}; assert 'torch' not in sys.modules, 'torch imported by {module}'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_every_lazy_name_of_dsk_model_resolves():
+    model = importlib.import_module("dsk.model")
+    for name in model.__all__:
+        assert getattr(model, name) is not None, name

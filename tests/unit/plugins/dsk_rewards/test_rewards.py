@@ -4,6 +4,8 @@ import pytest
 from dsk_rewards.config import AccuracyConfig, FormatConfig, LanguageConsistencyConfig, OverlongConfig
 from dsk_rewards.rewards import accuracy, format_reward, language_consistency, overlong
 
+from dsk.testing import builtin_registry
+
 
 def arithmetic_record(a=47, b=385):
     return {"task": "arithmetic", "answer": str(a + b), "a": a, "b": b, "op": "+"}
@@ -29,7 +31,8 @@ def call(fn, config, completions, records=(), **scalars):
     ],
 )
 def test_accuracy_asks_the_task_checker(completion, expected):
-    assert call(accuracy, AccuracyConfig(), [completion], [arithmetic_record()]) == [expected]
+    registry = builtin_registry()  # the run's registry: the reward builds the record's task from it
+    assert call(accuracy, AccuracyConfig(), [completion], [arithmetic_record()], registry=registry) == [expected]
 
 
 def test_accuracy_uses_the_checker_the_trainer_passes():
@@ -64,8 +67,11 @@ def test_accuracy_treats_a_raising_checker_as_not_applicable():
 
 def test_accuracy_countdown_record_through_the_registry():
     record = {"task": "countdown", "answer": "3*5+7", "numbers": [3, 5, 7], "target": 22}
-    out = call(accuracy, AccuracyConfig(), ["<answer>7+5*3</answer>", "<answer>3*5*7</answer>"], [record] * 2)
+    completions = ["<answer>7+5*3</answer>", "<answer>3*5*7</answer>"]
+    out = call(accuracy, AccuracyConfig(), completions, [record] * 2, registry=builtin_registry())
     assert out == [1.0, 0.0]
+    # without the run's registry the task cannot be built: the answer text is compared
+    assert call(accuracy, AccuracyConfig(), completions, [record] * 2) == [0.0, 0.0]
 
 
 @pytest.mark.parametrize(
