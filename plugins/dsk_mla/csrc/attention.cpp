@@ -4,7 +4,8 @@
 // One (batch, head) pair per task, its T x T scores in the thread's cache: two GEMMs for the scores (the rope key
 // is shared by the heads, so no per-head copy of it and no concatenation of the nope and rope parts), the causal
 // softmax in place, one GEMM for the output, written straight into the [B, T, H, dv] layout the output projection
-// reads. Operands are read through their strides (last dim contiguous), so the views of the projections need no
+// reads; its GEMMs are small (e.g. 64 x 64 x 16), so up to dsk::kSmallGemmFlops they run in dsk_gemm.h's
+// register-blocked kernel rather than through ATen, whose per-call cost would exceed the product's. Operands are read through their strides (last dim contiguous), so the views of the projections need no
 // transposes or copies. The probabilities are kept for the backward ([B, H, T, T]).
 #include <torch/extension.h>
 
@@ -64,10 +65,10 @@ void mla_attention_forward_impl(const at::Tensor& qn, const at::Tensor& qp, cons
       for (int64_t r0 = 0; r0 < Tn; r0 += kCausalBlock) {
         const int64_t rows = std::min(kCausalBlock, Tn - r0), keys = r0 + rows;
         T* Sb = S + r0 * Tn;
-        dsk::gemm_rm<T>(false, true, rows, keys, dn, qn_bh + r0 * vqn.st, vqn.st, kn_bh, vkn.st, T(0), Sb, Tn);
-        dsk::gemm_rm<T>(false, true, rows, keys, dr, qp_bh + r0 * vqp.st, vqp.st, kp_b, vkp.st, T(1), Sb, Tn);
+        dsk::gemm_rm_auto<T>(false, true, rows, keys, dn, qn_bh + r0 * vqn.st, vqn.st, kn_bh, vkn.st, T(0), Sb, Tn);
+        dsk::gemm_rm_auto<T>(false, true, rows, keys, dr, qp_bh + r0 * vqp.st, vqp.st, kp_b, vkp.st, T(1), Sb, Tn);
         softmax_causal_rows<T>(Sb, rows, Tn, r0, static_cast<T>(scale));
-        dsk::gemm_rm<T>(false, false, rows, dv, keys, Sb, Tn, v_bh, vv.st, T(0), O + ((b * Tn + r0) * H + h) * dv, H * dv);
+        dsk::gemm_rm_auto<T>(false, false, rows, dv, keys, Sb, Tn, v_bh, vv.st, T(0), O + ((b * Tn + r0) * H + h) * dv, H * dv);
       }
     }
   });
@@ -133,7 +134,7 @@ void mla_attention_backward_impl(const at::Tensor& dO, const at::Tensor& qn, con
         const T* Pb = Pm + r0 * Tn;
         T* dSb = dS.data();
         // dP = dO v^T
-        dsk::gemm_rm<T>(false, true, rows, keys, Dv, dOb + r0 * H * Dv, H * Dv, v_bh, vv.st, T(0), dSb, Tn);
+        dsk::gemm_rm_auto<T>(false, true, rows, keys, Dv, dOb + r0 * H * Dv, H * Dv, v_bh, vv.st, T(0), dSb, Tn);
         for (int64_t ii = 0; ii < rows; ++ii) {
           const int64_t i = r0 + ii;
           T* row = dSb + ii * Tn;
@@ -147,17 +148,17 @@ void mla_attention_backward_impl(const at::Tensor& dO, const at::Tensor& qn, con
         // blocks past the first add to the dk / dv rows the earlier blocks wrote; rows [r0, keys) are new
         auto accumulate = [&](int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* Bm, int64_t ldb,
                               T* C, int64_t ldc) {
-          if (r0 > 0) dsk::gemm_rm<T>(true, false, r0, n, k, A, lda, Bm, ldb, T(1), C, ldc);  // old rows
-          dsk::gemm_rm<T>(true, false, m - r0, n, k, A + r0, lda, Bm, ldb, T(0), C + r0 * ldc, ldc);  // new rows
+          if (r0 > 0) dsk::gemm_rm_auto<T>(true, false, r0, n, k, A, lda, Bm, ldb, T(1), C, ldc);  // old rows
+          dsk::gemm_rm_auto<T>(true, false, m - r0, n, k, A + r0, lda, Bm, ldb, T(0), C + r0 * ldc, ldc);  // new rows
         };
         // dv[:keys] += P^T dO, dk[:keys] += dS^T q (contiguous [B, T, H, d] outputs)
         accumulate(keys, Dv, rows, Pb, Tn, dOb + r0 * H * Dv, H * Dv, dv_bh, H * Dv);
         accumulate(keys, dn, rows, dSb, Tn, qn_bh + r0 * vqn.st, vqn.st, dkn_bh, H * dn);
         accumulate(keys, dr, rows, dSb, Tn, qp_bh + r0 * vqp.st, vqp.st, dkp_bh, dr);
         // dq = dS k
-        dsk::gemm_rm<T>(false, false, rows, dn, keys, dSb, Tn, kn_bh, vkn.st, T(0), DQN + ((b * Tn + r0) * H + h) * dn,
+        dsk::gemm_rm_auto<T>(false, false, rows, dn, keys, dSb, Tn, kn_bh, vkn.st, T(0), DQN + ((b * Tn + r0) * H + h) * dn,
                    H * dn);
-        dsk::gemm_rm<T>(false, false, rows, dr, keys, dSb, Tn, kp_b, vkp.st, T(0), DQP + ((b * Tn + r0) * H + h) * dr,
+        dsk::gemm_rm_auto<T>(false, false, rows, dr, keys, dSb, Tn, kp_b, vkp.st, T(0), DQP + ((b * Tn + r0) * H + h) * dr,
                    H * dr);
       }
     }
@@ -182,6 +183,20 @@ std::vector<at::Tensor> mla_attention_backward(const at::Tensor& dO, const at::T
   return {dqn, dqp, dkn, dkp_heads.sum(1), dv};
 }
 
+// The kernel's small GEMM on stored 2-D operands (rows ld apart, last dim contiguous), exposed for its tests.
+at::Tensor small_gemm(const at::Tensor& a, const at::Tensor& b, at::Tensor c, bool ta, bool tb, bool accumulate) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2 && a.stride(1) == 1 && b.stride(1) == 1 && c.stride(1) == 1,
+              "2-D operands with a contiguous last dim");
+  TORCH_CHECK(a.scalar_type() == c.scalar_type() && b.scalar_type() == c.scalar_type(), "one dtype");
+  const int64_t m = ta ? a.size(1) : a.size(0), k = ta ? a.size(0) : a.size(1), n = tb ? b.size(0) : b.size(1);
+  TORCH_CHECK((tb ? b.size(1) : b.size(0)) == k && c.size(0) == m && c.size(1) == n, "shapes do not match");
+  AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "dsk_small_gemm", [&] {
+    dsk::small_gemm::gemm<scalar_t>(ta, tb, m, n, k, a.data_ptr<scalar_t>(), a.stride(0), b.data_ptr<scalar_t>(),
+                                    b.stride(0), accumulate, c.data_ptr<scalar_t>(), c.stride(0));
+  });
+  return c;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -190,4 +205,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mla_attention_backward", &mla_attention_backward,
         "mla_attention_backward(do, q_nope, q_pe, k_nope, k_pe, v, probs, scale) -> (dq_nope, dq_pe, dk_nope, dk_pe, "
         "dv)");
+  m.def("small_gemm", &small_gemm, "small_gemm(a, b, c, ta, tb, accumulate) -> c = op(a) op(b) (+ c), for tests");
 }

@@ -98,3 +98,28 @@ def test_broadcast_operands_are_copied_before_blas_reads_them():
     shared_v = v[:, :1].expand_as(v)  # every position the same value row: stride 0 over T
     got = kernels.mla_attention(q_nope, q_pe, k_nope, k_pe, shared_v, 0.7)
     torch.testing.assert_close(got, reference(q_nope, q_pe, k_nope, k_pe, shared_v, 0.7), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("ta,tb", [(False, False), (False, True), (True, False), (True, True)])
+def test_small_gemm_matches_matmul_for_every_layout(dtype, ta, tb):
+    # the register-blocked kernel the attention runs its small products in: row blocks of 6 and column blocks of
+    # 64 bytes with their remainders, operands rows further apart than their width (strided views), k = 0 and 1,
+    # overwrite and accumulate
+    ext = kernels.EXTENSION.load()
+    g = torch.Generator().manual_seed(0)
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    for m, n, k in [(1, 1, 1), (5, 7, 3), (6, 16, 8), (13, 33, 17), (64, 64, 16), (70, 20, 0), (7, 9, 1), (64, 8, 64)]:
+
+        def stored(rows, cols):  # a [rows, cols] view of a wider buffer
+            return torch.randn(rows, cols + 5, generator=g, dtype=dtype)[:, 2 : 2 + cols]
+
+        a = stored(k, m) if ta else stored(m, k)
+        b = stored(n, k) if tb else stored(k, n)
+        want = (a.T if ta else a) @ (b.T if tb else b)
+        for accumulate in (False, True):
+            c = stored(m, n)
+            c0 = c.clone()
+            got = ext.small_gemm(a, b, c, ta, tb, accumulate)
+            torch.testing.assert_close(got, want + c0 if accumulate else want, **tol, msg=f"{m}x{n}x{k}")
+            assert got.data_ptr() == c.data_ptr()
