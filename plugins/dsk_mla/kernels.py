@@ -2,7 +2,9 @@
 
 One (batch, head) per task with its scores in cache, the rope key shared by the heads (no concatenation, no
 per-head copy), operands read through their strides and the output written in the layout the output projection
-reads; GEMMs through ATen (``dsk/csrc/dsk_gemm.h``). :class:`dsk_mla.mla.MLA` takes it for plain float32/float64
+reads. Its GEMMs are tiny (e.g. 64 x 64 x 16), so those of at most 2^18 multiply-adds run in the small
+register-blocked GEMM of ``dsk/csrc/dsk_gemm.h`` (ATen's per-call cost, ~4 us, would dominate them) and larger ones
+through ATen's ``at::cpu::mm_out``. :class:`dsk_mla.mla.MLA` takes it for plain float32/float64
 CPU tensors once :data:`EXTENSION` has built, and otherwise runs its PyTorch path, which the kernel is tested
 against.
 """
