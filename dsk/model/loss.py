@@ -169,10 +169,8 @@ def loss_from_output(model: nn.Module, out: Any, labels: torch.Tensor, side: Sid
         mtp_loss = mtp.loss(out.mtp_logits, labels)
         loss = loss + mtp_loss
     side = side if side is not None else collect_side_channels(model)
-    aux = [a for a in (m.aux_loss() for _, m in side.aux) if a is not None]
-    aux_loss = None
-    if aux:
-        aux_loss = torch.stack([a.to(loss.dtype) for a in aux]).sum()
+    aux_loss = side.aux_loss(loss.dtype)
+    if aux_loss is not None:
         loss = loss + aux_loss
     return LossOutput(loss=loss, lm_loss=main, mtp_loss=mtp_loss, aux_loss=aux_loss, output=out)
 
@@ -192,14 +190,18 @@ def training_loss(
 
 
 def staged_training_loss(
-    stages: Sequence[nn.Module], model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, **kw: Any
+    stages: Sequence[nn.Module],
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    pos: torch.Tensor | None = None,
+    side: SideChannels | None = None,
 ) -> LossOutput:
     """The training loss of ``stages`` (from :meth:`DSKModel.stage`) run one after the other, as a pipeline does."""
-    T = input_ids.shape[1]
-    pos = kw.pop("pos", None)
-    pos = torch.arange(T, device=input_ids.device) if pos is None else pos
-    mask = kw.pop("mask", None)
+    pos = torch.arange(input_ids.shape[1], device=input_ids.device) if pos is None else pos
     x: Any = input_ids
     for stage in stages:
         x = stage(x, input_ids, pos, mask)
-    return loss_from_output(model, x, labels, kw.pop("side", None))
+    return loss_from_output(model, x, labels, side)
