@@ -35,6 +35,8 @@ from dsk.api.contracts import (
     AfterOptimizerStep,
     AuxLossSource,
     Feature,
+    LinearLayers,
+    LinearShapes,
     ParallelStrategy,
     StepStatistics,
 )
@@ -47,6 +49,8 @@ __all__ = [
     "AuxLossSource",
     "Feature",
     "InputError",
+    "LinearLayers",
+    "LinearShapes",
     "OptimizerConfig",
     "ParallelStrategy",
     "StepStatistics",

@@ -37,6 +37,8 @@ __all__ = [
     "AfterOptimizerStep",
     "AuxLossSource",
     "Feature",
+    "LinearLayers",
+    "LinearShapes",
     "ParallelStrategy",
     "StepStatistics",
 ]
@@ -192,3 +194,33 @@ class AfterOptimizerStep(Protocol):
 
     def after_optimizer_step(self) -> None:
         """Apply and reset this step's statistics."""
+
+
+@runtime_checkable
+class LinearLayers(Protocol):
+    """A model component whose projections run through a swappable implementation (FP8 GEMMs, for one).
+
+    The component computes every product of its linear layers with ``self.linear_impl.linear(x, w, site)`` (and
+    stacked experts with ``linear_impl.grouped``), where ``linear_impl`` is a
+    :class:`dsk.api.runtime.LinearImpl` (default :data:`dsk.api.runtime.PLAIN_LINEAR`). A feature sets
+    ``module.linear_impl`` in ``transform_model``; what a component computes otherwise (a router gate, the head,
+    the embedding, the MTP projection) is untouched by it.
+    """
+
+    linear_impl: Any
+
+    def linear_sites(self) -> list[Any]:
+        """The GEMMs it runs through ``linear_impl``, as :class:`dsk.api.runtime.LinearSite` (name, N, K, key)."""
+
+
+@runtime_checkable
+class LinearShapes(Protocol):
+    """A component *config* that states the reduction lengths K of its linear layers (torch-free).
+
+    Recipe validation uses it where a rule depends on them before any model exists (an FP8 block size must
+    divide every K). Keys are the config's own field names (the message's key path is the slot's path plus the
+    key); the model dim D, the input of every block, is checked from ``[model] dim`` by the caller.
+    """
+
+    def linear_in_features(self, dim: int) -> dict[str, int]:
+        """``{config key: K}`` for each linear layer's K that this config sets (D excluded)."""

@@ -25,8 +25,11 @@ _LAZY: dict[str, str] = {
     "InputError": "dsk.errors",
     "JsonlSource": "dsk.data.jsonl",
     "LANGUAGES": "dsk.data.languages",
+    "LinearImpl": "dsk.model.linear",
+    "LinearSite": "dsk.model.linear",
     "LossOutput": "dsk.model.loss",
     "ModelOutput": "dsk.model.transformer",
+    "PLAIN_LINEAR": "dsk.model.linear",
     "RMSNorm": "dsk.model.norm",
     "RunContext": "dsk.train.context",
     "RunFailed": "dsk.train.context",
@@ -44,6 +47,7 @@ _LAZY: dict[str, str] = {
     "collect_side_channels": "dsk.model.loss",
     "cpu_kernel_supports": "dsk.extension",
     "cross_entropy": "dsk.model.loss",
+    "current_regions": "dsk.model.regions",
     "document_causal_mask": "dsk.data.batching",
     "encode_example": "dsk.data.batching",
     "encode_record": "dsk.data.batching",
@@ -66,6 +70,9 @@ _LAZY: dict[str, str] = {
     "model_state_for_saving": "dsk.train.checkpoint",
     "named_unique_parameters": "dsk.train.optim",
     "read_jsonl": "dsk.data.jsonl",
+    "recompute_scope": "dsk.model.regions",
+    "recomputing": "dsk.model.regions",
+    "region": "dsk.model.regions",
     "remove_stale_temporaries": "dsk.train.checkpoint",
     "render_steps": "dsk.data.languages",
     "save_checkpoint": "dsk.train.checkpoint",
@@ -76,6 +83,9 @@ _LAZY: dict[str, str] = {
     "training_loss": "dsk.model.loss",
 }
 
+#: public names defined under another name in their module
+_ALIASES: dict[str, str] = {"PLAIN_LINEAR": "PLAIN"}
+
 __all__ = sorted(_LAZY)
 
 
@@ -83,7 +93,7 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'dsk.api.runtime' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    value = getattr(importlib.import_module(module), _ALIASES.get(name, name))
     globals()[name] = value
     return value
 

@@ -3,6 +3,7 @@
 The kernel (``csrc/rms_norm.cpp``) runs the forward and the backward in one pass each over the activations, where
 ATen's composition takes ~8 element-wise kernels forward and ~12 backward. It is taken for plain float32/float64
 CPU tensors when it builds (:mod:`dsk.extension`); everything else runs the PyTorch path it is tested against.
+Every RMSNorm forward is the region ``"norm"`` (:mod:`dsk.model.regions`), which selective recomputation recomputes.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsk.extension import CppExtension, cpu_kernel_supports
+from dsk.model.regions import region
 
 __all__ = ["RMSNorm", "rms_norm_kernel", "EXTENSION"]
 
@@ -61,11 +63,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., D] -> [..., D]."""
-        if cpu_kernel_supports(x, self.weight) and EXTENSION.load() is not None:
-            return rms_norm_kernel(x, self.weight, self.eps)  # float32/64 on CPU: one fused pass each way
-        y = F.rms_norm(x.to(torch.promote_types(x.dtype, torch.float32)), (x.shape[-1],), eps=self.eps)
-        return self.weight * y.to(x.dtype)
+        """x [..., D] -> [..., D] (the region ``"norm"``)."""
+        with region("norm"):
+            if cpu_kernel_supports(x, self.weight) and EXTENSION.load() is not None:
+                return rms_norm_kernel(x, self.weight, self.eps)  # float32/64 on CPU: one fused pass each way
+            y = F.rms_norm(x.to(torch.promote_types(x.dtype, torch.float32)), (x.shape[-1],), eps=self.eps)
+            return self.weight * y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

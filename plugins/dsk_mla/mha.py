@@ -10,6 +10,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from dsk.api import ModelContext
+from dsk.api.runtime import PLAIN_LINEAR, LinearSite
 from dsk_mla.attention import KVCache, attend, attention_bias
 from dsk_mla.config import MHAConfig
 from dsk_mla.rope import RotaryEmbedding
@@ -18,7 +19,12 @@ __all__ = ["MHA"]
 
 
 class MHA(nn.Module):
-    """Multi-head attention (one K/V head per query head), RoPE on the whole head, Llama-style names."""
+    """Multi-head attention (one K/V head per query head), RoPE on the whole head, Llama-style names.
+
+    Its four projections run through ``linear_impl`` (:class:`dsk.api.LinearLayers`).
+    """
+
+    linear_impl = PLAIN_LINEAR
 
     def __init__(self, cfg: MHAConfig, ctx: ModelContext):
         super().__init__()
@@ -34,6 +40,7 @@ class MHA(nn.Module):
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.head_dim or ctx.dim // cfg.n_heads
         self.init_std = ctx.init_std
+        self.dim = ctx.dim
         inner = self.n_heads * self.head_dim
         self.q_proj = nn.Linear(ctx.dim, inner, bias=False)
         self.k_proj = nn.Linear(ctx.dim, inner, bias=False)
@@ -55,10 +62,11 @@ class MHA(nn.Module):
         """
         T, H = x.shape[1], self.n_heads
         # RoPE rotates in the b t h d layout; attention wants the heads before the tokens
-        q = self.rope(rearrange(self.q_proj(x), "b t (h d) -> b t h d", h=H), pos)
-        k = self.rope(rearrange(self.k_proj(x), "b t (h d) -> b t h d", h=H), pos)
+        lin = self.linear_impl.linear
+        q = self.rope(rearrange(lin(x, self.q_proj.weight, "q_proj"), "b t (h d) -> b t h d", h=H), pos)
+        k = self.rope(rearrange(lin(x, self.k_proj.weight, "k_proj"), "b t (h d) -> b t h d", h=H), pos)
         q, k = (rearrange(t, "b t h d -> b h t d") for t in (q, k))
-        v = rearrange(self.v_proj(x), "b t (h d) -> b h t d", h=H)
+        v = rearrange(lin(x, self.v_proj.weight, "v_proj"), "b t (h d) -> b h t d", h=H)
         offset = 0
         if cache is not None:
             if cache.layout != "full":
@@ -71,7 +79,13 @@ class MHA(nn.Module):
         S = k.shape[2]
         bias = attention_bias(mask, T, S, offset, q.dtype, q.device) if offset or mask is not None else None
         o = attend(q, k, v, bias, self.softmax_scale, causal=True)
-        return self.o_proj(rearrange(o, "b h t d -> b t (h d)"))
+        return lin(rearrange(o, "b h t d -> b t (h d)"), self.o_proj.weight, "o_proj")
+
+    def linear_sites(self) -> list[LinearSite]:
+        """The four projections run through ``linear_impl``."""
+        inner = self.n_heads * self.head_dim
+        sites = [LinearSite(name, inner, self.dim, "dim") for name in ("q_proj", "k_proj", "v_proj")]
+        return [*sites, LinearSite("o_proj", self.dim, inner, "attention.head_dim")]
 
     def make_cache(
         self, batch_size: int, max_len: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None

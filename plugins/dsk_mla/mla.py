@@ -10,12 +10,11 @@ kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj), so an HF state dict load
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
 from dsk.api import ModelContext
-from dsk.api.runtime import RMSNorm, cpu_kernel_supports
+from dsk.api.runtime import PLAIN_LINEAR, LinearSite, RMSNorm, cpu_kernel_supports, region
 from dsk_mla import kernels
 from dsk_mla.attention import PAD_V_MIN_SCORES, KVCache, attend, attention_bias
 from dsk_mla.config import MLAConfig
@@ -31,7 +30,13 @@ class MLA(nn.Module):
     to SDPA. With a "latent" cache it stores only ``c + dr`` values per token (the normalised latent and the shared
     rope key) and decodes with the absorbed path (W_UK folded into the query, W_UV into the output). With a "full"
     cache it stores per-head K and V (``H * (dn + dr + dv)`` values per token), the naive baseline.
+
+    Its projections run through ``linear_impl`` (:class:`dsk.api.LinearLayers`; sites in :meth:`linear_sites`),
+    the up-projections inside the region ``"attention.up_projection"``. The absorbed decoding path folds
+    ``kv_b_proj``'s weight into the query and output and is not a site (it is inference, on the stored weights).
     """
+
+    linear_impl = PLAIN_LINEAR
 
     def __init__(self, cfg: MLAConfig, ctx: ModelContext):
         super().__init__()
@@ -45,6 +50,7 @@ class MLA(nn.Module):
         self.qk_head_dim = cfg.qk_head_dim
         H, c, dr = cfg.n_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
         self.init_std = ctx.init_std
+        self.dim = ctx.dim
 
         if cfg.q_lora_rank is None:
             self.q_proj = nn.Linear(ctx.dim, H * self.qk_head_dim, bias=False)
@@ -80,7 +86,7 @@ class MLA(nn.Module):
         instead of two thin ones; the parameters keep their HF names.
         """
         w_q = self.q_proj.weight if self.q_lora_rank is None else self.q_a_proj.weight
-        both = F.linear(x, torch.cat((w_q, self.kv_a_proj_with_mqa.weight)))
+        both = self.linear_impl.linear(x, torch.cat((w_q, self.kv_a_proj_with_mqa.weight)), "q_kv_a")
         return both.split([w_q.shape[0], self.kv_a_proj_with_mqa.weight.shape[0]], dim=-1)
 
     def _queries(self, x: Tensor, pos: Tensor, q_down: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -88,9 +94,19 @@ class MLA(nn.Module):
 
         ``q_down``: the first output of :meth:`_down_projections`, when the caller already has it.
         """
+        lin = self.linear_impl.linear
         if q_down is None:
-            q_down = self.q_proj(x) if self.q_lora_rank is None else self.q_a_proj(x)
-        q = q_down if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(q_down))
+            q_down = (
+                lin(x, self.q_proj.weight, "q_proj")
+                if self.q_lora_rank is None
+                else lin(x, self.q_a_proj.weight, "q_a_proj")
+            )
+        if self.q_lora_rank is None:
+            q = q_down
+        else:
+            q_latent = self.q_a_layernorm(q_down)
+            with region("attention.up_projection"):
+                q = lin(q_latent, self.q_b_proj.weight, "q_b_proj")
         q = rearrange(q, "b t (h d) -> b t h d", h=self.n_heads)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         return q_nope, self.rope(q_pe, pos)
@@ -101,7 +117,7 @@ class MLA(nn.Module):
         ``kv_a``: the second output of :meth:`_down_projections`, when the caller already has it.
         """
         if kv_a is None:
-            kv_a = self.kv_a_proj_with_mqa(x)
+            kv_a = self.linear_impl.linear(x, self.kv_a_proj_with_mqa.weight, "kv_a_proj_with_mqa")
         latent, k_pe = kv_a.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         return torch.cat((self.kv_a_layernorm(latent), self.rope(k_pe, pos)), dim=-1)
 
@@ -110,10 +126,15 @@ class MLA(nn.Module):
         B, S, _ = kv.shape
         H, dn, dr = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
         latent, k_pe = kv.split([self.kv_lora_rank, dr], dim=-1)
-        kv_b = rearrange(self.kv_b_proj(latent), "b s (h d) -> b s h d", h=H)
-        k_nope, v = kv_b.split([dn, self.v_head_dim], dim=-1)
-        k = torch.cat((k_nope, k_pe[:, :, None, :].expand(B, S, H, dr)), dim=-1)  # rope key shared by all heads
-        return rearrange(k, "b s h d -> b h s d"), rearrange(v, "b s h d -> b h s d")
+        with region("attention.up_projection"):
+            kv_b = rearrange(self._kv_b(latent), "b s (h d) -> b s h d", h=H)
+            k_nope, v = kv_b.split([dn, self.v_head_dim], dim=-1)
+            k = torch.cat((k_nope, k_pe[:, :, None, :].expand(B, S, H, dr)), dim=-1)  # rope key shared by all heads
+            return rearrange(k, "b s h d -> b h s d"), rearrange(v, "b s h d -> b h s d")
+
+    def _kv_b(self, latent: Tensor) -> Tensor:
+        """The K/V up-projection ``latent [..., c] -> [..., H * (dn + dv)]``."""
+        return self.linear_impl.linear(latent, self.kv_b_proj.weight, "kv_b_proj")
 
     # -- attention paths ---------------------------------------------------------------------------------------
 
@@ -124,8 +145,9 @@ class MLA(nn.Module):
         if short_causal and self._kernel_ok(q_nope, q_pe, kv):
             # CPU, short causal self-attention: the fused kernel reads the projections' views as they are
             latent, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-            kv_b = rearrange(self.kv_b_proj(latent), "b t (h d) -> b t h d", h=self.n_heads)
-            k_nope, v = kv_b.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+            with region("attention.up_projection"):
+                kv_b = rearrange(self._kv_b(latent), "b t (h d) -> b t h d", h=self.n_heads)
+                k_nope, v = kv_b.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
             return kernels.mla_attention(q_nope, q_pe, k_nope, k_pe, v, self.softmax_scale)
         k, v = self._expand(kv)
         q = rearrange(torch.cat((q_nope, q_pe), dim=-1), "b t h d -> b h t d")
@@ -203,13 +225,25 @@ class MLA(nn.Module):
             o = rearrange(o, "b h t d -> b t h d")
         else:
             raise ValueError(f"MLA cannot use a cache with layout {cache.layout!r}; make it with MLA.make_cache")
-        return self.o_proj(rearrange(o, "b t h d -> b t (h d)"))
+        return self.linear_impl.linear(rearrange(o, "b t h d -> b t (h d)"), self.o_proj.weight, "o_proj")
 
     def forward_absorbed(self, x: Tensor, pos: Tensor, mask: Tensor | None = None) -> Tensor:
         """The absorbed path without a cache (for tests): ``x [B, T, D], pos [T], mask [B, T, T] | None -> [B, T, D]``."""
         q_nope, q_pe = self._queries(x, pos)
         o = self._attend_absorbed(q_nope, q_pe, self._latents(x, pos), mask, offset=0)
-        return self.o_proj(rearrange(o, "b t h d -> b t (h d)"))
+        return self.linear_impl.linear(rearrange(o, "b t h d -> b t (h d)"), self.o_proj.weight, "o_proj")
+
+    def linear_sites(self) -> list[LinearSite]:
+        """The GEMMs run through ``linear_impl`` in a training forward (the concatenated down-projection first)."""
+        H, c, dr = self.n_heads, self.kv_lora_rank, self.qk_rope_head_dim
+        dk, dv = self.qk_head_dim, self.v_head_dim
+        q_out = H * dk if self.q_lora_rank is None else self.q_lora_rank
+        sites = [LinearSite("q_kv_a", q_out + c + dr, self.dim, "dim")]
+        if self.q_lora_rank is not None:
+            sites.append(LinearSite("q_b_proj", H * dk, self.q_lora_rank, "attention.q_lora_rank"))
+        sites.append(LinearSite("kv_b_proj", H * (self.qk_nope_head_dim + dv), c, "attention.kv_lora_rank"))
+        sites.append(LinearSite("o_proj", self.dim, H * dv, "attention.v_head_dim"))
+        return sites
 
     def make_cache(
         self,

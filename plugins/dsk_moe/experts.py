@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsk.api import ModelContext
-from dsk.api.runtime import cpu_kernel_supports
+from dsk.api.runtime import PLAIN_LINEAR, LinearSite, cpu_kernel_supports, region
 
 from . import kernels
 from .config import DenseConfig
@@ -21,7 +21,7 @@ from .config import DenseConfig
 __all__ = ["SwiGLU", "Dense", "RoutedExperts", "grouped_mm_supported"]
 
 Dispatch = Literal["cpu_kernel", "grouped_mm", "loop_slices", "auto"]
-Resolved = Literal["cpu_kernel", "grouped_mm", "loop_slices"]
+Resolved = Literal["cpu_kernel", "grouped_mm", "loop_slices", "linear_impl"]
 
 # "auto" takes the CPU kernel while experts average at most this many rows: below it, splitting the experts over
 # the threads beats splitting each GEMM (bench/bench_moe.py: 1.2-2x at 64 experts with 64-192 rows each); with a
@@ -30,10 +30,19 @@ CPU_KERNEL_MAX_MEAN_ROWS = 384
 
 
 class SwiGLU(nn.Module):
-    """``down(silu(gate(x)) * up(x))`` with HF names ``gate_proj / up_proj / down_proj`` (reference w1 / w3 / w2)."""
+    """``down(silu(gate(x)) * up(x))`` with HF names ``gate_proj / up_proj / down_proj`` (reference w1 / w3 / w2).
+
+    Its two GEMMs (gate and up stacked into one, then down) run through ``linear_impl``
+    (:class:`dsk.api.LinearLayers`); the activation is the region ``"ffn.activation"``.
+    """
+
+    linear_impl = PLAIN_LINEAR
+    #: the config key of the hidden width, for messages about the down projection's K (set by subclasses)
+    hidden_key = "ffn.expert_hidden_dim"
 
     def __init__(self, dim: int, hidden_dim: int, init_std: float = 0.02):
         super().__init__()
+        self.dim, self.hidden_dim = dim, hidden_dim
         self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
         self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
@@ -44,12 +53,24 @@ class SwiGLU(nn.Module):
         """x [..., D] -> [..., D]."""
         # gate and up as one GEMM over the stacked weights (one pass over x, one wider product, one dX GEMM in
         # the backward); the parameters stay separate under their HF names
-        gate, up = F.linear(x, torch.cat((self.gate_proj.weight, self.up_proj.weight))).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        lin = self.linear_impl.linear
+        gate, up = lin(x, torch.cat((self.gate_proj.weight, self.up_proj.weight)), "gate_up").chunk(2, dim=-1)
+        with region("ffn.activation"):
+            h = F.silu(gate) * up
+        return lin(h, self.down_proj.weight, "down_proj")
+
+    def linear_sites(self) -> list[LinearSite]:
+        """The stacked gate/up GEMM and the down projection."""
+        return [
+            LinearSite("gate_up", 2 * self.hidden_dim, self.dim, "dim"),
+            LinearSite("down_proj", self.dim, self.hidden_dim, self.hidden_key),
+        ]
 
 
 class Dense(SwiGLU):
     """Dense FFN component (``ffn`` kind, name ``dense``): one SwiGLU of ``hidden_dim``; forward [B,T,D] -> [B,T,D]."""
+
+    hidden_key = "dense_ffn.hidden_dim"
 
     def __init__(self, cfg: DenseConfig, ctx: ModelContext):
         super().__init__(ctx.dim, cfg.hidden_dim, ctx.init_std)
@@ -90,7 +111,12 @@ class RoutedExperts(nn.Module):
 
     HF v5 in memory fuses ``gate_up_proj [E, 2H, D] = cat(w_gate, w_up, dim=1)`` and ``down_proj = w_down``.
     :func:`dsk_moe.moe.hf_to_dsk` / :func:`dsk_moe.moe.dsk_to_hf` convert the on-disk names.
+
+    A ``linear_impl`` that replaces grouped GEMMs (:attr:`dsk.api.runtime.LinearImpl.replaces_grouped`, e.g. FP8)
+    takes precedence over every dispatch path: the experts then run its grouped GEMMs, the activation between them.
     """
+
+    linear_impl = PLAIN_LINEAR
 
     def __init__(self, n_experts: int, dim: int, hidden_dim: int, init_std: float = 0.02):
         super().__init__()
@@ -111,6 +137,8 @@ class RoutedExperts(nn.Module):
         number of routed rows when ``x_RD`` is not them (the MoE layer passes its tokens and N * K).
         """
         params = (self.w_gate, self.w_up, self.w_down)
+        if self.linear_impl.replaces_grouped:
+            return "linear_impl"
         if dispatch == "cpu_kernel":
             if not cpu_kernel_supports(x_RD, *params):
                 raise ValueError(
@@ -162,7 +190,27 @@ class RoutedExperts(nn.Module):
             return kernels.experts_cpu(x_RD, load_E, self.w_gate, self.w_up, self.w_down, scale_R)
         if path == "grouped_mm":
             return self._grouped(x_RD, load_E, scale_R)
+        if path == "linear_impl":
+            return self._through_impl(x_RD, load_E, scale_R)
         return self._loop_slices(x_RD, load_E, scale_R)
+
+    def linear_sites(self) -> list[LinearSite]:
+        """The stacked gate/up grouped GEMM and the down projection, per expert ``[N, K]``."""
+        E, D, H = self.n_experts, self.dim, self.hidden_dim
+        return [
+            LinearSite("w_gate_up", 2 * H, D, "dim", grouped=True, n_groups=E),
+            LinearSite("w_down", D, H, "ffn.expert_hidden_dim", grouped=True, n_groups=E),
+        ]
+
+    def _through_impl(self, x_RD: torch.Tensor, load_E: torch.Tensor, scale_R: torch.Tensor | None) -> torch.Tensor:
+        # gate and up stacked per expert: one grouped GEMM over [E, 2H, D], then the activation, then down
+        impl = self.linear_impl
+        gate_RH, up_RH = impl.grouped(x_RD, torch.cat((self.w_gate, self.w_up), dim=1), load_E, "w_gate_up").chunk(
+            2, dim=-1
+        )
+        with region("ffn.activation"):
+            h_RH = F.silu(gate_RH) * (up_RH if scale_R is None else up_RH * scale_R.unsqueeze(-1))
+        return impl.grouped(h_RH, self.w_down, load_E, "w_down")
 
     def _grouped(self, x_RD: torch.Tensor, load_E: torch.Tensor, scale_R: torch.Tensor | None) -> torch.Tensor:
         # One grouped GEMM per projection, no host sync: offs are the end rows of each expert's slice.
@@ -171,7 +219,8 @@ class RoutedExperts(nn.Module):
         # w[E, out, in].transpose -> [E, in, out] column-major view, the layout _grouped_mm expects (no copy).
         gate_RH = torch._grouped_mm(x_RD, self.w_gate.transpose(-2, -1), offs=offs_E)
         up_RH = torch._grouped_mm(x_RD, self.w_up.transpose(-2, -1), offs=offs_E)
-        h_RH = F.silu(gate_RH) * (up_RH if scale_R is None else up_RH * scale_R.unsqueeze(-1))
+        with region("ffn.activation"):
+            h_RH = F.silu(gate_RH) * (up_RH if scale_R is None else up_RH * scale_R.unsqueeze(-1))
         return torch._grouped_mm(h_RH, self.w_down.transpose(-2, -1), offs=offs_E)
 
     def _loop_slices(self, x_RD: torch.Tensor, load_E: torch.Tensor, scale_R: torch.Tensor | None) -> torch.Tensor:
@@ -184,8 +233,10 @@ class RoutedExperts(nn.Module):
         for x, s, (wg, wu, wd) in zip(x_RD.split(sizes), scales, weights, strict=True):
             if x.shape[0] == 0:
                 continue
-            up = F.linear(x, wu)
-            outs.append(F.linear(F.silu(F.linear(x, wg)) * (up if s is None else up * s), wd))
+            up, gate = F.linear(x, wu), F.linear(x, wg)
+            with region("ffn.activation"):
+                h = F.silu(gate) * (up if s is None else up * s)
+            outs.append(F.linear(h, wd))
         if not outs:
             return x_RD.new_zeros(0, self.dim)
         return torch.cat(outs) if len(outs) > 1 else outs[0]

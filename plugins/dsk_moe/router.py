@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsk.api import ModelContext
-from dsk.api.runtime import cpu_kernel_supports
+from dsk.api.runtime import cpu_kernel_supports, recomputing
 
 from . import kernels
 from .config import AuxLossConfig, GreedyConfig, NoauxTCConfig, router_fit_problems
@@ -96,12 +96,15 @@ class TopKRouter(nn.Module):
                 weights_NK = weights_NK / (weights_NK.sum(dim=-1, keepdim=True) + _NORM_EPS)
             weights_NK = weights_NK * self.cfg.route_scale
         if self.training:
-            # Eval and generation forwards must not move the balancing bias, so only training counts.
-            self.step_load += load_E.to(self.step_load.dtype)
-            if alpha is not None:
-                self._loss = fused_loss
-            else:
-                self._loss = self.compute_balance_loss(scores_NE, idx_NK, load_E, seq_shape)
+            # Eval and generation forwards must not move the balancing bias, so only training counts; a forward
+            # run again by activation recomputation counts nothing (its tokens were counted the first time) and
+            # keeps the first forward's loss, but computes it all the same so the recomputed ops are the same ops.
+            again = recomputing()
+            if not again:
+                self.step_load += load_E.to(self.step_load.dtype)
+            loss = fused_loss if alpha is not None else self.compute_balance_loss(scores_NE, idx_NK, load_E, seq_shape)
+            if not again:
+                self._loss = loss
         else:
             self._loss = None
         stats = {"load": load_E} if order_R is None else {"load": load_E, "order": order_R}
