@@ -14,6 +14,7 @@ from typing import Any
 #: public name -> the core module that defines it
 _LAZY: dict[str, str] = {
     "BatchIterator": "dsk.data.batching",
+    "Block": "dsk.model.transformer",
     "BuiltRun": "dsk.train.build",
     "CheckpointError": "dsk.model.hf",
     "CheckpointLoadError": "dsk.train.checkpoint",

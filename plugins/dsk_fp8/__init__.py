@@ -1,0 +1,1 @@
+"""dsk_fp8: (being written)."""

@@ -1,0 +1,1 @@
+"""Hook implementations of dsk_fp8 (torch-free, lazy)."""

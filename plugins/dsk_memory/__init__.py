@@ -1,0 +1,1 @@
+"""dsk_memory: (being written)."""

@@ -1,0 +1,1 @@
+"""Hook implementations of dsk_memory (torch-free, lazy)."""

@@ -1,0 +1,1 @@
+"""dsk_precision: (being written)."""

@@ -1,0 +1,1 @@
+"""Hook implementations of dsk_precision (torch-free, lazy)."""

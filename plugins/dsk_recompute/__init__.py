@@ -1,0 +1,1 @@
+"""dsk_recompute: (being written)."""

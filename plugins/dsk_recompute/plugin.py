@@ -1,0 +1,1 @@
+"""Hook implementations of dsk_recompute (torch-free, lazy)."""
