@@ -420,11 +420,39 @@ def dsk_to_hf_state(
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
     """``W = W_fp8 * scale_inv`` per [block_out, block_in] tile (spec §2.2); ragged edge tiles are cropped.
 
-    weight [out, in] float8, scale_inv [ceil(out/bo), ceil(in/bi)] -> float32 [out, in].
+    weight [out, in] float8, scale_inv [ceil(out/bo), ceil(in/bi)] -> float32 [out, in] (the product of an E4M3
+    value and a float32 scale, rounded once to float32).
     """
     out_dim, in_dim = weight.shape
     scale = scale_inv.float().repeat_interleave(block[0], dim=0)[:out_dim].repeat_interleave(block[1], dim=1)
     return weight.float() * scale[:, :in_dim]
+
+
+#: the FP8 formats a DeepSeek-V3 checkpoint's ``quantization_config.fmt`` may name, and their torch dtypes
+_FP8_FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+
+
+def fp8_block_size(hf: dict[str, Any], where: str) -> tuple[int, int]:
+    """The ``[block_out, block_in]`` of a DeepSeek-V3 FP8 checkpoint's ``quantization_config`` (default 128 x 128).
+
+    Raises:
+        CheckpointError: the config names another quantisation method or format, or a malformed block size.
+    """
+    quant = hf.get("quantization_config") or {}
+    if not isinstance(quant, dict):
+        raise CheckpointError(f"{where}: quantization_config must be a JSON object, got {quant!r}")
+    method = quant.get("quant_method", "fp8")
+    if method != "fp8":
+        raise CheckpointError(f"{where}: quantization_config.quant_method = {method!r}: only 'fp8' can be read")
+    fmt = quant.get("fmt", "e4m3")
+    if fmt not in _FP8_FORMATS:
+        raise CheckpointError(f"{where}: quantization_config.fmt = {fmt!r}: expected one of {sorted(_FP8_FORMATS)}")
+    block = quant.get("weight_block_size") or [128, 128]
+    if not (isinstance(block, list | tuple) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise CheckpointError(
+            f"{where}: quantization_config.weight_block_size = {block!r}: expected [block_out, block_in]"
+        )
+    return int(block[0]), int(block[1])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -468,18 +496,40 @@ def _read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _dequantize_all(tensors: dict[str, torch.Tensor], block: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """Replace each ``X.weight`` that has an ``X.weight_scale_inv`` by its dequantized bfloat16 value.
+def _dequantize_all(
+    tensors: dict[str, torch.Tensor], block: tuple[int, int], keep: bool, where: str
+) -> dict[str, torch.Tensor]:
+    """Replace each ``X.weight`` that has an ``X.weight_scale_inv`` by its dequantized value.
 
-    bfloat16, as DeepSeek's fp8_cast_bf16.py writes it: every FP8 value times a float32 scale fits in it exactly
-    enough for inference, and it keeps the other tensors' dtype (bf16 in the released weights).
+    float32 (one rounding of ``W_fp8 * scale_inv``); with ``keep`` (:func:`convert`, ``dtype="keep"``) it is cast
+    to the dtype of the checkpoint's other floating-point weights, as DeepSeek's fp8_cast_bf16.py writes bfloat16
+    next to the released bf16 tensors.
     """
+    others = [
+        v.dtype
+        for k, v in tensors.items()
+        if v.is_floating_point() and v.element_size() > 1 and not k.endswith("_scale_inv")
+    ]
+    keep_dtype = max(set(others), key=others.count) if keep and others else torch.float32
     out = {}
     for key, value in tensors.items():
         if key.endswith("_scale_inv"):
+            if key.removesuffix("_scale_inv") not in tensors:
+                raise CheckpointError(f"{where}: {key} has no weight {key.removesuffix('_scale_inv')}")
             continue
         scale = tensors.get(f"{key}_scale_inv")
-        out[key] = dequantize_fp8(value, scale, block).to(torch.bfloat16) if scale is not None else value
+        if scale is None:
+            out[key] = value
+            continue
+        if value.dim() != 2 or value.element_size() != 1:
+            raise CheckpointError(f"{where}: {key} has a scale_inv but is {value.dtype} {tuple(value.shape)}")
+        want = tuple(-(-n // b) for n, b in zip(value.shape, block, strict=True))
+        if tuple(scale.shape) != want:
+            raise CheckpointError(
+                f"{where}: {key}_scale_inv has shape {tuple(scale.shape)}; {key} {tuple(value.shape)} in "
+                f"{block[0]} x {block[1]} blocks needs {want}"
+            )
+        out[key] = dequantize_fp8(value, scale, block).to(keep_dtype)
     return out
 
 
@@ -529,10 +579,8 @@ def load_hf(path: str | Path, dtype: torch.dtype | str | None = None, registry: 
     where = str(directory / CONFIG_NAME)
     hf = _read_json(directory / CONFIG_NAME)
     tensors = _read_safetensors(directory)
-    quant = hf.get("quantization_config") or {}
-    if any(k.endswith("_scale_inv") for k in tensors):
-        block = tuple(quant.get("weight_block_size") or (128, 128))
-        tensors = _dequantize_all(tensors, (int(block[0]), int(block[1])))
+    if hf.get("quantization_config") is not None or any(k.endswith("_scale_inv") for k in tensors):
+        tensors = _dequantize_all(tensors, fp8_block_size(hf, where), dtype == "keep", str(directory))
     table = hf_to_model_table(hf, frozenset(tensors), where=where, registry=registry)
     cfg = model_config_from_table(table, where, registry)
     model = build_model(cfg)
@@ -585,7 +633,8 @@ def load_pretrained(
 
     Args:
         path: a directory with ``config.json`` and ``*.safetensors`` (HF: ``model.safetensors`` or shards with
-            ``model.safetensors.index.json``; FP8 blocks with ``weight_scale_inv`` are dequantized; a model-level
+            ``model.safetensors.index.json``; FP8 blocks with ``weight_scale_inv`` are dequantized to float32
+            (DeepSeek-V3's published FP8 weights: E4M3 with one scale per 128 x 128 block); a model-level
             component, e.g. extra prediction heads, is loaded when its tensors are present).
         dtype: parameter dtype (a torch dtype or its name); None = float32; ``"keep"`` keeps every stored tensor
             as it is (dtype and bits, used by :func:`convert`).
@@ -690,7 +739,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def convert(src: str | Path, dst: str | Path, to: str, registry: Registry | None = None) -> Path:
     """Convert a checkpoint directory to ``to`` = ``"hf"`` or ``"dsk"``, keeping every tensor's dtype and bits.
 
-    FP8 HF checkpoints are dequantized to bfloat16 on the way (the dsk model has no FP8 weights). Tokenizer
+    FP8 HF checkpoints are dequantized on the way (the dsk model has no FP8 weights), to the dtype of their other
+    weights (bfloat16 in the published DeepSeek-V3 checkpoint). Tokenizer
     files (``TOKENIZER_FILES``) are copied; a dsk config's extra entries (e.g. ``tokenizer``) are kept when
     converting to dsk. ``registry``: the components and their HF adapters; None = the installed plugins'.
     """

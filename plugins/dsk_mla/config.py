@@ -94,6 +94,11 @@ class MLAConfig(BaseConfig):
         """Per-head query/key dims: qk_nope_head_dim + qk_rope_head_dim."""
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
+    def linear_in_features(self, dim: int) -> dict[str, int]:
+        """The Ks besides D (:class:`dsk.api.LinearShapes`): q_b_proj's, kv_b_proj's and o_proj's (H * v_head_dim)."""
+        ks = {} if self.q_lora_rank is None else {"q_lora_rank": self.q_lora_rank}
+        return {**ks, "kv_lora_rank": self.kv_lora_rank, "v_head_dim": self.n_heads * self.v_head_dim}
+
 
 class MHAConfig(BaseConfig):
     """Standard multi-head attention with RoPE on the whole head and a full K/V cache (the baseline)."""
@@ -110,3 +115,9 @@ class MHAConfig(BaseConfig):
         if v is not None and v % 2:
             raise ValueError(f"head_dim = {v}: must be even (RoPE rotates pairs of dims)")
         return v
+
+    def linear_in_features(self, dim: int) -> dict[str, int]:
+        """The Ks besides D (:class:`dsk.api.LinearShapes`): o_proj's, n_heads * head_dim."""
+        if self.head_dim is None:
+            return {"n_heads": self.n_heads * (dim // self.n_heads)}
+        return {"head_dim": self.n_heads * self.head_dim}

@@ -41,6 +41,10 @@ class DenseConfig(BaseConfig):
 
     hidden_dim: int = Field(1024, ge=1, description="SwiGLU hidden width (HF intermediate_size; V3: 18432)")
 
+    def linear_in_features(self, dim: int) -> dict[str, int]:
+        """The Ks besides D (:class:`dsk.api.LinearShapes`): down_proj's, the hidden width."""
+        return {"hidden_dim": self.hidden_dim}
+
 
 class _TopKRouterConfig(BaseConfig):
     """Options shared by every top-k router."""
@@ -145,6 +149,13 @@ class MoEConfig(BaseConfig):
         "torch._grouped_mm per projection, one matmul per expert slice, or auto (the CPU kernel for small "
         "experts on CPU, else grouped_mm where torch supports the device/dtype, else slices)",
     )
+
+    def linear_in_features(self, dim: int) -> dict[str, int]:
+        """The Ks besides D (:class:`dsk.api.LinearShapes`): the experts' down projections (shared ones fused)."""
+        ks = {"expert_hidden_dim": self.expert_hidden_dim}
+        if self.n_shared_experts > 1:
+            ks["n_shared_experts"] = self.n_shared_experts * self.expert_hidden_dim
+        return ks
 
     @model_validator(mode="after")
     def _router_fits_experts(self) -> MoEConfig:
