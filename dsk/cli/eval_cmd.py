@@ -79,9 +79,12 @@ def _task_table(ckpt: Path, task_type: str | None, sets: tuple[str, ...]) -> dic
 @click.option("--temperature", default=0.8, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Sampling temperature of the pass@k samples.")  # fmt: skip
 @click.option("--device", default="cpu", show_default=True, help="torch device.")
+@click.option("--ema", is_flag=True, help="Evaluate the EMA weights of the checkpoint ([features.ema]) instead.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def eval_cmd(ctx, checkpoint, task_type, sets, samples, max_new_tokens, pass_k, temperature, device, as_json) -> None:
+def eval_cmd(
+    ctx, checkpoint, task_type, sets, samples, max_new_tokens, pass_k, temperature, device, ema, as_json
+) -> None:
     """Greedy accuracy of a checkpoint on a task's held-out test split.
 
     CHECKPOINT is a checkpoints/step-N directory or a run directory (its final checkpoint).
@@ -91,6 +94,7 @@ def eval_cmd(ctx, checkpoint, task_type, sets, samples, max_new_tokens, pass_k, 
       dsk eval runs/quickstart
       dsk eval runs/quickstart/checkpoints/step-600 --samples 500 --json
       dsk eval runs/quickstart --set max_digits=3 --pass-k 4
+      dsk eval runs/fp8 --ema
     """
     from dsk.recipe.validate import validate_slot
 
@@ -107,6 +111,7 @@ def eval_cmd(ctx, checkpoint, task_type, sets, samples, max_new_tokens, pass_k, 
 
     from dsk.data.tokenizers import load_tokenizer
     from dsk.model.hf import CheckpointError, load_pretrained
+    from dsk.train.checkpoint import CheckpointLoadError, load_feature_weights
     from dsk.train.evaluate import evaluate_task, test_records
 
     spec = _read_json(ckpt / "config.json").get("tokenizer")
@@ -114,9 +119,15 @@ def eval_cmd(ctx, checkpoint, task_type, sets, samples, max_new_tokens, pass_k, 
         raise DskUsageError(f"{ckpt / 'config.json'}: no 'tokenizer' entry; was it written by `dsk train`?")
     try:
         tokenizer = load_tokenizer(spec)
-        model = load_pretrained(ckpt, registry=registry).to(torch.device(device))
+        model = load_pretrained(ckpt, registry=registry)
     except (CheckpointError, ValueError) as exc:
         raise DskUsageError(f"cannot load {ckpt}: {exc}") from None
+    if ema:
+        try:
+            load_feature_weights(model, ckpt, "ema")
+        except CheckpointLoadError as exc:
+            raise DskUsageError(str(exc)) from None
+    model = model.to(torch.device(device))
     task = slot.build()
     records = test_records(task, samples)
     if not records:
@@ -129,7 +140,8 @@ def eval_cmd(ctx, checkpoint, task_type, sets, samples, max_new_tokens, pass_k, 
     except ValueError as exc:
         raise DskUsageError(str(exc)) from None
     examples = result.pop("examples", [])
-    payload = {"checkpoint": str(ckpt), "task": table, **result, "examples": examples}
+    weights = "ema" if ema else "trained"
+    payload = {"checkpoint": str(ckpt), "weights": weights, "task": table, **result, "examples": examples}
     if as_json:
         echo_json(payload)
         return

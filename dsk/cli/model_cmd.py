@@ -15,12 +15,16 @@ import click
 from dsk.cli.common import DskUsageError, echo_json, stdout_console
 
 
-def _load_model(checkpoint: str, dtype: str | None = None) -> Any:
+def _load_model(checkpoint: str, dtype: str | None = None, ema: bool = False) -> Any:
     from dsk.model.hf import CheckpointError, load_pretrained
+    from dsk.train.checkpoint import CheckpointLoadError, load_feature_weights
 
     try:
-        return load_pretrained(checkpoint, dtype=_torch_dtype(dtype))
-    except CheckpointError as exc:
+        model = load_pretrained(checkpoint, dtype=_torch_dtype(dtype))
+        if ema:  # the EMA's FP32 values, rounded to --dtype by the copy
+            load_feature_weights(model, checkpoint, "ema")
+        return model
+    except (CheckpointError, CheckpointLoadError) as exc:
         raise DskUsageError(str(exc)) from None
 
 
@@ -89,10 +93,12 @@ def _load_tokenizer(checkpoint: str, spec: str | None) -> Any:
 @click.option("--tokenizer", "tokenizer_spec", default=None, help="char, byte, a tokenizer.json or dsk tokenizer JSON.")
 @click.option("--bos/--no-bos", default=True, show_default=True, help="Prepend the tokenizer's BOS token.")
 @click.option("--dtype", type=click.Choice(["float32", "float64", "bfloat16"]), default=None, help="[default: float32]")
+@click.option("--ema", is_flag=True, help="Sample from the EMA weights of a training checkpoint ([features.ema]).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
 def generate_cmd(
-    checkpoint, prompts, max_new_tokens, temperature, top_p, seed, speculative, tokenizer_spec, bos, dtype, as_json
-) -> None:
+    checkpoint, prompts, max_new_tokens, temperature, top_p, seed, speculative, tokenizer_spec, bos, dtype, ema,
+    as_json,
+) -> None:  # fmt: skip
     """Sample continuations of prompts from a checkpoint (HF DeepSeek-V3 or dsk directory), with a KV cache.
 
     \b
@@ -100,9 +106,10 @@ def generate_cmd(
       dsk generate path/to/checkpoint --prompt "12+7=" --temperature 0
       dsk generate ckpt --prompt "a" --prompt "b" --top-p 0.9 --json
       dsk generate ckpt --prompt "12+7=" --speculative DRAFTER
+      dsk generate runs/fp8/checkpoints/step-300 --prompt "12+7=" --ema
     """
     tok = _load_tokenizer(checkpoint, tokenizer_spec)
-    model = _load_model(checkpoint, dtype)
+    model = _load_model(checkpoint, dtype, ema)
     if tok.vocab_size > model.vocab_size:
         raise DskUsageError(
             f"{checkpoint}: the tokenizer has {tok.vocab_size} ids but the model only {model.vocab_size}"

@@ -44,6 +44,7 @@ __all__ = [
     "latest_checkpoint",
     "save_checkpoint",
     "load_checkpoint",
+    "load_feature_weights",
     "load_model_weights",
     "model_state_for_saving",
     "rng_state",
@@ -392,3 +393,56 @@ def load_model_weights(model: nn.Module, model_state: dict[str, torch.Tensor], w
             f"other shape {shapes[:3]}); was the model changed since the checkpoint was written?"
         )
     model.load_state_dict(state, strict=True)
+
+
+def load_feature_weights(model: nn.Module, path: str | Path, label: str = "ema") -> Path:
+    """Overwrite ``model``'s parameters with the copy a feature saved in a checkpoint (the EMA weights).
+
+    A feature that keeps another set of the model's weights marks its JSON state with ``"model_weights": label``
+    and saves them as ``weights/<parameter name>`` tensors (``dsk_memory``'s ``ema`` does). Parameters it does not
+    hold (frozen ones) and buffers keep the checkpoint's trained values.
+
+    Args:
+        model: a model loaded from the same checkpoint (its trained weights).
+        path: a ``step-N`` directory or a run directory (its latest checkpoint).
+        label: which weights (``"ema"``).
+
+    Returns:
+        The checkpoint directory read.
+
+    Raises:
+        CheckpointLoadError: no training checkpoint there, no feature state with these weights, or names and
+            shapes that do not match the model.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / STATE_NAME).is_file():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise CheckpointLoadError(
+                f"{path}: not a training checkpoint (no {STATE_NAME}), so it holds no {label} weights"
+            )
+        path = latest
+    features = _read_json(path / STATE_NAME).get("features") or {}
+    owners = [name for name, st in features.items() if isinstance(st, dict) and st.get("model_weights") == label]
+    if not owners or not (path / FEATURE_WEIGHTS).is_file():
+        raise CheckpointLoadError(
+            f"{path}: holds no {label} weights (the run trained without [features.{label}]); drop --{label}"
+        )
+    prefix = f"{owners[0]}/weights/"
+    try:
+        saved = {k[len(prefix) :]: v for k, v in load_file(str(path / FEATURE_WEIGHTS)).items() if k.startswith(prefix)}
+    except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
+        raise CheckpointLoadError(f"{path / FEATURE_WEIGHTS}: cannot read safetensors ({exc})") from None
+    params = dict(model.named_parameters())
+    unknown = sorted(set(saved) - set(params))
+    shapes = [k for k, v in saved.items() if k in params and tuple(v.shape) != tuple(params[k].shape)]
+    if not saved or unknown or shapes:
+        raise CheckpointLoadError(
+            f"{path}: the {label} weights do not match the model (unexpected {unknown[:3]}, other shape {shapes[:3]})"
+        )
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            params[name].copy_(tensor)
+    return path
