@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsk.extension import CppExtension, cpu_kernel_supports
-from dsk.model.regions import region
+from dsk.model.regions import recomputable
 
 __all__ = ["RMSNorm", "rms_norm_kernel", "EXTENSION"]
 
@@ -24,18 +24,25 @@ EXTENSION = CppExtension("dsk_rms_norm", [Path(__file__).parent / "csrc" / "rms_
 
 
 class _RMSNormFunction(torch.autograd.Function):
+    """The kernel as an autograd node. It keeps ``x`` as it came (often a strided view of a wider projection, e.g.
+    MLA's latent) and redoes the contiguous copy in the backward, rather than keeping a copy from the forward."""
+
     @staticmethod
-    def forward(ctx, x_2d, weight, eps):  # type: ignore[override]
-        y, rstd = EXTENSION.load().rms_norm_forward(x_2d, weight, eps)
-        ctx.save_for_backward(x_2d, weight, rstd)
-        return y
+    def forward(ctx, x, weight, eps):  # type: ignore[override]
+        y, rstd = EXTENSION.load().rms_norm_forward(_rows(x), weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y.view(x.shape)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):  # type: ignore[override]
-        x_2d, weight, rstd = ctx.saved_tensors
-        dx, dw = EXTENSION.load().rms_norm_backward(dy.contiguous(), x_2d, weight, rstd)
-        return dx, dw, None
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = EXTENSION.load().rms_norm_backward(_rows(dy), _rows(x), weight, rstd)
+        return dx.view(x.shape), dw, None
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()
 
 
 def rms_norm_kernel(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -44,10 +51,9 @@ def rms_norm_kernel(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     x [..., D] and weight [D]: tensors :func:`~dsk.extension.cpu_kernel_supports` accepts, with ``EXTENSION.load()``
     not None (the caller checks both).
     """
-    x_2d = x.reshape(-1, x.shape[-1]).contiguous()
     if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
-        return EXTENSION.load().rms_norm_forward(x_2d, weight.contiguous(), eps)[0].view(x.shape)
-    return _RMSNormFunction.apply(x_2d, weight.contiguous(), eps).view(x.shape)
+        return EXTENSION.load().rms_norm_forward(_rows(x), weight.contiguous(), eps)[0].view(x.shape)
+    return _RMSNormFunction.apply(x, weight.contiguous(), eps)
 
 
 class RMSNorm(nn.Module):
@@ -63,12 +69,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., D] -> [..., D] (the region ``"norm"``)."""
-        with region("norm"):
-            if cpu_kernel_supports(x, self.weight) and EXTENSION.load() is not None:
-                return rms_norm_kernel(x, self.weight, self.eps)  # float32/64 on CPU: one fused pass each way
-            y = F.rms_norm(x.to(torch.promote_types(x.dtype, torch.float32)), (x.shape[-1],), eps=self.eps)
-            return self.weight * y.to(x.dtype)
+        """x [..., D] -> [..., D] (the recomputable region ``"norm"``)."""
+        return recomputable("norm", self._normalise, x)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        if cpu_kernel_supports(x, self.weight) and EXTENSION.load() is not None:
+            return rms_norm_kernel(x, self.weight, self.eps)  # float32/64 on CPU: one fused pass each way
+        y = F.rms_norm(x.to(torch.promote_types(x.dtype, torch.float32)), (x.shape[-1],), eps=self.eps)
+        return self.weight * y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

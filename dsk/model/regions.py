@@ -6,6 +6,11 @@ selective-recomputation policy recomputes the ops of chosen regions instead of s
 profiler attributes time to them (under ``torch.profiler`` each region is also a ``record_function`` range named
 ``dsk.<region>``). Outside the profiler and with no feature reading them, a region costs a list append and pop.
 
+Where a region is a pure function of a few tensors, the component calls it as ``recomputable(name, fn, *inputs)``
+instead: by default that is ``fn(*inputs)`` inside ``region(name)``, and while a feature has installed a handler
+(:func:`region_handler`) with gradients on, the handler runs it, and may keep ``fn`` and its inputs instead of the
+outputs for the backward (selective recomputation recomputes the RMSNorms and the MLA up-projections this way).
+
 A recomputation feature runs the re-executed forward inside :func:`recompute_scope`; a component whose forward has a
 side effect that must happen once per real forward (a router counting expert loads) checks :func:`recomputing`.
 """
@@ -13,12 +18,13 @@ side effect that must happen once per real forward (a router counting expert loa
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
-__all__ = ["current_regions", "recompute_scope", "recomputing", "region"]
+__all__ = ["current_regions", "recompute_scope", "recomputable", "recomputing", "region", "region_handler"]
 
 _state = threading.local()
 
@@ -64,3 +70,28 @@ def recompute_scope() -> Iterator[None]:
 def recomputing() -> bool:
     """Whether the current forward is a recomputation (its side effects already happened once)."""
     return getattr(_state, "recompute", 0) > 0
+
+
+#: ``handler(name, fn, inputs) -> outputs``: runs a :func:`recomputable` region while installed
+RegionHandler = Callable[[str, Callable[..., Any], tuple], Any]
+
+
+def recomputable(name: str, fn: Callable[..., Any], *inputs: Any) -> Any:
+    """``fn(*inputs)`` as region ``name``: a pure function of ``inputs`` (and the module's parameters), so a feature
+    may drop its outputs after the forward and call it again when the backward needs them."""
+    handler = getattr(_state, "handler", None)
+    if handler is None or not torch.is_grad_enabled():
+        with region(name):
+            return fn(*inputs)
+    return handler(name, fn, inputs)
+
+
+@contextmanager
+def region_handler(handler: RegionHandler | None) -> Iterator[None]:
+    """Install ``handler`` for the :func:`recomputable` regions run inside (None: run them plainly)."""
+    previous = getattr(_state, "handler", None)
+    _state.handler = handler
+    try:
+        yield
+    finally:
+        _state.handler = previous

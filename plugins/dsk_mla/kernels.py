@@ -7,6 +7,10 @@ register-blocked GEMM of ``dsk/csrc/dsk_gemm.h`` (ATen's per-call cost, ~4 us, w
 through ATen's ``at::cpu::mm_out``. :class:`dsk_mla.mla.MLA` takes it for plain float32/float64
 CPU tensors once :data:`EXTENSION` has built, and otherwise runs its PyTorch path, which the kernel is tested
 against.
+
+The forward is also an operator of the torch dispatcher, ``torch.ops.dsk_mla.attention_forward``, which the
+autograd node calls: a dispatch mode (selective recomputation, the saved-activation measure) then sees the kernel as
+one op whose outputs it can keep. A no-grad call (eval, generation) calls the kernel directly.
 """
 
 from __future__ import annotations
@@ -23,10 +27,26 @@ __all__ = ["EXTENSION", "mla_attention"]
 EXTENSION = CppExtension("dsk_mla_kernels", [Path(__file__).parent / "csrc" / "attention.cpp"])
 
 
+# FRAGMENT, not DEF: another library may add ops to the namespace; the handle lives as long as the module.
+_LIB = torch.library.Library("dsk_mla", "FRAGMENT")
+_LIB.define(
+    "attention_forward(Tensor q_nope, Tensor q_pe, Tensor k_nope, Tensor k_pe, Tensor v, float scale) "
+    "-> (Tensor, Tensor)"
+)
+_LIB.impl(
+    "attention_forward",
+    lambda q_nope, q_pe, k_nope, k_pe, v, scale: tuple(
+        EXTENSION.load().mla_attention_forward(q_nope, q_pe, k_nope, k_pe, v, scale)
+    ),
+    "CPU",
+)
+
+
 class _MLAAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q_nope, q_pe, k_nope, k_pe, v, scale):  # type: ignore[override]
-        o, probs = EXTENSION.load().mla_attention_forward(q_nope, q_pe, k_nope, k_pe, v, scale)
+        # through the dispatcher, so that selective recomputation keeps (o, probs) instead of rerunning the kernel
+        o, probs = torch.ops.dsk_mla.attention_forward(q_nope, q_pe, k_nope, k_pe, v, scale)
         ctx.save_for_backward(q_nope, q_pe, k_nope, k_pe, v, probs)
         ctx.scale = scale
         return o

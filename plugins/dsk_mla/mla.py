@@ -14,7 +14,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from dsk.api import ModelContext
-from dsk.api.runtime import PLAIN_LINEAR, LinearSite, RMSNorm, cpu_kernel_supports, region
+from dsk.api.runtime import PLAIN_LINEAR, LinearSite, RMSNorm, cpu_kernel_supports, recomputable
 from dsk_mla import kernels
 from dsk_mla.attention import PAD_V_MIN_SCORES, KVCache, attend, attention_bias
 from dsk_mla.config import MLAConfig
@@ -104,12 +104,14 @@ class MLA(nn.Module):
         if self.q_lora_rank is None:
             q = q_down
         else:
-            q_latent = self.q_a_layernorm(q_down)
-            with region("attention.up_projection"):
-                q = lin(q_latent, self.q_b_proj.weight, "q_b_proj")
+            q = recomputable("attention.up_projection", self._q_up, self.q_a_layernorm(q_down))
         q = rearrange(q, "b t (h d) -> b t h d", h=self.n_heads)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         return q_nope, self.rope(q_pe, pos)
+
+    def _q_up(self, q_latent: Tensor) -> Tensor:
+        """The query up-projection ``q_latent [B, T, q_lora_rank] -> [B, T, H * dk]``."""
+        return self.linear_impl.linear(q_latent, self.q_b_proj.weight, "q_b_proj")
 
     def _latents(self, x: Tensor, pos: Tensor, kv_a: Tensor | None = None) -> Tensor:
         """``x [B, T, D] -> kv [B, T, c + dr]``: normalised latent c_KV, then the rope'd shared key k^R.
@@ -122,19 +124,24 @@ class MLA(nn.Module):
         return torch.cat((self.kv_a_layernorm(latent), self.rope(k_pe, pos)), dim=-1)
 
     def _expand(self, kv: Tensor) -> tuple[Tensor, Tensor]:
-        """Naive up-projection ``kv [B, S, c + dr] -> k [B, H, S, dn + dr], v [B, H, S, dv]``."""
-        B, S, _ = kv.shape
-        H, dn, dr = self.n_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
-        latent, k_pe = kv.split([self.kv_lora_rank, dr], dim=-1)
-        with region("attention.up_projection"):
-            kv_b = rearrange(self._kv_b(latent), "b s (h d) -> b s h d", h=H)
-            k_nope, v = kv_b.split([dn, self.v_head_dim], dim=-1)
-            k = torch.cat((k_nope, k_pe[:, :, None, :].expand(B, S, H, dr)), dim=-1)  # rope key shared by all heads
-            return rearrange(k, "b s h d -> b h s d"), rearrange(v, "b s h d -> b h s d")
+        """Naive up-projection ``kv [B, S, c + dr] -> k [B, H, S, dn + dr], v [B, H, S, dv]`` (a recomputable
+        region: the per-head K and V are a function of the small cached latent)."""
+        return recomputable("attention.up_projection", self._expand_latent, kv)
 
-    def _kv_b(self, latent: Tensor) -> Tensor:
-        """The K/V up-projection ``latent [..., c] -> [..., H * (dn + dv)]``."""
-        return self.linear_impl.linear(latent, self.kv_b_proj.weight, "kv_b_proj")
+    def _expand_latent(self, kv: Tensor) -> tuple[Tensor, Tensor]:
+        B, S, _ = kv.shape
+        H, dr = self.n_heads, self.qk_rope_head_dim
+        latent, k_pe = kv.split([self.kv_lora_rank, dr], dim=-1)
+        k_nope, v = self._kv_b_heads(latent)
+        k = torch.cat((k_nope, k_pe[:, :, None, :].expand(B, S, H, dr)), dim=-1)  # rope key shared by all heads
+        return rearrange(k, "b s h d -> b h s d"), rearrange(v, "b s h d -> b h s d")
+
+    def _kv_b_heads(self, latent: Tensor) -> tuple[Tensor, Tensor]:
+        """The K/V up-projection ``latent [B, S, c] -> k_nope [B, S, H, dn], v [B, S, H, dv]`` (views of one GEMM)."""
+        kv_b = self.linear_impl.linear(latent, self.kv_b_proj.weight, "kv_b_proj")
+        kv_b = rearrange(kv_b, "b s (h d) -> b s h d", h=self.n_heads)
+        k_nope, v = kv_b.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        return k_nope, v
 
     # -- attention paths ---------------------------------------------------------------------------------------
 
@@ -145,9 +152,7 @@ class MLA(nn.Module):
         if short_causal and self._kernel_ok(q_nope, q_pe, kv):
             # CPU, short causal self-attention: the fused kernel reads the projections' views as they are
             latent, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-            with region("attention.up_projection"):
-                kv_b = rearrange(self._kv_b(latent), "b t (h d) -> b t h d", h=self.n_heads)
-                k_nope, v = kv_b.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+            k_nope, v = recomputable("attention.up_projection", self._kv_b_heads, latent)
             return kernels.mla_attention(q_nope, q_pe, k_nope, k_pe, v, self.softmax_scale)
         k, v = self._expand(kv)
         q = rearrange(torch.cat((q_nope, q_pe), dim=-1), "b t h d -> b h t d")

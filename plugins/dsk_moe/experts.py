@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsk.api import ModelContext
-from dsk.api.runtime import PLAIN_LINEAR, LinearSite, cpu_kernel_supports, region
+from dsk.api.runtime import PLAIN_LINEAR, LinearSite, cpu_kernel_supports, recomputable
 
 from . import kernels
 from .config import DenseConfig
@@ -27,6 +27,44 @@ Resolved = Literal["cpu_kernel", "grouped_mm", "loop_slices", "linear_impl"]
 # the threads beats splitting each GEMM (bench/bench_moe.py: 1.2-2x at 64 experts with 64-192 rows each); with a
 # few large experts (8 experts x 512 rows) ATen's multi-threaded GEMMs win.
 CPU_KERNEL_MAX_MEAN_ROWS = 384
+
+
+class _SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up * scale`` keeping only its inputs for the backward, which recomputes ``sigmoid(gate)``.
+
+    Autograd's composition would also keep ``silu(gate)`` (an [R, H] tensor per layer, as large as ``up``); one
+    sigmoid in the backward costs less than holding it from the forward to the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, gate, up, scale):  # type: ignore[override]
+        ctx.save_for_backward(gate, up, scale)
+        return F.silu(gate) * (up if scale is None else up * scale)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        gate, up, scale = ctx.saved_tensors
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        scaled_up = up if scale is None else up * scale
+        d_gate = grad * scaled_up * (sig * (1 + gate * (1 - sig))) if ctx.needs_input_grad[0] else None
+        d_silu = grad * silu
+        d_up = (d_silu if scale is None else d_silu * scale) if ctx.needs_input_grad[1] else None
+        d_scale = (d_silu * up).sum(-1, keepdim=True) if scale is not None and ctx.needs_input_grad[2] else None
+        return d_gate, d_up, d_scale
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(gate) * up`` (times a per-row ``scale [R]`` or ``[R, 1]`` when given): the SwiGLU activation.
+
+    Under autograd it is one node that keeps only ``gate``, ``up`` and ``scale`` (:class:`_SwiGLU`).
+    """
+    if scale is not None and scale.dim() == up.dim() - 1:
+        scale = scale.unsqueeze(-1)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (gate, up, scale)):
+        return _SwiGLU.apply(gate, up, scale)
+    return F.silu(gate) * (up if scale is None else up * scale)
 
 
 class SwiGLU(nn.Module):
@@ -55,8 +93,7 @@ class SwiGLU(nn.Module):
         # the backward); the parameters stay separate under their HF names
         lin = self.linear_impl.linear
         gate, up = lin(x, torch.cat((self.gate_proj.weight, self.up_proj.weight)), "gate_up").chunk(2, dim=-1)
-        with region("ffn.activation"):
-            h = F.silu(gate) * up
+        h = recomputable("ffn.activation", swiglu, gate, up)
         return lin(h, self.down_proj.weight, "down_proj")
 
     def linear_sites(self) -> list[LinearSite]:
@@ -77,27 +114,46 @@ class Dense(SwiGLU):
         self.cfg = cfg
 
 
-def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
     """Whether ``torch._grouped_mm`` runs ``x @ w[e]`` for these tensors on this build (no trial call).
 
     As of torch 2.13: the CPU kernel takes float32/bfloat16/float16 (not float64); the CUDA kernel takes bfloat16
     on sm90+ (Hopper). Both need every operand's leading stride to be a multiple of 16 bytes, i.e. D and H
-    multiples of 4 in fp32, 8 in bf16. All operands must share x's dtype (no mixed precision inside the kernel).
+    multiples of 4 in fp32, 8 in bf16. All operands must share x's dtype (no mixed precision inside the kernel),
+    unless ``dtype`` is given: the dtype every operand is cast to first (autocast's compute dtype).
     """
     if not hasattr(torch, "_grouped_mm"):
         return False
-    if any(w.dtype != x.dtype or w.device != x.device for w in weights):
+    if any((dtype is None and w.dtype != x.dtype) or w.device != x.device for w in weights):
+        return False
+    dtype = x.dtype if dtype is None else dtype
+    if dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        # torch.compile traces with fake tensors, and _grouped_mm's meta function (torch 2.13) takes BF16 only:
+        # "Expected inputs of BF16 type but got mat_a.dtype=torch.float32 and mat_b.dtype=torch.float32"
         return False
     if x.device.type == "cpu":
-        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return False
     elif x.device.type == "cuda":
-        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0):
+        if dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (9, 0):
             return False
     else:
         return False
-    align = 16 // x.element_size()
+    align = 16 // dtype.itemsize
     return all(s % align == 0 for w in weights for s in w.shape[-2:])
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would run a linear layer on ``x`` in, or None where autocast leaves ``x`` alone.
+
+    ``torch._grouped_mm`` and the C++ kernels are not on autocast's lists, so the experts cast their operands
+    themselves (as autocast does for ``F.linear``); float64 is never cast (autocast leaves it too).
+    """
+    device = x.device.type
+    if not torch.is_autocast_enabled(device) or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    return dtype if dtype != torch.float32 else None
 
 
 class RoutedExperts(nn.Module):
@@ -139,17 +195,19 @@ class RoutedExperts(nn.Module):
         params = (self.w_gate, self.w_up, self.w_down)
         if self.linear_impl.replaces_grouped:
             return "linear_impl"
+        cast = autocast_dtype(x_RD)  # under BF16 autocast the GEMMs run in BF16: not the fp32 CPU kernel
         if dispatch == "cpu_kernel":
-            if not cpu_kernel_supports(x_RD, *params):
+            if cast is not None or not cpu_kernel_supports(x_RD, *params):
                 raise ValueError(
                     f"ffn.dispatch = 'cpu_kernel': the CPU expert kernel runs float32/float64 on cpu, not "
-                    f"{x_RD.dtype} on {x_RD.device.type} (plain tensors, not DTensors); use dispatch = 'auto'"
+                    f"{cast or x_RD.dtype} on {x_RD.device.type} (plain tensors, not DTensors, outside autocast); "
+                    "use dispatch = 'auto'"
                 )
             if kernels.EXTENSION.load() is None:
                 raise ValueError(f"ffn.dispatch = 'cpu_kernel': {kernels.EXTENSION.status()}; use dispatch = 'auto'")
             return "cpu_kernel"
         if dispatch == "grouped_mm":
-            if not grouped_mm_supported(x_RD, *params):
+            if not grouped_mm_supported(x_RD, *params, dtype=cast):
                 raise ValueError(
                     f"ffn.dispatch = 'grouped_mm': torch._grouped_mm does not support {x_RD.dtype} on "
                     f"{x_RD.device.type} with dim = {self.dim}, expert_hidden_dim = {self.hidden_dim} "
@@ -160,9 +218,14 @@ class RoutedExperts(nn.Module):
         if dispatch == "auto":
             rows = x_RD.shape[0] if n_rows is None else n_rows
             few_rows = rows <= CPU_KERNEL_MAX_MEAN_ROWS * self.n_experts
-            if few_rows and cpu_kernel_supports(x_RD, *params) and kernels.EXTENSION.load() is not None:
+            if (
+                cast is None
+                and few_rows
+                and cpu_kernel_supports(x_RD, *params)
+                and kernels.EXTENSION.load() is not None
+            ):
                 return "cpu_kernel"
-            if grouped_mm_supported(x_RD, *params):
+            if grouped_mm_supported(x_RD, *params, dtype=cast):
                 return "grouped_mm"
         return "loop_slices"
 
@@ -208,20 +271,23 @@ class RoutedExperts(nn.Module):
         gate_RH, up_RH = impl.grouped(x_RD, torch.cat((self.w_gate, self.w_up), dim=1), load_E, "w_gate_up").chunk(
             2, dim=-1
         )
-        with region("ffn.activation"):
-            h_RH = F.silu(gate_RH) * (up_RH if scale_R is None else up_RH * scale_R.unsqueeze(-1))
+        h_RH = recomputable("ffn.activation", swiglu, gate_RH, up_RH, scale_R)
         return impl.grouped(h_RH, self.w_down, load_E, "w_down")
 
     def _grouped(self, x_RD: torch.Tensor, load_E: torch.Tensor, scale_R: torch.Tensor | None) -> torch.Tensor:
         # One grouped GEMM per projection, no host sync: offs are the end rows of each expert's slice.
         offs_E = torch.cumsum(load_E, dim=0, dtype=torch.int32)
+        w_gate, w_up, w_down = self.w_gate, self.w_up, self.w_down
+        cast = autocast_dtype(x_RD)
+        if cast is not None:  # autocast does not cover _grouped_mm: cast like it casts F.linear's operands
+            x_RD, w_gate, w_up, w_down = (t.to(cast) for t in (x_RD, w_gate, w_up, w_down))
+            scale_R = scale_R.to(cast) if scale_R is not None else None
         x_RD = x_RD.contiguous()
         # w[E, out, in].transpose -> [E, in, out] column-major view, the layout _grouped_mm expects (no copy).
-        gate_RH = torch._grouped_mm(x_RD, self.w_gate.transpose(-2, -1), offs=offs_E)
-        up_RH = torch._grouped_mm(x_RD, self.w_up.transpose(-2, -1), offs=offs_E)
-        with region("ffn.activation"):
-            h_RH = F.silu(gate_RH) * (up_RH if scale_R is None else up_RH * scale_R.unsqueeze(-1))
-        return torch._grouped_mm(h_RH, self.w_down.transpose(-2, -1), offs=offs_E)
+        gate_RH = torch._grouped_mm(x_RD, w_gate.transpose(-2, -1), offs=offs_E)
+        up_RH = torch._grouped_mm(x_RD, w_up.transpose(-2, -1), offs=offs_E)
+        h_RH = recomputable("ffn.activation", swiglu, gate_RH, up_RH, scale_R)
+        return torch._grouped_mm(h_RH, w_down.transpose(-2, -1), offs=offs_E)
 
     def _loop_slices(self, x_RD: torch.Tensor, load_E: torch.Tensor, scale_R: torch.Tensor | None) -> torch.Tensor:
         # The fallback: one matmul per expert on its contiguous slice; one host sync for the slice sizes.
@@ -234,8 +300,7 @@ class RoutedExperts(nn.Module):
             if x.shape[0] == 0:
                 continue
             up, gate = F.linear(x, wu), F.linear(x, wg)
-            with region("ffn.activation"):
-                h = F.silu(gate) * (up if s is None else up * s)
+            h = recomputable("ffn.activation", swiglu, gate, up, s)
             outs.append(F.linear(h, wd))
         if not outs:
             return x_RD.new_zeros(0, self.dim)

@@ -8,6 +8,11 @@
   the tokens where the PyTorch path takes ~15 small kernels (bias add, group scores, two topk, masks, argsort).
 * :func:`route_weights`: the routing weights and the sequence-wise balance loss in one pass each way.
 
+The routed-expert forward is also an operator of the torch dispatcher, ``torch.ops.dsk_moe.experts_forward``, which
+the autograd node calls: a dispatch mode (selective recomputation, the saved-activation measure) then sees the
+whole kernel as one op whose outputs it can keep, instead of the allocations inside it. A no-grad call (eval,
+generation) calls the kernel directly and skips the dispatcher's few microseconds.
+
 All three run on plain float32/float64 CPU tensors (``cpu_kernel_supports``) once :data:`EXTENSION` has built;
 the callers (:mod:`dsk_moe.experts`, :mod:`dsk_moe.router`, :mod:`dsk_moe.moe`) check both and otherwise run
 their PyTorch paths, which the kernels are tested against. GEMMs go through ATen (``dsk/csrc/dsk_gemm.h``).
@@ -36,12 +41,28 @@ def _module():
     return EXTENSION.load()
 
 
+# FRAGMENT, not DEF: another library may add ops to the namespace; the handle lives as long as the module.
+_LIB = torch.library.Library("dsk_moe", "FRAGMENT")
+_LIB.define(
+    "experts_forward(Tensor x, Tensor order, Tensor starts, int k, Tensor weight, Tensor w_gate, Tensor w_up, "
+    "Tensor w_down) -> (Tensor, Tensor)"
+)
+_LIB.impl(
+    "experts_forward",
+    lambda x, order, starts, k, weight, w_gate, w_up, w_down: tuple(
+        _module().experts_forward(x, order, starts, k, weight, w_gate, w_up, w_down)
+    ),
+    "CPU",
+)
+
+
 class _RoutedExperts(torch.autograd.Function):
     """The kernel as an autograd node; the backward recomputes the activation from the saved pre-activations."""
 
     @staticmethod
     def forward(ctx, x_ND, weight_S, w_gate, w_up, w_down, order_R, starts_E1, k):  # type: ignore[override]
-        y_ND, gu_R2H = _module().experts_forward(x_ND, order_R, starts_E1, k, weight_S, w_gate, w_up, w_down)
+        # through the dispatcher, so that selective recomputation keeps (y, gu) instead of rerunning the kernel
+        y_ND, gu_R2H = torch.ops.dsk_moe.experts_forward(x_ND, order_R, starts_E1, k, weight_S, w_gate, w_up, w_down)
         ctx.save_for_backward(x_ND, weight_S, w_gate, w_up, w_down, order_R, starts_E1, gu_R2H)
         ctx.k = k
         return y_ND

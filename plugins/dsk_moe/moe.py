@@ -22,6 +22,7 @@ from einops import rearrange
 from torch import nn
 
 from dsk.api import ModelContext
+from dsk.api.runtime import recomputable
 
 from . import kernels
 from .config import MoEConfig, router_fit_problems
@@ -78,7 +79,8 @@ class MoE(nn.Module):
             )
             return rearrange(routed_ND if y_ND is None else y_ND + routed_ND, "(b t) d -> b t d", b=B)
         token_R = order_R // K  # slot n*K + k belongs to token n
-        x_RD = x_ND.index_select(0, token_R)
+        # the gather is a recomputable region: a copy of R x D values, as cheap to redo as to keep
+        x_RD = recomputable("ffn.dispatch", torch.index_select, x_ND, 0, token_R)
         scale_R = rearrange(weights_NK, "n k -> (n k)").index_select(0, order_R)
         out_RD = self.experts(x_RD, stats["load"], scale_R, path)  # the path resolved above, not "auto" again
 

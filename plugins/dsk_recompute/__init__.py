@@ -1,1 +1,1 @@
-"""dsk_recompute: (being written)."""
+"""dsk_recompute: activation recomputation per transformer block (feature ``recompute``: selective or full)."""
