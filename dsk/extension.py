@@ -68,13 +68,17 @@ def cpu_kernel_supports(*tensors: torch.Tensor) -> bool:
     """Whether a CPU kernel may read these tensors through raw pointers: plain (not subclassed) strided CPU tensors
     or parameters, all float32 or all float64.
 
-    A DTensor, FakeTensor or other tensor subclass, a CUDA or meta tensor, bf16/fp16, mixed dtypes -> False, so
-    the caller takes its PyTorch path (which knows how to handle them). Builds nothing.
+    A DTensor, FakeTensor or other tensor subclass, a CUDA or meta tensor, bf16/fp16, mixed dtypes, or code being
+    traced by torch.compile -> False, so the caller takes its PyTorch path (which knows how to handle them). Builds
+    nothing.
     """
     import torch
     from torch import nn
 
     if not tensors:
+        return False
+    if torch.compiler.is_compiling():
+        # a pybind call is opaque to torch.compile (a graph break per call): compiled code runs the PyTorch path
         return False
     dtype = tensors[0].dtype
     if dtype not in (torch.float32, torch.float64):

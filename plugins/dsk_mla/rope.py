@@ -92,7 +92,8 @@ def rotate(x: Tensor, rot: Tensor) -> Tensor:
     # t c | b t c -> t 1.. c | b t 1.. c: singleton dims for any head axes
     rot = rot.view(rot.shape[:-1] + (1,) * (x.dim() - 3) + rot.shape[-1:])
     pairs = x.to(dtype).unflatten(-1, (-1, 2))  # ... (d two) -> ... d two
-    if pairs.storage_offset() % 2 or any(st % 2 for st in pairs.stride()[:-1]):
+    # (compiled code cannot read a storage offset: it always asks for contiguous pairs, a no-op when they are)
+    if torch.compiler.is_compiling() or pairs.storage_offset() % 2 or any(st % 2 for st in pairs.stride()[:-1]):
         pairs = pairs.contiguous()  # view_as_complex needs each pair 8/16-byte aligned
     out = torch.view_as_real(torch.view_as_complex(pairs) * rot).flatten(-2)
     return out.to(x.dtype)
@@ -116,14 +117,19 @@ class RotaryEmbedding(nn.Module):
     def rotation(self, pos: Tensor, dtype: torch.dtype) -> Tensor:
         """``exp(i * pos * inv_freq) * attention_factor`` as complex [T, d/2] (or [B, T, d/2] for ``pos [B, T]``),
         in ``dtype``'s complex type."""
-        key = (self._table_key, self.inv_freq.dtype, dtype, pos.device, torch.is_inference_mode_enabled())
-        hit = _TABLES.get(key)
-        if hit is not None and hit[0] is pos and hit[1] == pos._version:
-            return hit[2]
+        # torch.compile cannot guard on a tensor's identity in a global cache (it would replay a stale table of
+        # another length), and inductor fuses the table into the block anyway: compiled code always rebuilds it
+        cached = not torch.compiler.is_compiling()
+        if cached:
+            key = (self._table_key, self.inv_freq.dtype, dtype, pos.device, torch.is_inference_mode_enabled())
+            hit = _TABLES.get(key)
+            if hit is not None and hit[0] is pos and hit[1] == pos._version:
+                return hit[2]
         # angles in float32 at least: bf16 angles lose whole radians at long positions
         angles = pos.to(dtype)[..., None] * self.inv_freq.to(dtype)  # [T | B T, d/2]
         rot = torch.polar(torch.full_like(angles, self.attention_factor), angles)
-        _TABLES[key] = (pos, pos._version, rot)
+        if cached:
+            _TABLES[key] = (pos, pos._version, rot)
         return rot
 
     def forward(self, x: Tensor, pos: Tensor) -> Tensor:

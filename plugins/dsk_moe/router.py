@@ -113,7 +113,9 @@ class TopKRouter(nn.Module):
     def scores(self, x_ND: torch.Tensor) -> torch.Tensor:
         """Affinities s [N, E] in at least float32 (HF runs the router GEMM in fp32: bf16 logits flip top-k ties)."""
         dtype = torch.promote_types(x_ND.dtype, torch.float32)
-        logits_NE = F.linear(x_ND.to(dtype), self.weight.to(dtype))
+        # autocast would run this GEMM in bf16 whatever the casts say: keep it out (DeepSeek-V3's gate stays fp32)
+        with torch.autocast(x_ND.device.type, enabled=False):
+            logits_NE = F.linear(x_ND.to(dtype), self.weight.to(dtype))
         if self.cfg.score_func == "sigmoid":
             return logits_NE.sigmoid()
         return logits_NE.softmax(dim=-1)

@@ -14,6 +14,7 @@ __all__ = [
     "CountdownConfig",
     "HFTokenizerConfig",
     "JsonlConfig",
+    "MarkovConfig",
     "ModularConfig",
     "TaskConfig",
 ]
@@ -130,6 +131,34 @@ class ModularConfig(TaskConfig):
     ops: list[Literal["+", "-", "*"]] = Field(
         default_factory=lambda: ["+", "-", "*"], min_length=1, description="operations to draw from"
     )
+
+
+class MarkovConfig(BaseConfig):
+    """Text of a seeded random Markov chain with a known entropy rate (smooth pre-training with a loss floor)."""
+
+    vocab: int = Field(16, ge=2, le=26, description="alphabet size: the first `vocab` lower-case letters")
+    order: int = Field(2, ge=1, le=3, description="how many previous symbols the next symbol depends on")
+    concentration: float = Field(
+        0.5,
+        gt=0.0,
+        le=100.0,
+        description="Dirichlet concentration of each context's next-symbol distribution: small values make a few "
+        "symbols likely per context (lower entropy), large values approach uniform (entropy ln vocab)",
+    )
+    length: int = Field(
+        64, ge=4, le=4096, description="symbols per record (one record is [BOS] text [EOS]); more than the order"
+    )
+    language_seed: int = Field(0, description="seed of the chain itself; the entropy rate depends on it alone")
+    seed: int = Field(
+        0, description="seed of the texts drawn from the chain; a record is a pure function of (seed, split, index)"
+    )
+    test_percent: int = Field(
+        10,
+        ge=1,
+        le=99,
+        description="share of all texts (by a hash of the text, independent of the seeds) in the test split",
+    )
+    test_size: int = Field(100, ge=1, description="number of distinct texts in records('test')")
 
 
 class JsonlConfig(BaseConfig):

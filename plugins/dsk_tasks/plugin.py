@@ -8,6 +8,7 @@ from dsk_tasks.config import (
     CountdownConfig,
     HFTokenizerConfig,
     JsonlConfig,
+    MarkovConfig,
     ModularConfig,
 )
 
@@ -42,6 +43,13 @@ def register_tasks(register):
         "dsk_tasks.jsonl:JsonlTask",
         config=JsonlConfig,
         summary="rows of JSONL files: {text} for pre-training or {prompt, completion[, answer]} for SFT",
+    )
+    register(
+        "task",
+        "markov",
+        "dsk_tasks.markov:MarkovTask",
+        config=MarkovConfig,
+        summary="text of a seeded random order-k Markov chain: smooth pre-training loss with a known floor",
     )
     register(
         "tokenizer",
