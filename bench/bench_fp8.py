@@ -22,8 +22,6 @@ then a float32 GEMM): the price of the numerics, not a GPU's 2x. On a GPU ``gemm
 from __future__ import annotations
 
 import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import tomllib
@@ -33,25 +31,13 @@ from dsk_fp8.config import FP8Config
 from dsk_fp8.feature import FP8Feature
 from dsk_fp8.gemm import FP8Recipe, fp8_grouped, fp8_linear
 
+from bench.bench_moe import _interleaved_times
 from dsk.model.build import build_model
 from dsk.model.config import ModelConfig
 from dsk.model.loss import loss_from_output
 from dsk.testing import builtin_registry
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _interleaved(steps: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, list[float]]:
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def _row(bench: str, case: str, times: dict[str, list[float]], dsk: str, peer: str, **extra) -> dict:
@@ -78,7 +64,7 @@ def _gemm_rows(quick: bool) -> list[dict]:
             "fp32": step(F.linear),
             "scaled_mm": step(lambda x, w: fp8_linear(x, w, FP8Recipe(128, backend="scaled_mm"))),
         }
-        times = _interleaved(steps, 1, 3 if quick else 5)
+        times = _interleaved_times(steps, 1, 3 if quick else 5)
         case = f"M={M} K={K} N={N} fwd+dgrad+wgrad B=128 float32 master"
         rows.append(_row("fp8_gemm", f"{case} gemm=dequant", times, "fp8", "fp32"))
         rows.append(_row("fp8_gemm", f"{case} gemm=scaled_mm", times, "scaled_mm", "fp32"))
@@ -92,7 +78,7 @@ def _gemm_rows(quick: bool) -> list[dict]:
         "fp8": lambda: fp8_grouped(x, w, load, FP8Recipe(128)).backward(dy),
         "fp32": lambda: torch._grouped_mm(x, w.transpose(-2, -1), offs=offs).backward(dy),
     }
-    times = _interleaved(steps, 1, 3 if quick else 5)
+    times = _interleaved_times(steps, 1, 3 if quick else 5)
     rows.append(_row("fp8_grouped", f"E={E} rows={R} K={K} N={N} fwd+dgrad+wgrad B=128", times, "fp8", "fp32"))
     return rows
 
@@ -120,7 +106,7 @@ def _train_rows(quick: bool) -> list[dict]:
             opt.step()
 
         steps[name] = step
-    times = _interleaved(steps, 2, 5 if quick else 10)
+    times = _interleaved_times(steps, 2, 5 if quick else 10)
     case = "quickstart model (tiny-dsv3: dim 64, MLA, 8 experts, MTP) batch 64x40, fwd+bwd+AdamW, block_size 32"
     return [_row("fp8_train_step", case, times, "fp8", "fp32")]
 

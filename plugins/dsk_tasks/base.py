@@ -181,28 +181,10 @@ class VerifiableTask(abc.ABC):
         Raises:
             ValueError: ``n`` missing for train, or fewer than ``n`` distinct problems found in the split.
         """
-        if n is None:
-            if split != "test":
-                raise ValueError("records('train') needs n")
-            n = self.config.test_size
-        if unique is None:
-            unique = split == "test"
-        if not unique:
-            return [self.sample(split, i) for i in range(n)]
-        out: list[dict[str, Any]] = []
-        seen: set[str] = set()
-        limit = 20 * n + 1000  # generous: duplicates are rare unless the split is nearly exhausted
-        for index in range(limit):
-            record = self.sample(split, index)
-            if record["key"] not in seen:
-                seen.add(record["key"])
-                out.append(record)
-                if len(out) == n:
-                    return out
-        raise ValueError(
-            f"{self.name}: only {len(out)} distinct {split} problems found in {limit} samples, fewer than n={n}; "
-            "lower test_size or widen the problem space (digits, numbers, operands)"
-        )
+        return take_records(
+            self.name, self.sample, split, n, self.config.test_size, unique,
+            hint="lower test_size or widen the problem space (digits, numbers, operands)", noun="problems",
+        )  # fmt: skip
 
     def extract_answer(self, text: str) -> str | None:
         """The answer in a completion (see :func:`extract_answer`), honouring ``config.require_format``."""
@@ -230,3 +212,42 @@ def parse_int(text: str) -> int | None:
     """An integer answer (optional sign, at most 40 digits), or None; stricter than ``int()``, which also
     accepts ``"1_000"`` and inner whitespace."""
     return int(text) if _INT_RE.fullmatch(text) else None
+
+
+def take_records(
+    name: str,
+    sample: Any,
+    split: str,
+    n: int | None,
+    test_size: int,
+    unique: bool | None,
+    hint: str,
+    noun: str = "records",
+) -> list[dict[str, Any]]:
+    """``n`` records ``sample(split, 0..)`` of a task (see :meth:`VerifiableTask.records` for the arguments).
+
+    Raises:
+        ValueError: ``n`` missing for train, or fewer than ``n`` distinct records (by ``key``) found in the split;
+            ``hint`` says what to change.
+    """
+    if n is None:
+        if split != "test":
+            raise ValueError("records('train') needs n")
+        n = test_size
+    if unique is None:
+        unique = split == "test"
+    if not unique:
+        return [sample(split, i) for i in range(n)]
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    limit = 20 * n + 1000  # generous: duplicates are rare unless the split is nearly exhausted
+    for index in range(limit):
+        record = sample(split, index)
+        if record["key"] not in seen:
+            seen.add(record["key"])
+            out.append(record)
+            if len(out) == n:
+                return out
+    raise ValueError(
+        f"{name}: only {len(out)} distinct {split} {noun} found in {limit} samples, fewer than n={n}; {hint}"
+    )

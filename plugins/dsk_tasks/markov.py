@@ -27,7 +27,7 @@ import string
 from functools import cached_property
 from typing import Any
 
-from dsk_tasks.base import SPLITS, stable_hash
+from dsk_tasks.base import SPLITS, stable_hash, take_records
 from dsk_tasks.config import MarkovConfig
 
 __all__ = ["MarkovTask"]
@@ -162,21 +162,16 @@ class MarkovTask:
     def records(self, split: str, n: int | None = None, *, unique: bool | None = None) -> list[dict[str, Any]]:
         """``n`` records of ``split`` (default ``config.test_size`` for test); ``unique`` (default for test) skips
         repeated texts."""
-        if n is None:
-            if split != "test":
-                raise ValueError("records('train') needs n")
-            n = self.config.test_size
-        if not (split == "test" if unique is None else unique):
-            return [self.sample(split, i) for i in range(n)]
-        out, seen = [], set()
-        for index in range(20 * n + 1000):
-            record = self.sample(split, index)
-            if record["key"] not in seen:
-                seen.add(record["key"])
-                out.append(record)
-                if len(out) == n:
-                    return out
-        raise ValueError(f"markov: only {len(out)} distinct {split} texts found, fewer than n={n}")
+        return take_records(
+            self.name,
+            self.sample,
+            split,
+            n,
+            self.config.test_size,
+            unique,
+            hint="lower test_size or lengthen the texts",
+            noun="texts",
+        )
 
     def __repr__(self) -> str:
         cfg = self.config
