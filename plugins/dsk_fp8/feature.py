@@ -68,6 +68,7 @@ class FP8Feature(Feature):
                         "(e.g. 32) or change the dim"
                     )
                 self.sites.append(f"{name}.{site.name}")
+                self.counts[f"{name}.{site.name}"] = 0
             module.linear_impl = FP8Linear(
                 name, B, cfg.scaling, cfg.pow2_scales, cfg.gemm, counts=self.counts, module=module
             )
@@ -85,5 +86,8 @@ class FP8Feature(Feature):
     def after_step(self, run: Any, step: int) -> dict[str, float]:
         """The step's FP8 GEMM counts (then reset)."""
         metrics = {k: float(v) for k, v in self.step_counts().items()}
-        self.counts.clear()
+        # zeroed, not cleared: the counter keeps one key per site from transform_model on, so compiled blocks,
+        # whose guards check the counter's size, are not recompiled every step
+        for site in self.counts:
+            self.counts[site] = 0
         return metrics

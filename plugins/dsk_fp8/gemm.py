@@ -85,8 +85,11 @@ def resolve_backend(gemm: str, device: torch.device) -> Backend:
 
 
 def grouped_mm_ok(*tensors: torch.Tensor) -> bool:
-    """Whether ``torch._grouped_mm`` takes these float32 operands on this build (CPU float32, 16-byte strides)."""
-    if not hasattr(torch, "_grouped_mm"):
+    """Whether ``torch._grouped_mm`` takes these float32 operands on this build (CPU float32, 16-byte strides).
+
+    Not while torch.compile traces: its meta function (torch 2.13) takes BF16 only and raises on float32.
+    """
+    if not hasattr(torch, "_grouped_mm") or torch.compiler.is_compiling():
         return False
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and all(
         s % 4 == 0 for t in tensors for s in t.shape[-2:]

@@ -34,13 +34,6 @@ RECOMPUTE_REFUSAL = (
     "falls back to eager for those frames, and the compiled step's loss after one update was not eager's "
     "(4.6519 against 4.6109 on the tiny test model)"
 )
-FP8_REFUSAL = (
-    "torch.compile cannot trace the FP8 GEMMs: the routed experts' FP8 grouped GEMM calls torch._grouped_mm on "
-    'float32 operands, and its meta function (what tracing runs) takes BF16 only: "Expected inputs of BF16 type '
-    'but got mat_a.dtype=torch.float32 and mat_b.dtype=torch.float32" (a hard error); besides, each FP8 '
-    'autograd.Function counts its GEMMs in a dict outside it, which dynamo refuses ("HOP: Unsafe side effect ... '
-    'Mutating a variable from outside the scope of this HOP is not supported"), a graph break at every GEMM'
-)
 
 
 @hookimpl
@@ -61,15 +54,6 @@ def validate_recipe(resolved):
                 f"features.{compile_key} cannot compose with features.{by_name['recompute']}: {RECOMPUTE_REFUSAL}",
                 f"turn one off: --set features.{compile_key}.enabled=false or "
                 f"--set features.{by_name['recompute']}.enabled=false",
-            )
-        )
-    if "fp8" in by_name:
-        problems.append(
-            Problem(
-                f"features.{compile_key}",
-                f"features.{compile_key} cannot compose with features.{by_name['fp8']}: {FP8_REFUSAL}",
-                f"turn one off: --set features.{compile_key}.enabled=false or "
-                f"--set features.{by_name['fp8']}.enabled=false",
             )
         )
     return problems
