@@ -52,6 +52,15 @@ def register_parallel_strategies(register: Registrar) -> None:
     """
 
 
+@hookspec(firstresult=True)
+def default_parallel_strategy(world_size: int) -> str | None:
+    """The parallel strategy (a registered ``parallel`` name) of a run of ``world_size`` processes whose recipe
+    has no ``[parallel]`` section; None leaves the choice to another plugin (the first answer wins).
+
+    :param world_size: the number of processes the launcher started (more than 1).
+    """
+
+
 @hookspec
 def register_optimizers(register: Registrar) -> None:
     """Register optimizers (kind ``optimizer``): built from the model's parameters by the build path.

@@ -32,8 +32,10 @@ from pydantic_core import core_schema
 from dsk._markers import hookimpl
 from dsk.api.contracts import (
     FEATURE_STAGES,
+    SHARDED_PARAM,
     AfterOptimizerStep,
     AuxLossSource,
+    ExpertShardable,
     Feature,
     LinearLayers,
     LinearShapes,
@@ -49,10 +51,12 @@ __all__ = [
     "AuxLossSource",
     "Feature",
     "InputError",
+    "ExpertShardable",
     "LinearLayers",
     "LinearShapes",
     "OptimizerConfig",
     "ParallelStrategy",
+    "SHARDED_PARAM",
     "StepStatistics",
     "KINDS",
     "BaseConfig",

@@ -36,10 +36,12 @@ __all__ = [
     "FEATURE_STAGES",
     "AfterOptimizerStep",
     "AuxLossSource",
+    "ExpertShardable",
     "Feature",
     "LinearLayers",
     "LinearShapes",
     "ParallelStrategy",
+    "SHARDED_PARAM",
     "StepStatistics",
 ]
 
@@ -100,6 +102,11 @@ class Feature:
         """Restore what :meth:`state_dict` returned (``--resume``)."""
 
 
+#: attribute a strategy sets to True on a parameter it sharded itself (an expert-parallel slice): a data-parallel
+#: strategy composed with it neither wraps nor reduces that parameter
+SHARDED_PARAM = "_dsk_sharded"
+
+
 class ParallelStrategy:
     """Base class of a parallel strategy (kind ``parallel``) and the one-process default behind the same interface.
 
@@ -110,6 +117,9 @@ class ParallelStrategy:
     """
 
     name: str = "single"
+    #: strategies of one run wrap the model in ascending order of this (one that slices parameters, such as
+    #: expert parallelism, comes before a data-parallel wrap that must see the slices); ties keep recipe order
+    wrap_order: int = 0
 
     def __init__(self, config: Any = None):
         self.config = config
@@ -143,6 +153,11 @@ class ParallelStrategy:
         """Into how many slices each global batch is cut."""
         return 1
 
+    @property
+    def device(self) -> str | None:
+        """The device this rank computes on (``cuda:<local rank>`` on GPUs), or None to keep the trainer's choice."""
+        return None
+
     # -- model and optimizer -----------------------------------------------------------------------------------
     def wrap_model(self, model: nn.Module, run: Any) -> nn.Module:
         """Wrap, shard or cut the model; returns what the trainer runs."""
@@ -151,6 +166,25 @@ class ParallelStrategy:
     def wrap_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module, run: Any) -> torch.optim.Optimizer:
         """Shard the optimizer state (ZeRO-1) or return it unchanged."""
         return optimizer
+
+    def sync_gradients(self, model: nn.Module) -> None:
+        """Make the gradients in ``.grad`` the data-parallel mean, where backward hooks have not already done so.
+
+        :meth:`dsk.api.runtime.BuiltRun.update` calls it once per optimizer step, before clipping. The gradient
+        of a replicated parameter becomes the mean over the data-parallel ranks (trainers weight their losses
+        for this: :meth:`dsk.api.runtime.BuiltRun.loss_weights`); a parameter another strategy sharded
+        (:data:`SHARDED_PARAM`) is left to that strategy.
+        """
+
+    def clip_grad_norm(self, params: list[torch.Tensor], max_norm: float, foreach: bool | None = None) -> torch.Tensor:
+        """Clip the gradients of ``params`` to a total norm of ``max_norm``; returns the norm before clipping.
+
+        The norm is that of the whole model's gradient: a strategy whose ranks hold different parameters (expert
+        shards) adds the other ranks' shares, so every rank clips by the same factor one process would.
+        """
+        import torch
+
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=foreach)
 
     # -- reductions --------------------------------------------------------------------------------------------
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -162,11 +196,56 @@ class ParallelStrategy:
         for t in tensors:
             self.all_reduce(t, "sum")
 
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """``obj`` of rank ``src`` on every rank (a picklable value made by this program, never read from a file)."""
+        return obj
+
     def barrier(self) -> None:
         """Wait for every rank."""
 
     def teardown(self) -> None:
         """Release the process groups at the end of the run."""
+
+    # -- checkpoints (collective: every rank calls them, in the same order) -------------------------------------
+    # The base class returns None / False: the core then saves and loads as one process does. A sharding strategy
+    # overrides them, so that a checkpoint is one file set in the one-process format that any rank count (and
+    # ``dsk eval``) loads.
+    def model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        """The whole model's state as CPU tensors under the unwrapped model's names, or None (the model's own).
+
+        Called on every rank when a checkpoint is written; the writing rank's result is saved, other ranks may
+        return ``{}``. ``model`` is :attr:`dsk.api.runtime.BuiltRun.base_model`.
+        """
+        return None
+
+    def load_model_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor], where: str) -> bool:
+        """Load a whole-model state (every rank read it from the checkpoint) into the wrapped model; False: not
+        handled (the core loads it as one process does).
+
+        Raises:
+            dsk.api.runtime.RunSetupError: the state does not fit the model (the message names ``where``).
+        """
+        return False
+
+    def optimizer_state_dict(
+        self, optimizer: torch.optim.Optimizer, model: nn.Module
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """The whole optimizer state as ``(tensors by "<parameter name>/<key>", JSON skeleton)``, the format of
+        :func:`dsk.api.runtime.optimizer_state_to_tensors`, or None (the optimizer's own). Collective like
+        :meth:`model_state_dict`; a strategy that shards the state (ZeRO-1, FSDP) gathers it here."""
+        return None
+
+    def load_optimizer_state_dict(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        tensors: dict[str, torch.Tensor],
+        meta: dict[str, Any],
+        where: str,
+    ) -> bool:
+        """Load what :meth:`optimizer_state_dict` returned (every rank holds all of it; each keeps its share);
+        False: not handled (:func:`dsk.api.runtime.load_optimizer_state` loads it)."""
+        return False
 
 
 @runtime_checkable
@@ -211,6 +290,39 @@ class LinearLayers(Protocol):
 
     def linear_sites(self) -> list[Any]:
         """The GEMMs it runs through ``linear_impl``, as :class:`dsk.api.runtime.LinearSite` (name, N, K, key)."""
+
+
+@runtime_checkable
+class ExpertShardable(Protocol):
+    """A routed-experts layer (an MoE FFN) whose experts an expert-parallel strategy can spread over ranks.
+
+    The layer keeps its router and shared experts on every rank. ``shard_experts(start, stop, dispatcher)``
+    keeps only the routed experts ``start:stop`` (its stacked expert parameters become those slices, new
+    ``nn.Parameter`` objects) and from then on hands the routed part of each forward to ``dispatcher``::
+
+        routed_ND = dispatcher(x_ND, weights_NK, idx_NK, local_experts)
+
+    where ``idx_NK`` are global expert ids, and ``local_experts(x_RD, load_E, scale_R)`` runs this rank's experts
+    on rows already sorted by local expert (``load_E`` rows each, long [stop - start]), each row's output scaled
+    by ``scale_R``: the layer's own expert path (its CPU kernel, grouped GEMMs, a feature's ``linear_impl``).
+    The dispatcher returns ``sum_k weights[n, k] * expert_{idx[n, k]}(x[n])`` for this rank's tokens, however it
+    moved them. ``expert_parameter_names()`` names the stacked parameters (relative to the layer, first dim E)
+    so the strategy can gather and slice them for checkpoints.
+
+    Attributes:
+        n_routed_experts: E, the number of routed experts of the whole layer.
+    """
+
+    n_routed_experts: int
+
+    def shard_experts(self, start: int, stop: int, dispatcher: Any) -> None:
+        """Keep routed experts ``start:stop`` only and route through ``dispatcher`` (see the class docstring)."""
+
+    def expert_parameter_names(self) -> list[str]:
+        """The stacked routed-expert parameters' names relative to this module (``experts.w_gate``, ...)."""
+
+    def expert_groups(self) -> tuple[int, int]:
+        """The router's group limit ``(n_groups, topk_groups)`` ((1, 1) when it has none)."""
 
 
 @runtime_checkable

@@ -155,5 +155,37 @@ def cli(ctx: click.Context, local_plugins: tuple[str, ...]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point."""
-    cli.main(args=argv if argv is not None else sys.argv[1:], prog_name="dsk")
+    """Console entry point (also ``python -m dsk``, which is what each rank of a multi-process run executes)."""
+    from dsk.cli import common
+    from dsk.train.distributed import distributed_env
+
+    args = common.INVOCATION_ARGV = list(argv if argv is not None else sys.argv[1:])
+    if not distributed_env():
+        cli.main(args=args, prog_name="dsk")
+        return
+    _rank_main(args)
+
+
+def _rank_main(argv: list[str]) -> None:
+    """One rank of a multi-process run: tied to its launcher, and an error reported as one line naming the rank
+    (also into torch's error file, which the launcher reads), never a traceback per rank."""
+    import os
+
+    from dsk.train.distributed import tie_to_launcher
+
+    tie_to_launcher()
+    rank = os.environ.get("RANK", "?")
+    try:
+        cli.main(args=argv, prog_name="dsk")
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - reported for the launcher, then a non-zero exit
+        message = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+        print(f"dsk: rank {rank}: {message}", file=sys.stderr, flush=True)
+        try:
+            from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+            ErrorHandler().record_exception(exc)
+        except Exception:  # noqa: BLE001 - the one-line report above is what matters
+            pass
+        raise SystemExit(1) from None

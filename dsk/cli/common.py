@@ -164,6 +164,22 @@ def run_options(func: Callable) -> Callable:
     return recipe_options(func)
 
 
+#: the arguments of this invocation, as given to :func:`dsk.cli.main` (``--nproc`` re-runs them on every rank)
+INVOCATION_ARGV: list[str] | None = None
+
+
+def nproc_option(func: Callable) -> Callable:
+    """``--nproc N``: run the command on N local processes through torch's launcher."""
+    return click.option(
+        "--nproc",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help="Run on N local processes (torch.distributed, gloo on CPU, NCCL on GPU); "
+        "across nodes use torchrun -m dsk ... instead.",
+    )(func)
+
+
 def overrides_from(ctx: click.Context, sets: tuple[str, ...], unsets: tuple[str, ...]) -> list[tuple[str, str]]:
     recorded = ctx.meta.get("dsk.overrides")
     if recorded is not None and len(recorded) == len(sets) + len(unsets):

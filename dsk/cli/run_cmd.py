@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,12 @@ from dsk.cli.common import (
     echo_json,
     escape,
     load_and_validate,
+    nproc_option,
     run_options,
     stderr_console,
     stdout_console,
 )
+from dsk.errors import InputError
 
 
 def _not_built(ctx: click.Context, command: str, recipe: str, configs, sets, unsets, as_json: bool, issue: str) -> None:
@@ -86,8 +89,9 @@ def _dry_run(result: Any, recipe: str, run_dir: Path, as_json: bool) -> None:
 @run_options
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint of --run-dir.")
 @click.option("--stage", help="Run only this stage of a [[stages]] pipeline.")
+@nproc_option
 @click.pass_context
-def train(ctx, recipe, configs, sets, unsets, run_dir, dry_run, as_json, resume, stage) -> None:
+def train(ctx, recipe, configs, sets, unsets, run_dir, dry_run, as_json, resume, stage, nproc) -> None:
     """Train from a recipe (one stage or a [[stages]] pipeline).
 
     Writes a run directory (default runs/<recipe>-<time>) with resolved.toml, metrics.jsonl, checkpoints/step-N/
@@ -98,9 +102,10 @@ def train(ctx, recipe, configs, sets, unsets, run_dir, dry_run, as_json, resume,
       dsk train recipes/quickstart.toml --run-dir runs/quickstart
       dsk train recipes/quickstart.toml --run-dir runs/quickstart --resume
       dsk train recipes/quickstart.toml --set trainer.steps=50 --set model.ffn.router.type=aux_loss --json
+      dsk train recipes/quickstart.toml --nproc 2 --set parallel.expert.type=node_limited
     """
     result = load_and_validate(ctx, recipe, configs, sets, unsets, require=("model", "trainer"))
-    done = execute(ctx, result, recipe, run_dir, resume, stage, dry_run, as_json)
+    done = execute(ctx, result, recipe, run_dir, resume, stage, dry_run, as_json, nproc=nproc)
     if done is None:
         return
     summary, console, run_path = done
@@ -117,6 +122,41 @@ def train(ctx, recipe, configs, sets, unsets, run_dir, dry_run, as_json, resume,
     console.print(f"run directory: {escape(str(run_path))}{tail}")
 
 
+def _launch(ctx: click.Context, result: Any, run_path: Path, resume: bool, stage: str | None, nproc: int,
+            given_run_dir: str | None) -> None:  # fmt: skip
+    """``--nproc N`` in the launching process: check the run directory, then start the ranks and wait for them."""
+    from dsk.cli import common
+    from dsk.train.distributed import launch
+    from dsk.train.runner import RESOLVED, prepare_run_dir
+
+    if not (resume and not (run_path / RESOLVED).exists()):
+        try:  # bad options fail here, with exit 2, before any process starts
+            prepare_run_dir(result, run_path, resume=resume, stage=stage, write=False)
+        except InputError as exc:
+            raise DskUsageError.from_input_error(exc) from None
+    argv = _without_nproc(list(common.INVOCATION_ARGV if common.INVOCATION_ARGV is not None else sys.argv[1:]))
+    if given_run_dir is None:  # every rank must use the same directory, not one stamped with its own clock
+        argv += ["--run-dir", str(run_path)]
+    code = launch(nproc, argv, console=stderr_console())
+    if code:
+        raise SystemExit(code)
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        if arg.startswith("--nproc="):
+            continue
+        out.append(arg)
+    return out
+
+
 def execute(
     ctx: click.Context,
     result: Any,
@@ -126,6 +166,7 @@ def execute(
     stage: str | None,
     dry_run: bool,
     as_json: bool,
+    nproc: int = 1,
 ) -> tuple[dict[str, Any], Any, Path] | None:
     """Run a validated recipe into a run directory (the shared part of ``dsk train`` and the plugin run commands).
 
@@ -138,22 +179,37 @@ def execute(
         stage: ``--stage``: run only this stage of a ``[[stages]]`` pipeline (None: all).
         dry_run: ``--dry-run``: print the plan and the resolved recipe, write nothing.
         as_json: ``--json``: the summary goes to stdout as JSON, progress to stderr.
+        nproc: ``--nproc``: more than 1 re-runs this command on that many local ranks (torch's launcher) and
+            waits for them; rank 0 prints and writes.
 
     Exits 2 on bad input (also found mid-run: a data row, a checkpoint), 1 when the run failed, 128 + the signal
     when interrupted. Returns ``(summary, console, run_path)`` for the caller to print, or None when nothing is
     left to print (a dry run, or ``--json``, whose summary has been written to stdout).
     """
+    from dsk.train.context import launch_rank
+    from dsk.train.distributed import distributed_env
     from dsk.train.runner import default_run_dir
 
     if resume and not run_dir:
         raise DskUsageError("--resume needs --run-dir DIR: the run directory to continue")
-    run_path = Path(run_dir) if run_dir else default_run_dir(recipe)
+    if run_dir:
+        run_path = Path(run_dir)
+    elif distributed_env() and os.environ.get("TORCHELASTIC_RUN_ID"):  # torchrun: one name on every rank
+        run_path = Path("runs") / f"{Path(recipe).stem}-{os.environ['TORCHELASTIC_RUN_ID']}"
+    else:
+        run_path = default_run_dir(recipe)
     if dry_run:
-        _dry_run(result, recipe, run_path, as_json)
+        if launch_rank() == 0:
+            _dry_run(result, recipe, run_path, as_json)
+        return None
+    if nproc > 1 and not distributed_env():
+        _launch(ctx, result, run_path, resume, stage, nproc, run_dir)
         return None
     console = stderr_console() if as_json else stdout_console()
     command = f"dsk {ctx.info_name or 'train'}"  # the command to repeat with --resume
     summary = _run(ctx.find_root().obj, result, recipe, run_path, resume, stage, console, _save_delay(), command)
+    if launch_rank() != 0:  # rank 0 prints the summary of a multi-process run
+        return None
     if as_json:
         echo_json(summary)
         return None

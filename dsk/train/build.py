@@ -45,12 +45,34 @@ class StepUpdate:
 
 
 class _Composite(ParallelStrategy):
-    """Several ``[parallel.*]`` strategies on one run: the first sets the process layout, each wraps in turn."""
+    """Several ``[parallel.*]`` strategies on one run, e.g. expert parallelism with ZeRO-1 data parallelism.
+
+    The first (in :attr:`~dsk.api.ParallelStrategy.wrap_order`, then recipe order) sets the process layout and the
+    reductions; each wraps the model and the optimizer in turn and syncs the gradients it owns. A checkpoint or
+    clipping method is the one strategy's that overrides it (expert shards, ZeRO-1 state); two strategies that
+    both override one are refused when the run is built.
+    """
+
+    _SINGLE = (
+        "clip_grad_norm",
+        "model_state_dict",
+        "load_model_state_dict",
+        "optimizer_state_dict",
+        "load_optimizer_state_dict",
+    )
 
     def __init__(self, strategies: list[ParallelStrategy]):
         super().__init__(None)
-        self.strategies = strategies
-        self.name = "+".join(s.name for s in strategies)
+        self.strategies = sorted(strategies, key=lambda s: s.wrap_order)
+        self.name = "+".join(s.name for s in self.strategies)
+        for method in self._SINGLE:
+            owners = [s for s in self.strategies if getattr(type(s), method) is not getattr(ParallelStrategy, method)]
+            if len(owners) > 1:
+                raise RunSetupError(
+                    f"parallel.{owners[0].name} and parallel.{owners[1].name} both implement {method}; "
+                    "dsk cannot compose these two strategies"
+                )
+            setattr(self, method, getattr(owners[0] if owners else super(), method))
 
     def setup(self, run: Any) -> None:
         for s in self.strategies:
@@ -76,6 +98,10 @@ class _Composite(ParallelStrategy):
     def data_world_size(self) -> int:
         return self.strategies[0].data_world_size
 
+    @property
+    def device(self) -> str | None:
+        return self.strategies[0].device
+
     def wrap_model(self, model: nn.Module, run: Any) -> nn.Module:
         for s in self.strategies:
             model = s.wrap_model(model, run)
@@ -86,11 +112,18 @@ class _Composite(ParallelStrategy):
             optimizer = s.wrap_optimizer(optimizer, model, run)
         return optimizer
 
+    def sync_gradients(self, model: nn.Module) -> None:
+        for s in self.strategies:
+            s.sync_gradients(model)
+
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         return self.strategies[0].all_reduce(tensor, op)
 
     def reduce_step_statistics(self, tensors: list[torch.Tensor]) -> None:
         self.strategies[0].reduce_step_statistics(tensors)
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        return self.strategies[0].broadcast_object(obj, src)
 
     def barrier(self) -> None:
         self.strategies[0].barrier()
@@ -100,8 +133,29 @@ class _Composite(ParallelStrategy):
             s.teardown()
 
 
-def build_parallel(sections: dict[str, Any]) -> ParallelStrategy:
-    """The parallel strategy of ``[parallel.*]``: one process (the base class) when the recipe has none."""
+def _default_parallel(ctx: RunContext | None) -> ParallelStrategy:
+    """One process: the base class; several ranks with no ``[parallel]``: the ``default_parallel_strategy`` hook's."""
+    from dsk.train.context import launch_world_size
+
+    world = launch_world_size()
+    if world == 1 or ctx is None:
+        return ParallelStrategy()
+    name = ctx.pm.hook.default_parallel_strategy(world_size=world)
+    if name is None:
+        raise RunSetupError(
+            f"{world} processes, but the recipe has no [parallel] section and no plugin provides a default "
+            'strategy (hook default_parallel_strategy); add e.g. [parallel.data] type = "replicate"'
+        )
+    from dsk.api import build_component
+
+    strategy = build_component(ctx.registry, "parallel", name)
+    strategy.name = "data"
+    return strategy
+
+
+def build_parallel(sections: dict[str, Any], ctx: RunContext | None = None) -> ParallelStrategy:
+    """The parallel strategy of ``[parallel.*]``; without one, one process (the base class), or on several ranks
+    the default strategy a plugin names (``default_parallel_strategy``: plain data parallelism)."""
     slots = sections.get("parallel") or {}
     strategies = []
     for key, slot in slots.items():
@@ -113,7 +167,7 @@ def build_parallel(sections: dict[str, Any]) -> ParallelStrategy:
         strategy.name = key
         strategies.append(strategy)
     if not strategies:
-        return ParallelStrategy()
+        return _default_parallel(ctx)
     return strategies[0] if len(strategies) == 1 else _Composite(strategies)
 
 
@@ -155,6 +209,56 @@ class BuiltRun:
         """The features that act in ``stage`` (one of ``dsk.api.FEATURE_STAGES``), in order."""
         return [f for f in self.features if stage in f.stages]
 
+    # -- data parallelism ---------------------------------------------------------------------------------------
+    def local_rows(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """This data rank's slice of a global batch (every tensor's rows ``r * B / W ... (r + 1) * B / W``).
+
+        Every rank reads the same global batch of ``batch_size * data_world_size`` rows from the same stream and
+        keeps its slice, so the data position is the same on every rank and a checkpoint resumes at any rank count.
+        """
+        world, rank = self.parallel.data_world_size, self.parallel.data_rank
+        if world == 1:
+            return batch
+        out = {}
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                rows = value.shape[0]
+                if rows % world:
+                    raise RunSetupError(f"a global batch of {rows} rows does not split over {world} data ranks")
+                per = rows // world
+                value = value[rank * per : (rank + 1) * per]
+            out[key] = value
+        return out
+
+    def global_sum(self, values: list[float] | list[int]) -> list[float]:
+        """``values`` summed over the data-parallel ranks (one all-reduce; the values themselves in one process)."""
+        if self.parallel.data_world_size == 1:
+            return [float(v) for v in values]
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        return self.parallel.all_reduce(t, "sum").tolist()
+
+    def loss_weights(self, counts: list[int]) -> list[float]:
+        """Weights for the mean losses of this rank's micro-batches, from their target counts.
+
+        ``sum_i w_i * mean_loss_i``, back-propagated on every rank and averaged over the data-parallel ranks by
+        the strategy (:meth:`dsk.api.ParallelStrategy.sync_gradients`), is the mean loss over every target of the
+        step on all ranks: ``w_i = counts[i] * W / (global count)``. The global count is all-reduced, never
+        averaged per rank, so N ranks with batch b train exactly as one process with batch N * b.
+        """
+        total = max(1.0, self.global_sum([sum(counts)])[0])
+        world = self.parallel.data_world_size
+        return [n * world / total for n in counts]
+
+    def mean_over_ranks(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Scalar tensors averaged over the data-parallel ranks (what a metrics row of a weighted loss reports)."""
+        world = self.parallel.data_world_size
+        if world == 1 or not values:
+            return values
+        keys = list(values)
+        stacked = torch.stack([values[k].detach().to("cpu", torch.float64).reshape(()) for k in keys])
+        stacked = self.parallel.all_reduce(stacked, "sum") / world
+        return {k: stacked[i] for i, k in enumerate(keys)}
+
     # -- the learning rate -------------------------------------------------------------------------------------
     def lr_at(self, step: int, total_steps: int, *, max_warmup: int | None = None) -> float:
         """The ``[optimizer]`` schedule's rate at optimizer step ``step`` (1-based) of ``total_steps``."""
@@ -195,8 +299,9 @@ class BuiltRun:
             read_metrics: maps the side channels' metrics to the row's keys (default: none reported).
         """
         cfg = self.optimizer_config
+        self.parallel.sync_gradients(self.model)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=foreach)
+        grad_norm = self.parallel.clip_grad_norm(self.params, max_norm, foreach=foreach)
         bad = torch.tensor(0.0 if bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm)) else 1.0)
         finite = float(self.parallel.all_reduce(bad, "max")) == 0.0
         if not finite:
@@ -275,9 +380,11 @@ def build_run(
     """
     from dsk.train.checkpoint import CheckpointLoadError, load_checkpoint, load_model_weights
 
-    parallel = build_parallel(ctx.sections)
-    parallel.setup(ctx)
-    ctx.parallel = parallel
+    if ctx.parallel is None:  # once per stage: a trainer that builds a second run (a reference) shares it
+        strategy = build_parallel(ctx.sections, ctx)
+        strategy.setup(ctx)
+        ctx.parallel = strategy
+    parallel = ctx.parallel
     if not parallel.is_writer:  # one rank writes metrics and shows progress; the others run silently
         if getattr(ctx.metrics, "enabled", False):
             ctx.metrics.enabled = False

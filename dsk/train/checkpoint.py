@@ -210,6 +210,8 @@ def save_checkpoint(
     save_delay: float = 0.0,
     feature_state: dict[str, dict[str, Any]] | None = None,
     write: bool = True,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
 ) -> Path:
     """Write ``<run_dir>/checkpoints/step-<step>/`` atomically and keep the newest ``keep`` checkpoints.
 
@@ -226,6 +228,8 @@ def save_checkpoint(
         feature_state: each feature's ``state_dict()`` by feature name: tensors go to ``features.safetensors``
             (``"<feature>/<key>"``), other values to ``state.json`` under ``features``.
         write: False on the ranks that do not write the run directory: nothing is written, the path is returned.
+        model_state: the weights to save, when the caller gathered them (a sharded model); default: ``model``'s.
+        optimizer_state: ``(tensors, meta)`` of the optimizer, when the caller gathered them; default: ``optimizer``'s.
 
     Returns:
         The checkpoint directory.
@@ -241,11 +245,12 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step}-", dir=root))
     try:
-        save_file(model_state_for_saving(model), str(tmp / MODEL_WEIGHTS), metadata={"format": "pt"})
+        weights = model_state if model_state is not None else model_state_for_saving(model)
+        save_file(weights, str(tmp / MODEL_WEIGHTS), metadata={"format": "pt"})
         _fsync_file(tmp / MODEL_WEIGHTS)
         _write_json(tmp / MODEL_CONFIG, model_config_json(model, config_extra))
-        if optimizer is not None:
-            tensors, meta = optimizer_state_to_tensors(optimizer)
+        if optimizer_state is not None or optimizer is not None:
+            tensors, meta = optimizer_state if optimizer_state is not None else optimizer_state_to_tensors(optimizer)
             save_file(tensors, str(tmp / OPTIM_WEIGHTS), metadata={"format": "pt"})
             _fsync_file(tmp / OPTIM_WEIGHTS)
             _write_json(tmp / OPTIM_META, meta)

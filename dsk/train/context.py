@@ -158,9 +158,15 @@ class RunContext:
         wanted = getattr(getattr(trainer, "config", None), "device", "auto")
         if wanted != "auto":
             return wanted
+        placed = getattr(self.parallel, "device", None) if self.parallel is not None else None
+        if placed:
+            return placed  # a rank's own device (cuda:<local rank>)
         import torch
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if torch.cuda.is_available():
+            local = os.environ.get("LOCAL_RANK")
+            return f"cuda:{local}" if local and launch_world_size() > 1 else "cuda"
+        return "cpu"
 
     # -- builders ----------------------------------------------------------------------------------------------
     def build_tokenizer(self) -> Any:

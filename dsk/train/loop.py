@@ -101,10 +101,17 @@ class TrainerRun(abc.ABC):
         state = ckpt.state
         if state.get("trainer") != self.trainer.name:
             raise RunSetupError(f"{ckpt.path}: written by trainer {state.get('trainer')!r}, not {self.trainer.name!r}")
-        load_model_weights(self.model, ckpt.model_state, str(ckpt.path))
         if ckpt.optimizer_meta is None:
             raise RunSetupError(f"{ckpt.path}: has no optimizer state, so the run cannot continue exactly")
-        load_optimizer_state(self.optimizer, ckpt.optimizer_tensors, ckpt.optimizer_meta, str(ckpt.path))
+        # through the strategy first: a sharded model takes its share of the full state
+        parallel = self.built.parallel if self.built is not None else None
+        base = self.built.base_model if self.built is not None else self.model
+        where = str(ckpt.path)
+        if parallel is None or not parallel.load_model_state_dict(base, ckpt.model_state, where):
+            load_model_weights(self.model, ckpt.model_state, where)
+        tensors, meta = ckpt.optimizer_tensors, ckpt.optimizer_meta
+        if parallel is None or not parallel.load_optimizer_state_dict(self.optimizer, base, tensors, meta, where):
+            load_optimizer_state(self.optimizer, tensors, meta, where)
         if self.built is not None:
             self.built.load_feature_state(ckpt.feature_state, str(ckpt.path))
         self.restore(state)
@@ -146,10 +153,16 @@ class TrainerRun(abc.ABC):
             **state,
         }
         built = self.built
+        model = built.base_model if built is not None else self.model
+        model_state = optimizer_state = None
+        if built is not None:  # collective: a sharding strategy gathers the full state for the writing rank
+            model_state = built.parallel.model_state_dict(model)
+            if self.optimizer is not None:
+                optimizer_state = built.parallel.optimizer_state_dict(self.optimizer, model)
         path = save_checkpoint(
             ctx.run_dir,
             self.step,
-            model=built.base_model if built is not None else self.model,
+            model=model,
             optimizer=self.optimizer,
             state=full,
             config_extra={"tokenizer": tokenizer_json, "task": task_table, "step": self.step},
@@ -157,15 +170,32 @@ class TrainerRun(abc.ABC):
             save_delay=ctx.save_delay if self.step >= ctx.save_delay_from_step else 0.0,
             feature_state=built.feature_state() if built is not None else None,
             write=ctx.is_writer,
+            model_state=model_state,
+            optimizer_state=optimizer_state,
         )
         if built is not None:
             built.parallel.barrier()
         self.last_checkpoint, self.last_saved_step = path, self.step
         return path
 
+    def _interrupt_agreed(self) -> bool:
+        """Whether any rank was interrupted, agreed by all ranks at this step boundary (so all save together).
+
+        On several ranks this is a one-value all-reduce per step. A peer that died makes it raise instead: a
+        SIGTERM sent after a rank failed never starts a collective save with a dead peer.
+        """
+        flag = self.ctx.interrupt
+        built = self.built
+        if built is None or built.parallel.world_size == 1:
+            return flag.requested
+        mark = torch.tensor(1.0 if flag.requested else 0.0)
+        if float(built.parallel.all_reduce(mark, "max")) > 0 and flag.signum is None:
+            flag.signum = 15  # SIGTERM: another rank's signal
+        return flag.requested
+
     def _check_interrupt(self) -> None:
         flag = self.ctx.interrupt
-        if flag.requested:
+        if self._interrupt_agreed():
             path = self.save("interrupt") if self.last_saved_step != self.step else self.last_checkpoint
             raise RunInterrupted(f"interrupted at step {self.step}; checkpoint saved to {path}", flag.signum, path)
 

@@ -192,18 +192,65 @@ def run_recipe(
         RunFailed: a stage stopped itself (summary.json says so; a good checkpoint exists).
         RunInterrupted: Ctrl-C or SIGTERM (a checkpoint was saved).
     """
-    from dsk.train.checkpoint import latest_checkpoint
-    from dsk.train.metrics import MetricsWriter
+    from dsk.train import distributed
     from dsk.train.process import tune_process
 
     tune_process()  # e.g. steady page reuse step after step (see dsk.train.process)
-    if resume and not (run_dir / RESOLVED).exists():
-        # The same command starts a run and restarts it (a preempted job re-queued as is).
-        reporter.message(f"--resume: {run_dir} holds no run yet; starting a new one")
-        resume = False
+    created = distributed.init_process_group()  # N ranks under a launcher: the default group, once
+    try:
+        return _run_stages(
+            validated, registry=registry, pm=pm, run_dir=run_dir, recipe_path=recipe_path, resume=resume,
+            stage=stage, reporter=reporter, save_delay=save_delay, save_delay_from_step=save_delay_from_step,
+        )  # fmt: skip
+    finally:
+        if created:
+            distributed.shutdown()
+
+
+def _agree(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (the identity in one process): decisions read from the run directory are
+    taken once, by the writing rank, so no rank sees the directory half-way through another's write."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _run_stages(
+    validated: Any,
+    *,
+    registry: Any,
+    pm: Any,
+    run_dir: Path,
+    recipe_path: str | None,
+    resume: bool,
+    stage: str | None,
+    reporter: Any,
+    save_delay: float,
+    save_delay_from_step: int,
+) -> dict[str, Any]:
+    from dsk.train.checkpoint import latest_checkpoint
+    from dsk.train.metrics import MetricsWriter
+
     # One rank writes the run directory; the parallel strategy of each stage keeps the same writing rank.
     writer = launch_rank() == 0
-    plans = prepare_run_dir(validated, run_dir, resume=resume, stage=stage, write=writer)
+    problem = None
+    if writer:
+        if resume and not (run_dir / RESOLVED).exists():
+            # The same command starts a run and restarts it (a preempted job re-queued as is).
+            reporter.message(f"--resume: {run_dir} holds no run yet; starting a new one")
+            resume = False
+        try:
+            prepare_run_dir(validated, run_dir, resume=resume, stage=stage, write=True)
+        except RunSetupError as exc:
+            problem = str(exc)
+    problem, resume = _agree((problem, resume))
+    if problem is not None:
+        raise RunSetupError(problem)
+    plans = plan_stages(validated, run_dir)
     meta = validated.resolved.get("dsk")
     seed = int(getattr(meta, "seed", 0))
     summary_path = run_dir / SUMMARY
@@ -232,19 +279,19 @@ def run_recipe(
         for plan in plans:
             if stage is not None and plan.name != stage:
                 continue
-            if resume and _stage_status(plan) == "completed":
+            if _agree(resume and _stage_status(plan) == "completed"):
                 reporter.message(f"stage {plan.name or 'train'}: already completed, skipped")
                 continue
             init_from = None
             if plan.index > 0:
                 prev = plans[plan.index - 1]
-                init_from = latest_checkpoint(prev.dir)
-                if init_from is None or _stage_status(prev) != "completed":
+                init_from, prev_done = _agree((latest_checkpoint(prev.dir), _stage_status(prev) == "completed"))
+                if init_from is None or not prev_done:
                     raise RunSetupError(
                         f"stage '{plan.name}' starts from the last checkpoint of stage '{prev.name}', which has not "
                         f"completed in {run_dir}; run it first (or drop --stage)"
                     )
-            resume_from = latest_checkpoint(plan.dir) if resume else None
+            resume_from = _agree(latest_checkpoint(plan.dir) if resume else None)
             trainer_slot = plan.sections.get("trainer")
             if trainer_slot is None:
                 raise RunSetupError(f"stage '{plan.name}' has no [trainer]")
@@ -272,7 +319,11 @@ def run_recipe(
             )
             trainer = trainer_slot.build()
             try:
-                result = trainer.run(ctx)
+                try:
+                    result = trainer.run(ctx)
+                finally:
+                    if ctx.parallel is not None:
+                        ctx.parallel.teardown()
             except (RunInterrupted, RunFailed) as exc:
                 status = "interrupted" if isinstance(exc, RunInterrupted) else "failed"
                 stage_summaries[plan.index] = {

@@ -160,16 +160,19 @@ class _Run(TrainerRun):
         self._check_sizes()
         built = self.use(build_run(ctx))  # model from [model] (seeded), features, strategy, [optimizer]
         self.tokenizer, self.task = built.tokenizer, built.task
+        # every data rank reads the same global batch of batch_size rows per rank and keeps its own rows
+        # (built.local_rows): the data position is the same on every rank, so any rank count resumes it
         self.batches = BatchIterator(
             train_stream(self.task, ctx.seed),
             self.tokenizer,
-            batch_size=cfg.batch_size,
+            batch_size=cfg.batch_size * built.parallel.data_world_size,
             max_len=cfg.seq_len,
             pack=cfg.packing,
             encode=encoder_for(self.trainer.mode, self.tokenizer),
         )
         self.eval_records = test_records(self.task, cfg.eval_samples)
-        remove_stale_temporaries(ctx.run_dir)
+        if ctx.is_writer:
+            remove_stale_temporaries(ctx.run_dir)
         if ctx.resume_from is not None:
             self._resume(ctx.resume_from)
 
@@ -183,18 +186,18 @@ class _Run(TrainerRun):
         step = self.step + 1
         started = time.perf_counter()
         lr = built.set_lr(step, cfg.steps)
-        micro = [next(self.batches) for _ in range(cfg.grad_accum)]
-        # Each micro-batch's mean loss is weighted by its share of the step's targets (a row's first label is never
-        # scored): the weighted sum is the mean over all targets of the step, as one batch of batch_size * grad_accum
-        # rows would give.
+        micro = [built.local_rows(next(self.batches)) for _ in range(cfg.grad_accum)]
+        # Each micro-batch's mean loss is weighted by its share of the step's targets on all data ranks (a row's
+        # first label is never scored): the weighted sum is the mean over all targets of the step, as one batch of
+        # batch_size * grad_accum * data ranks rows would give (the strategy averages the ranks' gradients).
         n_targets = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro]
-        total_targets = max(1, sum(n_targets))
+        weights = built.loss_weights(n_targets)
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
         parts: dict[str, torch.Tensor] = {}
         tokens = 0
         inject = step in cfg.debug_nonfinite_steps
-        for batch, n in zip(micro, n_targets, strict=True):
+        for batch, weight in zip(micro, weights, strict=True):
             # labels are aligned with input_ids (-100: not a target); the model shifts them (dsk.model.transformer)
             input_ids = batch["input_ids"].to(self.device)  # (B, T)
             labels = batch["labels"].to(self.device)  # (B, T)
@@ -203,7 +206,6 @@ class _Run(TrainerRun):
             # scores depend on i - j only, so an example's offset inside the row changes nothing.
             mask = document_causal_mask(doc_ids).to(self.device) if cfg.packing else None
             out = training_loss(model, input_ids, labels, mask=mask, side=built.side)
-            weight = n / total_targets
             loss = out.loss * weight
             if inject:
                 loss = loss * float("nan")
@@ -212,6 +214,8 @@ class _Run(TrainerRun):
                 value = value.detach().float() * weight
                 parts[key] = parts[key] + value if key in parts else value
             tokens += int((doc_ids >= 0).sum())
+        parts = built.mean_over_ranks(parts)  # the step's loss over all ranks' targets, as one process reports it
+        tokens = int(built.global_sum([tokens])[0])
         loss_total = parts["loss"] * (float("nan") if inject else 1.0)
         update = built.update(loss_total, step, read_metrics=moe_metrics)
         finite, grad_norm, moe = update.finite, update.grad_norm, update.metrics

@@ -1,0 +1,46 @@
+"""Hook implementations of dsk_parallel (torch-free: implementations are lazy strings)."""
+
+from __future__ import annotations
+
+from dsk import hookimpl
+from dsk_parallel.data_config import FSDPConfig, ReplicateConfig, Zero1Config
+from dsk_parallel.expert_config import NodeLimitedConfig
+
+
+@hookimpl
+def register_parallel_strategies(register):
+    """Register the data-parallel and expert-parallel strategies (kind ``parallel``)."""
+    register(
+        "parallel",
+        "replicate",
+        "dsk_parallel.data:Replicate",
+        config=ReplicateConfig,
+        summary="data parallelism: the model replicated on every rank, gradients all-reduced (torch replicate)",
+    )
+    register(
+        "parallel",
+        "fsdp",
+        "dsk_parallel.data:FSDP",
+        config=FSDPConfig,
+        summary="data parallelism with parameters, gradients and optimizer state sharded (FSDP2 fully_shard)",
+    )
+    register(
+        "parallel",
+        "zero1",
+        "dsk_parallel.data:Zero1",
+        config=Zero1Config,
+        summary="data parallelism with the optimizer state sharded over the ranks (ZeRO-1, as DeepSeek-V3)",
+    )
+    register(
+        "parallel",
+        "node_limited",
+        "dsk_parallel.expert:NodeLimitedExperts",
+        config=NodeLimitedConfig,
+        summary="expert parallelism: routed experts sharded over ranks, all-to-all dispatch to at most max_nodes nodes",
+    )
+
+
+@hookimpl
+def default_parallel_strategy(world_size):
+    """``--nproc N`` with no ``[parallel]`` section: plain data parallelism, as a torchrun user expects."""
+    return "replicate" if world_size > 1 else None
