@@ -207,6 +207,9 @@ def execute(
         return None
     console = stderr_console() if as_json else stdout_console()
     command = f"dsk {ctx.info_name or 'train'}"  # the command to repeat with --resume
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and os.environ.get("LOCAL_WORLD_SIZE") == str(world):  # one machine: the same --nproc
+        command += f" --nproc {world}"
     summary = _run(ctx.find_root().obj, result, recipe, run_path, resume, stage, console, _save_delay(), command)
     if launch_rank() != 0:  # rank 0 prints the summary of a multi-process run
         return None
@@ -220,7 +223,7 @@ def _run(app: Any, result: Any, recipe: str, run_path: Path, resume: bool, stage
          save_delay: tuple[float, int], command: str) -> dict[str, Any]:  # fmt: skip
     """Run the recipe; map the run's exceptions onto exit codes (2 bad input, 1 failed, 130/143 interrupted)."""
     from dsk.errors import InputError
-    from dsk.train.context import RunFailed, RunInterrupted
+    from dsk.train.context import RunFailed, RunInterrupted, launch_rank
     from dsk.train.progress import Reporter
     from dsk.train.runner import run_recipe
 
@@ -247,10 +250,14 @@ def _run(app: Any, result: Any, recipe: str, run_path: Path, resume: bool, stage
         raise DskUsageError.from_input_error(exc) from None
     except RunFailed as exc:
         reporter.stop()
+        if launch_rank() != 0:
+            raise SystemExit(1) from None
         err.print(f"[bold red]Run failed:[/] {escape(str(exc))}")
         raise SystemExit(1) from None
     except RunInterrupted as exc:
         reporter.stop()
+        if launch_rank() != 0:  # rank 0 says it for the run
+            raise SystemExit(128 + exc.signum) from None
         err.print(f"[yellow]Interrupted:[/] {escape(str(exc))}. Continue with: {escape(command)} {escape(recipe)} "
                   f"--run-dir {escape(str(run_path))} --resume")  # fmt: skip
         raise SystemExit(128 + exc.signum) from None

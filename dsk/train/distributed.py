@@ -140,21 +140,49 @@ def launch(nproc: int, argv: list[str], *, console: Any = None) -> int:
         start_method="spawn",
         local_addr="127.0.0.1",
     )
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
     try:
         elastic_launch(config, sys.executable)("-m", "dsk", *argv)
     except ChildFailedError as exc:
-        codes = []
-        for rank, failure in sorted(exc.failures.items()):
-            codes.append(failure.exitcode)
-            message = failure.message if isinstance(failure.message, str) else ""
-            if isinstance(failure.message, dict):
-                message = str(failure.message.get("message", "")).strip().splitlines()[0:1]
-                message = message[0] if message else ""
-            what = f"signal {-failure.exitcode}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
-            line = f"rank {rank} (pid {failure.pid}) failed with {what}" + (f": {message}" if message else "")
-            if console is not None:
-                console.print(f"[bold red]{line}[/]", highlight=False, markup=True)
-            else:
-                print(line, file=sys.stderr)
-        return 2 if codes and all(c == 2 for c in codes) else 1
+        return _report(exc, console)
+    except SignalException as exc:  # SIGTERM/SIGINT to the launcher: it stopped the ranks, which saved first
+        return 128 + int(exc.sigval)
     return 0
+
+
+def _report(exc: Any, console: Any) -> int:
+    """Print which rank failed first and how, and what became of the others; returns the launcher's exit code."""
+    first_rank, first = exc.get_first_failure()
+    failures = sorted(exc.failures.items())
+    codes = [f.exitcode for _, f in failures]
+    interrupted = {128 + signal.SIGINT, 128 + signal.SIGTERM}
+    if all(c in interrupted for c in codes):  # Ctrl-C / SIGTERM: every rank saved and said so itself
+        return codes[0]
+
+    def how(failure: Any) -> str:
+        if failure.exitcode < 0:
+            return f"was killed by signal {-failure.exitcode} ({signal.Signals(-failure.exitcode).name})"
+        return f"exited with code {failure.exitcode}"
+
+    def error_of(failure: Any) -> str:
+        message = failure.message
+        if isinstance(message, dict):
+            message = str(message.get("message", ""))
+        lines = str(message or "").strip().splitlines()
+        return lines[0] if lines and not lines[0].startswith("Signal ") else ""
+
+    def say(line: str) -> None:
+        if console is not None:
+            console.print(line, markup=False, highlight=False)
+        else:
+            print(line, file=sys.stderr)
+
+    error = error_of(first)
+    say(f"rank {first_rank} (pid {first.pid}) {how(first)}" + (f": {error}" if error else ""))
+    for rank, failure in failures:
+        if rank != first_rank:
+            error = error_of(failure)
+            say(f"  then rank {rank} (pid {failure.pid}) {how(failure)}" + (f": {error}" if error else ""))
+    say("every rank has stopped; the last complete checkpoint of the run directory is intact")
+    return 2 if codes and all(c == 2 for c in codes) else 1

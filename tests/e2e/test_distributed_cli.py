@@ -1,0 +1,176 @@
+"""``dsk train --nproc 2`` end to end: the quickstart recipe with node-limited expert parallelism gives the
+single-process losses, a SIGKILLed launcher takes its workers with it and ``--resume`` continues exactly, a dead
+worker stops the run within a bound, bad input is exit 2 before any rank starts.
+
+Each launch costs a few seconds of start-up; the runs are short (20 steps of a small batch) and shared between
+tests through module fixtures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.distributed.harness import GROUP
+
+pytestmark = pytest.mark.xdist_group(GROUP)
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICKSTART = str(ROOT / "recipes" / "quickstart.toml")
+STEPS = 20
+PER_RANK = 16
+SHORT = [
+    "--set", f"trainer.steps={STEPS}", "--set", "trainer.eval_every=0", "--set", "trainer.eval_samples=4",
+    "--set", "trainer.eval_max_new_tokens=8", "--set", "checkpoint.every=5", "--set", "checkpoint.keep=5",
+]  # fmt: skip
+EP = ["--set", 'parallel.expert.type="node_limited"']
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("DSK_DEBUG_SAVE_DELAY", None)
+    env["DSK_DIST_TIMEOUT_S"] = "30"
+    return env
+
+
+def _dsk(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dsk", *args], capture_output=True, text=True, timeout=timeout, env=_env(), cwd=ROOT
+    )
+
+
+def _train_rows(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("kind") == "train"]
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in _train_rows(run_dir)]
+
+
+def _alive(marker: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out if int(p) != os.getpid()]
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    """The quickstart recipe in one process with the global batch of the 2-rank runs."""
+    run = tmp_path_factory.mktemp("single") / "run"
+    done = _dsk("train", QUICKSTART, *SHORT, "--set", f"trainer.batch_size={2 * PER_RANK}", "--run-dir", str(run))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """The same run on 2 ranks with node-limited expert parallelism (batch PER_RANK per rank)."""
+    run = tmp_path_factory.mktemp("ep2") / "run"
+    done = _dsk(
+        "train", QUICKSTART, "--nproc", "2", *SHORT, *EP, "--set", f"trainer.batch_size={PER_RANK}",
+        "--run-dir", str(run),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run, done
+
+
+def test_two_ranks_of_expert_parallelism_give_the_one_process_losses(one_process, two_ranks):
+    run, done = two_ranks
+    single, double = _losses(one_process), _losses(run)
+    assert len(single) == len(double) == STEPS
+    for step, (a, b) in enumerate(zip(single, double, strict=True), start=1):
+        assert abs(a - b) <= 1e-5 * abs(a), f"step {step}: one process {a}, two ranks {b}"
+    # one writer: one row per step, one summary, one resolved.toml; rank 0 printed the summary once
+    assert [r["step"] for r in _train_rows(run)] == list(range(1, STEPS + 1))
+    assert sorted(p.name for p in run.rglob("summary.json")) == ["summary.json"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert done.stdout.count("run directory:") == 1
+    # the checkpoint is the one-process format: one process evaluates it
+    ckpt = summary["checkpoint"]
+    ev = _dsk("eval", ckpt, "--samples", "4", "--max-new-tokens", "8", "--json")
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert 0.0 <= json.loads(ev.stdout)["accuracy"] <= 1.0
+
+
+def test_a_killed_launcher_takes_its_workers_and_resume_continues_exactly(tmp_path, two_ranks):
+    reference = _losses(two_ranks[0])
+    run = tmp_path / "run"
+    args = [
+        sys.executable, "-m", "dsk", "train", QUICKSTART, "--nproc", "2", *SHORT, *EP,
+        "--set", f"trainer.batch_size={PER_RANK}", "--run-dir", str(run),
+    ]  # fmt: skip
+    launcher = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=ROOT)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:  # past the step-5 checkpoint, before the end
+        if (run / "metrics.jsonl").exists() and len(_train_rows(run)) >= 7:
+            break
+        time.sleep(0.05)
+    else:
+        launcher.kill()
+        pytest.fail("the run did not reach step 7")
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait(timeout=10)
+    marker = str(run)
+    gone_by = time.monotonic() + 10
+    while _alive(marker) and time.monotonic() < gone_by:
+        time.sleep(0.05)
+    assert not _alive(marker), "workers outlived their SIGKILLed launcher"
+    written = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    rows_then = len(_train_rows(run))
+    time.sleep(1.0)
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == written, "something was written after the kill"
+    assert rows_then < STEPS
+    resumed = _dsk(
+        "train", QUICKSTART, "--nproc", "2", *SHORT, *EP, "--set", f"trainer.batch_size={PER_RANK}",
+        "--run-dir", str(run), "--resume",
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    assert [r["step"] for r in _train_rows(run)] == list(range(1, STEPS + 1))
+    assert _losses(run) == reference  # bit for bit: the interrupted run continues the uninterrupted one
+
+
+def test_a_dead_worker_stops_every_rank_within_the_bound(tmp_path):
+    run = tmp_path / "run"
+    args = [
+        sys.executable, "-m", "dsk", "train", QUICKSTART, "--nproc", "2", "--set", "trainer.steps=400",
+        "--set", "trainer.eval_every=0", "--set", f"trainer.batch_size={PER_RANK}", "--set", "checkpoint.every=5",
+        "--run-dir", str(run),
+    ]  # fmt: skip
+    launcher = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if (run / "metrics.jsonl").exists() and len(_train_rows(run)) >= 6:
+            break
+        time.sleep(0.05)
+    workers = [p for p in _alive(str(run)) if p != launcher.pid]
+    assert len(workers) == 2, workers
+    rank1 = next(p for p in workers if "RANK=1" in Path(f"/proc/{p}/environ").read_bytes().decode().split("\0"))
+    os.kill(rank1, signal.SIGKILL)
+    killed = time.monotonic()
+    _, err = launcher.communicate(timeout=60)
+    stopped = time.monotonic() - killed
+    assert launcher.returncode not in (0, None)
+    assert not _alive(str(run))
+    assert "rank 1" in err and "SIGKILL" in err, err[-2000:]
+    assert stopped < 30, f"the run took {stopped:.1f} s to stop after a worker died"
+    # the last complete checkpoint still loads in one process
+    ckpts = sorted((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    ev = _dsk("eval", str(ckpts[-1]), "--samples", "2", "--max-new-tokens", "8", "--json")
+    assert ev.returncode == 0, ev.stderr[-2000:]
+
+
+def test_bad_input_with_nproc_is_exit_2_before_any_rank_starts(tmp_path):
+    done = _dsk("train", QUICKSTART, "--nproc", "2", "--set", "trainer.stepz=3", "--run-dir", str(tmp_path / "r"))
+    assert done.returncode == 2
+    assert "trainer.stepz" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "r").exists()
