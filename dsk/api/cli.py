@@ -3,7 +3,8 @@
 A plugin command takes the same options as ``dsk train`` (:func:`run_options`: ``--set``, ``--unset``, ``--config``,
 ``--run-dir``, ``--dry-run``, ``--json``), loads and validates its recipe with :func:`load_and_validate` (every
 problem reported at once, exit 2), runs it through the shared build path with :func:`execute` (run directory,
-checkpoints, ``--resume``, exit codes), and prints its own summary. Bad input raises :class:`DskUsageError`; an
+checkpoints, ``--resume``, exit codes; with :func:`nproc_option`, ``--nproc N`` passed on as ``execute(...,
+nproc=nproc)`` runs it on N ranks), and prints its own summary. Bad input raises :class:`DskUsageError`; an
 :class:`dsk.errors.InputError` raised anywhere below a command is reported the same way by the ``dsk`` group.
 
 Torch-free, like ``dsk --help``: a command module may import this at the top, and imports torch (if ever) inside
@@ -31,6 +32,7 @@ from dsk.cli.common import (
     handle_recipe_errors,
     load_and_validate,
     load_recipe_data,
+    nproc_option,
     overrides_from,
     problems_json,
     recipe_options,
@@ -52,6 +54,7 @@ __all__ = [
     "handle_recipe_errors",
     "load_and_validate",
     "load_recipe_data",
+    "nproc_option",
     "overrides_from",
     "problems_json",
     "recipe_options",

@@ -78,12 +78,30 @@ class EMA(Feature):
         if step % self.config.update_every:
             return None
         self._land()
-        if self.asynchronous:
+        gathered = self._gathered(run)
+        if gathered is not None:  # a sharded model: the strategy's full state (on the writing rank)
+            if gathered:
+                self._apply([gathered[name] for name in self.names])
+        elif self.asynchronous:
             self._stage()
         else:
             self._apply(self.params)
         self.updates += 1
         return None
+
+    def _gathered(self, run: Any) -> dict[str, torch.Tensor] | None:
+        """The whole model's weights where a parallel strategy sharded them (FSDP2, expert shards), else None.
+
+        A sharding strategy replaces the parameters this average was started from, so the update reads the full
+        state the strategy gathers for checkpoints (collective: every rank runs it; the writing rank gets the
+        tensors, the others ``{}``, and only the writing rank's average is ever saved). Replicated parameters
+        (one process, replicate, ZeRO-1) are read in place, at no cost.
+        """
+        parallel = getattr(run, "parallel", None)
+        base = getattr(run, "base_model", None)
+        if parallel is None or base is None:
+            return None
+        return parallel.model_state_dict(base)
 
     def _apply(self, sources: list[torch.Tensor]) -> None:
         """``shadow <- shadow + (1 - decay) * (source - shadow)`` over all tensors at once (CPU)."""
