@@ -192,6 +192,7 @@ class _Run(TrainerRun):
         # batch_size * grad_accum * data ranks rows would give (the strategy averages the ranks' gradients).
         n_targets = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro]
         weights = built.loss_weights(n_targets)
+        aux_weight = 1.0 / len(micro)  # averaged over the data ranks by the strategy, like the gradients
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
         parts: dict[str, torch.Tensor] = {}
@@ -206,12 +207,21 @@ class _Run(TrainerRun):
             # scores depend on i - j only, so an example's offset inside the row changes nothing.
             mask = document_causal_mask(doc_ids).to(self.device) if cfg.packing else None
             out = training_loss(model, input_ids, labels, mask=mask, side=built.side)
-            loss = out.loss * weight
+            # The token losses (LM, and MTP, which shares its 1/T denominator) take the micro-batch's share of
+            # the step's targets; the auxiliary loss, a mean over the micro-batch's sequences (or its tokens), an
+            # equal share: every micro-batch on every rank holds batch_size rows.
+            tokens_loss = out.lm_loss if out.mtp_loss is None else out.lm_loss + out.mtp_loss  # out.loss's order
+            loss = tokens_loss * weight
+            if out.aux_loss is not None:
+                loss = loss + out.aux_loss * aux_weight
+            shares = {"loss": loss.detach().float()}
             if inject:
                 loss = loss * float("nan")
             loss.backward()
             for key, value in out.parts().items():
-                value = value.detach().float() * weight
+                if key != "loss":
+                    shares[key] = value.detach().float() * (aux_weight if key == "aux_loss" else weight)
+            for key, value in shares.items():
                 parts[key] = parts[key] + value if key in parts else value
             tokens += int((doc_ids >= 0).sum())
         parts = built.mean_over_ranks(parts)  # the step's loss over all ranks' targets, as one process reports it

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.xdist_group(GROUP)
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = str(ROOT / "recipes" / "quickstart.toml")
 STEPS = 20
-PER_RANK = 16
+PER_RANK = 64
 SHORT = [
     "--set", f"trainer.steps={STEPS}", "--set", "trainer.eval_every=0", "--set", "trainer.eval_samples=4",
     "--set", "trainer.eval_max_new_tokens=8", "--set", "checkpoint.every=5", "--set", "checkpoint.keep=5",
@@ -97,7 +98,7 @@ def test_two_ranks_of_expert_parallelism_give_the_one_process_losses(one_process
     ckpt = summary["checkpoint"]
     ev = _dsk("eval", ckpt, "--samples", "4", "--max-new-tokens", "8", "--json")
     assert ev.returncode == 0, ev.stderr[-2000:]
-    assert 0.0 <= json.loads(ev.stdout)["accuracy"] <= 1.0
+    assert 0.0 <= json.loads(ev.stdout)["eval/accuracy"] <= 1.0
 
 
 def test_a_killed_launcher_takes_its_workers_and_resume_continues_exactly(tmp_path, two_ranks):
@@ -128,6 +129,15 @@ def test_a_killed_launcher_takes_its_workers_and_resume_continues_exactly(tmp_pa
     time.sleep(1.0)
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == written, "something was written after the kill"
     assert rows_then < STEPS
+    # any rank count resumes the checkpoint: one process continues a copy of the directory to the end
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    alone = _dsk(
+        "train", QUICKSTART, *SHORT, *EP, "--set", f"trainer.batch_size={PER_RANK}", "--run-dir", str(copy),
+        "--resume",
+    )  # fmt: skip
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert [r["step"] for r in _train_rows(copy)] == list(range(1, STEPS + 1))
     resumed = _dsk(
         "train", QUICKSTART, "--nproc", "2", *SHORT, *EP, "--set", f"trainer.batch_size={PER_RANK}",
         "--run-dir", str(run), "--resume",
