@@ -50,6 +50,7 @@ _LAZY: dict[str, str] = {
     "cross_entropy": "dsk.model.loss",
     "current_regions": "dsk.model.regions",
     "document_causal_mask": "dsk.data.batching",
+    "done_across_ranks": "dsk.model.generate",
     "encode_example": "dsk.data.batching",
     "encode_record": "dsk.data.batching",
     "evaluate_task": "dsk.train.evaluate",

@@ -11,12 +11,25 @@ computation depends on the other rows, so a batch generates what each prompt gen
 Speculative decoding (:func:`speculative_generate`) asks a component of the model for a drafter
 (``dsk.api.DrafterProvider`` / ``dsk.api.Drafter``) by name; the loop here verifies its proposals with the main
 model and knows nothing of how they were made.
+
+Many ranks: with a sharded model every forward is a collective (an expert-parallel all-to-all, an FSDP all-gather),
+so a rank that stops early would leave the others waiting forever. ``sync_done`` (:func:`done_across_ranks` builds
+it from a parallel strategy) makes the stop decision one for all ranks: each decode step every rank says whether
+its own rows are finished and all go on while any is not; a rank with nothing left runs one-token idle forwards,
+so every rank runs the same number of forwards. Without it (the default) generation stops as soon as its own rows
+have, at no cost.
+
+Sampling: ``generator`` is one torch generator for the whole batch, or one per block of consecutive rows (a GRPO
+group): then a row's draws come from its block's generator only (one uniform per row and step, inverse-CDF), so
+what a block samples does not depend on the other rows of the call, nor on how a step's prompts were spread
+over ranks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -64,14 +77,56 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def sample_next(
-    logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    *,
+    uniform: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Pick one token per row from logits [B, V] -> [B]; temperature 0 is greedy (argmax)."""
+    """Pick one token per row from logits [B, V] -> [B]; temperature 0 is greedy (argmax).
+
+    ``uniform`` [B] in [0, 1): draw row b by inverse CDF at ``uniform[b]`` (the token whose cumulative probability
+    first exceeds it) instead of ``torch.multinomial`` with ``generator``; the caller then controls where each
+    row's randomness comes from.
+    """
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
     probs = top_p_filter(probs, top_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if uniform is None:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf_BV = probs.cumsum(dim=-1)
+    # right=True: the first token whose cumulative mass is above u*total, so a zero-probability token is never drawn
+    at_B1 = (uniform.to(cdf_BV.dtype)[:, None] * cdf_BV[:, -1:]).contiguous()
+    return torch.searchsorted(cdf_BV, at_B1, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+
+
+def done_across_ranks(parallel: Any) -> Callable[[bool], bool] | None:
+    """The ``sync_done`` of :func:`generate` for a run's parallel strategy: True when every rank is done.
+
+    One all-reduce (max of "not done") over the strategy's data-parallel ranks per decode step, the ranks between
+    which a sharded model's collectives run. None in one process (no cost).
+    """
+    if parallel is None or int(getattr(parallel, "world_size", 1)) <= 1:
+        return None
+
+    def sync_done(done: bool) -> bool:
+        busy = torch.tensor(0.0 if done else 1.0, dtype=torch.float32)
+        return float(parallel.all_reduce(busy, "max")) == 0.0
+
+    return sync_done
+
+
+def _row_uniforms(generators: Sequence[torch.Generator], rows: int, device: torch.device) -> torch.Tensor:
+    """One uniform [rows] for this decode step: ``rows / len(generators)`` from each block's own generator."""
+    per = rows // len(generators)
+    return torch.cat([torch.rand(per, generator=g, device=g.device) for g in generators]).to(device)
+
+
+def _idle_forward(model: Any, device: torch.device, pad_id: int) -> None:
+    """A one-token forward without caches: a finished rank's part of its peers' collectives (its output unused)."""
+    model(torch.full((1, 1), pad_id, dtype=torch.long, device=device), keep_logits=1)
 
 
 def _check_args(model: DSKModel, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float):
@@ -101,10 +156,11 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     eos_id: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     *,
     return_logprobs: bool = False,
     pad_id: int = 0,
+    sync_done: Callable[[bool], bool] | None = None,
 ) -> GenerationResult:
     """Sample continuations of a batch of prompts with a KV cache (one forward per decode step).
 
@@ -115,22 +171,34 @@ def generate(
         temperature: softmax temperature; 0 = greedy.
         top_p: nucleus sampling mass (1 = off).
         eos_id: a row stops after producing it; other rows go on.
-        generator: torch generator for reproducible sampling.
+        generator: torch generator for reproducible sampling, or a sequence of them, one per block of
+            ``len(prompts) / len(generator)`` consecutive rows, each block drawing from its own (module docstring).
         return_logprobs: also return each sampled token's log-probability (see :class:`GenerationResult`).
         pad_id: id written into padding and into the slots after a row's EOS (never attended to by real tokens).
+        sync_done: ``sync_done(this_rank_done) -> every_rank_done``, called once per decode step; given, the loop
+            runs until every rank is done and this rank idles (one-token forwards) after its own rows have
+            finished, so all ranks run the same number of forwards (:func:`done_across_ranks`). The tokens are
+            those of the unsynchronised call.
     """
     P = _check_args(model, prompts, max_new_tokens, temperature, top_p)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        generator = list(generator)
+        if not generator or len(prompts) % len(generator):
+            raise ValueError(f"{len(generator)} generators do not split {len(prompts)} prompts into equal blocks")
     was_training = model.training
     model.eval()
     try:
         return _generate(
-            model, prompts, P, max_new_tokens, temperature, top_p, eos_id, generator, return_logprobs, pad_id
-        )
+            model, prompts, P, max_new_tokens, temperature, top_p, eos_id, generator, return_logprobs, pad_id,
+            sync_done,
+        )  # fmt: skip
     finally:
         model.train(was_training)
 
 
-def _generate(model, prompts, P, max_new_tokens, temperature, top_p, eos_id, generator, return_logprobs, pad_id):
+def _generate(
+    model, prompts, P, max_new_tokens, temperature, top_p, eos_id, generator, return_logprobs, pad_id, sync_done
+):
     device = model.embed_tokens.weight.device
     B = len(prompts)
     budget = min(max_new_tokens, model.config.max_seq_len - P)
@@ -156,28 +224,42 @@ def _generate(model, prompts, P, max_new_tokens, temperature, top_p, eos_id, gen
         lens_host = lens.cpu()  # cache lengths are host bookkeeping: one copy, not one per layer
         for c in caches:
             c.truncate(lens_host)  # each row keeps its prompt; its padding slots are overwritten by what it generates
-        # each row's last prompt token, where the padded prefill put it
+    if ragged or sync_done is not None:
+        # each row's last prompt token, where the padded prefill put it (synchronised: every rank calls the head
+        # the same way, whether its own batch is ragged or not)
         logits = model.lm_head(out.hidden[torch.arange(B, device=device), lens - 1])  # (B, V)
     else:
         logits = out.logits[:, -1]  # (B, V)
-    for step in range(budget):
-        nxt = sample_next(logits, temperature, top_p, generator)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        tokens[:, step] = nxt
-        if return_logprobs:
-            lp = torch.log_softmax(logits.to(logps.dtype), dim=-1).gather(-1, nxt[:, None]).squeeze(-1)
-            logps[:, step] = torch.where(done, torch.zeros_like(lp), lp)
-        if eos_id is not None:
-            hit = ~done & (nxt == eos_id)
-            length = torch.where(hit, torch.full_like(length, step + 1), length)
-            done = done | hit
-        if step == budget - 1 or bool(done.all()):
+    blocks = generator if isinstance(generator, list) else None
+    step = 0
+    finished = False  # this rank's rows are all done (EOS or budget)
+    while True:
+        if not finished:
+            if blocks is not None and temperature != 0:
+                nxt = sample_next(logits, temperature, top_p, uniform=_row_uniforms(blocks, B, device))
+            else:
+                nxt = sample_next(logits, temperature, top_p, generator)
+            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+            tokens[:, step] = nxt
+            if return_logprobs:
+                lp = torch.log_softmax(logits.to(logps.dtype), dim=-1).gather(-1, nxt[:, None]).squeeze(-1)
+                logps[:, step] = torch.where(done, torch.zeros_like(lp), lp)
+            if eos_id is not None:
+                hit = ~done & (nxt == eos_id)
+                length = torch.where(hit, torch.full_like(length, step + 1), length)
+                done = done | hit
+            finished = step == budget - 1 or bool(done.all())
+        if finished if sync_done is None else sync_done(finished):
             break
+        if finished:
+            _idle_forward(model, device, pad_id)  # keep pace with the ranks still generating
+            continue
         step_mask = None
         if ragged:
             # row b's new token sits at slot lens[b] + step and sees the slots up to it; built once for all layers
             step_mask = torch.arange(P + step + 1, device=device)[None, None, :] <= (lens + step)[:, None, None]
         logits = model(nxt[:, None], pos=caches[0].positions(1), mask=step_mask, caches=caches).logits[:, -1]
+        step += 1
     return _result(tokens, length, done, logps if return_logprobs else None)
 
 
@@ -245,6 +327,7 @@ def speculative_generate(
     *,
     drafter: str | DrafterProvider,
     max_drafts: int | None = None,
+    sync_done: Callable[[bool], bool] | None = None,
 ) -> SpeculativeResult:
     """Greedy decoding where a drafter proposes tokens and the main model verifies them in one cached forward.
 
@@ -262,6 +345,9 @@ def speculative_generate(
         drafter: the name of a drafter one of the model's components offers (:func:`find_drafter`), or a
             :class:`dsk.api.DrafterProvider`.
         max_drafts: most drafts per round (default: as many as the drafter proposes).
+        sync_done: as in :func:`generate`: the rounds go on until every rank is done, a finished rank running one
+            idle forward of the main model per round. Only the main model's forwards are kept in step: a drafter
+            whose own forwards are collectives (MTP heads with sharded experts) is not made safe by it.
     """
     provider = find_drafter(model, drafter) if isinstance(drafter, str) else drafter
     P = _check_args(model, [prompt], max_new_tokens, 0.0, 1.0)
@@ -270,12 +356,12 @@ def speculative_generate(
     was_training = model.training
     model.eval()
     try:
-        return _speculative(model, provider, prompt, P, max_new_tokens, eos_id, max_drafts)
+        return _speculative(model, provider, prompt, P, max_new_tokens, eos_id, max_drafts, sync_done)
     finally:
         model.train(was_training)
 
 
-def _speculative(model, provider, prompt, P, max_new_tokens, eos_id, max_drafts) -> SpeculativeResult:
+def _speculative(model, provider, prompt, P, max_new_tokens, eos_id, max_drafts, sync_done) -> SpeculativeResult:
     device = model.embed_tokens.weight.device
     budget = min(max_new_tokens, model.config.max_seq_len - P)
     if budget == 0:
@@ -291,7 +377,13 @@ def _speculative(model, provider, prompt, P, max_new_tokens, eos_id, max_drafts)
     draft.observe(seq, out.hidden[0])
     drafted = accepted = steps = 0
     stop = eos_id is not None and generated[-1] == eos_id
-    while len(generated) < budget and not stop:
+    while True:
+        finished = len(generated) >= budget or stop
+        if finished if sync_done is None else sync_done(finished):
+            break
+        if finished:
+            _idle_forward(model, device, 0)  # keep pace with the ranks still generating
+            continue
         n = len(seq) - 1  # t_n is committed but not yet fed to the main model
         limit = budget - len(generated) - 1
         if max_drafts is not None:

@@ -2,6 +2,12 @@
 
 A prompt is encoded as in training (``[BOS] + encode(prompt)``); the model continues until EOS or
 ``max_new_tokens``; the decoded continuation goes to the task's ``check(record, text)``.
+
+Many ranks (``parallel`` given, more than one data rank): each data rank evaluates its share of the records and
+the counts are all-reduced, so an evaluation costs 1/W of one process and reports the same numbers. Every rank
+runs the same number of generation calls (a short share is padded with repeats whose results are dropped) and
+each call's stop decision is agreed (:func:`dsk.model.generate.done_across_ranks`), so a sharded model, whose
+every forward is a collective, never waits on a rank that has stopped.
 """
 
 from __future__ import annotations
@@ -47,25 +53,35 @@ def _encode_prompts(tokenizer: Any, records: list[dict[str, Any]]) -> list[list[
     return [head + tokenizer.encode(r["prompt"]) for r in records]
 
 
-def _generate_texts(model, tokenizer, prompts, *, max_new_tokens, batch_size, temperature, generator):
+def _generate_texts(
+    model, tokenizer, prompts, *, max_new_tokens, batch_size, temperature, generators=None, sync_done=None
+):
+    """Texts and per-row new-token counts of ``prompts``, ``batch_size`` rows per call.
+
+    ``generators``: one per block of ``len(prompts) / len(generators)`` consecutive rows (a call holds whole
+    blocks); ``sync_done``: :func:`dsk.model.generate.generate`'s.
+    """
     from dsk.model.generate import generate
 
+    per = len(prompts) // len(generators) if generators else 1
+    step = max(per, batch_size // per * per)  # whole blocks per call
     texts: list[str] = []
-    new_tokens = 0
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
+    lengths: list[int] = []
+    for start in range(0, len(prompts), step):
+        chunk = prompts[start : start + step]
         result = generate(
-            model,
-            chunk,
-            max_new_tokens,
-            temperature=temperature,
-            eos_id=tokenizer.eos_id,
-            generator=generator,
-            pad_id=tokenizer.pad_id,
-        )
-        new_tokens += sum(result.lengths)
+            model, chunk, max_new_tokens, temperature=temperature, eos_id=tokenizer.eos_id,
+            generator=generators[start // per : (start + len(chunk)) // per] if generators else None,
+            pad_id=tokenizer.pad_id, sync_done=sync_done,
+        )  # fmt: skip
+        lengths.extend(result.lengths)
         texts.extend(tokenizer.decode(tokens) for tokens in result.tokens)
-    return texts, new_tokens
+    return texts, lengths
+
+
+def _record_generator(device: Any, seed: int, index: int) -> torch.Generator:
+    """The pass@k generator of test record ``index`` (the same whatever share of the records a rank holds)."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + index * 7_919 + 17) % (2**63 - 1))
 
 
 @torch.no_grad()
@@ -81,6 +97,7 @@ def evaluate_task(
     temperature: float = 0.8,
     seed: int = 0,
     examples: int = 0,
+    parallel: Any = None,
 ) -> dict[str, Any]:
     """Greedy accuracy (and pass@k) of ``model`` on ``records``.
 
@@ -94,7 +111,10 @@ def evaluate_task(
         pass_k: k samples per prompt at ``temperature`` for pass@k (0: off).
         temperature: sampling temperature of the pass@k samples.
         seed: seed of the sampling generator (so an evaluation never draws from, or moves, the global RNG).
-        examples: how many (prompt, completion, correct) triples to return under ``"examples"``.
+        examples: how many (prompt, completion, correct) triples to return under ``"examples"`` (from the first
+            records; on the writing rank when the records are shared out).
+        parallel: the run's parallel strategy (``BuiltRun.parallel``); with more than one rank every rank must call
+            this with the same records (module docstring). None: one process.
 
     Returns:
         ``{"eval/accuracy", "eval/samples", "eval/new_tokens_mean", "eval/seconds"}`` (+ ``"eval/pass@k"``, and
@@ -102,40 +122,58 @@ def evaluate_task(
     """
     if not records:
         return {}
+    from dsk.model.generate import done_across_ranks
+
     started = time.perf_counter()
-    prompts = _encode_prompts(tokenizer, records)
-    room = min(max_new_tokens, model.config.max_seq_len - max(len(p) for p in prompts))
+    world = int(getattr(parallel, "data_world_size", 1)) if parallel is not None else 1
+    rank = int(parallel.data_rank) if world > 1 else 0
+    share = -(-len(records) // world)  # records per rank, the last shares padded
+    first = rank * share
+    mine = list(range(first, min(first + share, len(records))))  # indices of this rank's records
+    n_real = len(mine)
+    index = mine + [mine[-1] if mine else 0] * (share - n_real)  # padded: the same calls on every rank
+    local = [records[i] for i in index]
+    sync_done = done_across_ranks(parallel) if world > 1 else None
+    prompts = _encode_prompts(tokenizer, local)
+    longest = max(len(p) for p in _encode_prompts(tokenizer, records))  # the same budget on every rank
+    room = min(max_new_tokens, model.config.max_seq_len - longest)
     if room < 1:
         raise ValueError(
-            f"the longest test prompt has {max(len(p) for p in prompts)} tokens: no room to generate under "
+            f"the longest test prompt has {longest} tokens: no room to generate under "
             f"model.max_seq_len = {model.config.max_seq_len}"
         )
-    texts, new_tokens = _generate_texts(
-        model, tokenizer, prompts, max_new_tokens=room, batch_size=batch_size, temperature=0.0, generator=None
+    texts, lengths = _generate_texts(
+        model, tokenizer, prompts, max_new_tokens=room, batch_size=batch_size, temperature=0.0, sync_done=sync_done
     )
-    correct = [bool(task.check(r, t)) for r, t in zip(records, texts, strict=True)]
-    out: dict[str, Any] = {
-        "eval/accuracy": sum(correct) / len(correct),
-        "eval/samples": len(correct),
-        "eval/new_tokens_mean": new_tokens / len(correct),
-    }
+    correct = [bool(task.check(r, t)) for r, t in zip(local, texts, strict=True)][:n_real]
+    sums = [float(sum(correct)), float(sum(lengths[:n_real]))]
     if pass_k > 0:
         device = model.embed_tokens.weight.device
-        generator = torch.Generator(device=device).manual_seed(seed)
+        generators = [_record_generator(device, seed, i) for i in index]
         repeated = [p for p in prompts for _ in range(pass_k)]  # k consecutive samples per prompt
         sampled, _ = _generate_texts(
             model, tokenizer, repeated, max_new_tokens=room, batch_size=batch_size, temperature=temperature,
-            generator=generator,
+            generators=generators, sync_done=sync_done,
         )  # fmt: skip
         scores = []
-        for i, record in enumerate(records):
+        for i, record in enumerate(local[:n_real]):
             hits = sum(bool(task.check(record, t)) for t in sampled[i * pass_k : (i + 1) * pass_k])
             scores.append(pass_at_k(hits, pass_k, pass_k))
-        out[f"eval/pass@{pass_k}"] = sum(scores) / len(scores)
+        sums.append(float(sum(scores)))
+    if world > 1:
+        sums = parallel.all_reduce(torch.tensor(sums, dtype=torch.float64), "sum").tolist()
+    n = len(records)
+    out: dict[str, Any] = {
+        "eval/accuracy": sums[0] / n,
+        "eval/samples": n,
+        "eval/new_tokens_mean": sums[1] / n,
+    }
+    if pass_k > 0:
+        out[f"eval/pass@{pass_k}"] = sums[2] / n
     out["eval/seconds"] = time.perf_counter() - started
     if examples:
         out["examples"] = [
             {"prompt": r["prompt"], "completion": t, "correct": c}
-            for r, t, c in list(zip(records, texts, correct, strict=True))[:examples]
+            for r, t, c in list(zip(local, texts, correct, strict=True))[:examples]
         ]
     return out

@@ -13,7 +13,16 @@ from typing import Any
 
 import click
 
-from dsk.api.cli import DskUsageError, add_override, escape, execute, load_and_validate, load_recipe_data, run_options
+from dsk.api.cli import (
+    DskUsageError,
+    add_override,
+    escape,
+    execute,
+    load_and_validate,
+    load_recipe_data,
+    nproc_option,
+    run_options,
+)
 
 __all__ = ["distill"]
 
@@ -75,8 +84,9 @@ def _table(summary: dict[str, Any]) -> Any:
 @click.option("--teacher", metavar="CKPT", help="Teacher checkpoint directory (sets trainer.teacher).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint of --run-dir.")
 @click.option("--stage", help="Run only this stage of a [[stages]] pipeline.")
+@nproc_option
 @click.pass_context
-def distill(ctx, recipe, configs, sets, unsets, run_dir, dry_run, as_json, teacher, resume, stage) -> None:
+def distill(ctx, recipe, configs, sets, unsets, run_dir, dry_run, as_json, teacher, resume, stage, nproc) -> None:
     """Teacher -> verified reasoning traces -> student (R1-Distill).
 
     The recipe's [model] is the student; [trainer] type = "distill" names the teacher checkpoint, how many traces
@@ -98,7 +108,7 @@ def distill(ctx, recipe, configs, sets, unsets, run_dir, dry_run, as_json, teach
             f'{recipe}: no [trainer] with type = "distill"; dsk distill runs distillation recipes '
             "(use dsk train for the others)"
         )
-    done = execute(ctx, result, recipe, run_dir, resume, stage, dry_run, as_json)
+    done = execute(ctx, result, recipe, run_dir, resume, stage, dry_run, as_json, nproc=nproc)
     if done is None:
         return
     summary, console, run_path = done

@@ -2,7 +2,8 @@
 
 Building the policy (seeded, initialised from the previous stage), training records, checkpoints with the
 runtime's atomic format, evaluation rows, and the side channels of the model's components (auxiliary losses,
-MoE step metrics).
+MoE step metrics); and the pieces the trainers share across ranks: per-group sampling generators, the agreed stop
+of generation, and the share of a list of work items each data rank takes.
 """
 
 from __future__ import annotations
@@ -20,10 +21,13 @@ from dsk.api.runtime import RunContext, RunSetupError, build_run, save_checkpoin
 
 __all__ = [
     "build_policy",
+    "data_share",
     "evaluate_row",
     "freeze_unused_heads",
+    "group_generator",
     "mean",
     "moe_metrics",
+    "rank_sync",
     "save_run_checkpoint",
     "step_generator",
     "train_record_fn",
@@ -74,6 +78,43 @@ def step_generator(device: torch.device, seed: int, step: int, salt: int = 0) ->
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step * 7919 + salt) % (2**63 - 1))
 
 
+def group_generator(device: torch.device, seed: int, step: int, group: int) -> torch.Generator:
+    """The sampling generator of group ``group`` (its index in the whole step, over all ranks) of step ``step``.
+
+    One per group, so a group's completions depend on (seed, step, group) alone: not on the rank count, the rank
+    that holds the group, or the groups batched with it (splitmix64 of the three, so nearby triples do not
+    collide).
+    """
+    mask = (1 << 64) - 1
+    x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + group * 0x94D049BB133111EB + 0x2545F491) & mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    x ^= x >> 31
+    return torch.Generator(device=device).manual_seed(x % (2**63 - 1))
+
+
+def rank_sync(parallel: Any) -> Callable[[bool], bool] | None:
+    """``sync_done`` for generation under ``parallel`` (:func:`dsk.api.runtime.done_across_ranks`): every rank runs
+    the same number of forwards, so a sharded model never waits on a rank that stopped. None in one process."""
+    from dsk.api.runtime import done_across_ranks
+
+    return done_across_ranks(parallel)
+
+
+def data_share(parallel: Any, n: int) -> tuple[int, int]:
+    """``(start, stop)`` of this data rank's contiguous share of ``n`` items (the last shares may be shorter).
+
+    Shares have ``ceil(n / W)`` items, so a rank's share is where one process has those items, and the shares in
+    rank order are the whole list.
+    """
+    world = int(getattr(parallel, "data_world_size", 1)) if parallel is not None else 1
+    if world <= 1:
+        return 0, n
+    per = -(-n // world)
+    start = min(n, int(parallel.data_rank) * per)
+    return start, min(n, start + per)
+
+
 def mean(values: list[Any]) -> float | None:
     """Mean of the finite values (None when there are none)."""
     finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
@@ -101,32 +142,59 @@ def evaluate_row(
     ``eval/<reward>`` is each reward's mean over the completions it applies to (format compliance, language
     consistency...), so a stage shows what its rewards did to the policy's default behaviour, not only to samples.
     The row is written to ``metrics.jsonl`` and shown on the progress bar unless ``write`` is false.
+
+    Many ranks (``ctx.parallel``, set by the build path): every rank calls this with the same records; each
+    generates its share (:func:`data_share`, padded so every rank makes the same calls, each call's stop agreed)
+    and the sums are all-reduced, so the row is one process's at 1/W of the cost. ``examples`` come from the
+    writing rank's share (the first records).
     """
     from dsk_rl.rollout import encode_prompts, sample, score
 
     if not records:
         return {}
     started = time.perf_counter()
+    parallel = getattr(ctx, "parallel", None)
+    world = int(getattr(parallel, "data_world_size", 1)) if parallel is not None else 1
+    start, stop = data_share(parallel, len(records))
+    mine = records[start:stop]
+    share = -(-len(records) // world)
+    local = mine + [records[0]] * (share - len(mine))  # padded: the same generation calls on every rank
+    longest = max(len(p) for p in encode_prompts(tokenizer, records))
     samples = sample(
-        model, tokenizer, encode_prompts(tokenizer, records), 1, max_new_tokens=max_new_tokens, temperature=0.0,
-        top_p=1.0, batch_size=batch_size, generator=None,
+        model, tokenizer, encode_prompts(tokenizer, local), 1, max_new_tokens=max_new_tokens, temperature=0.0,
+        top_p=1.0, batch_size=batch_size, generator=None, sync_done=rank_sync(parallel), max_prompt_len=longest,
     )  # fmt: skip
-    correct = [bool(task.check(r, t)) for r, t in zip(records, samples.texts, strict=True)]
-    row: dict[str, Any] = {"kind": "eval", "step": step, **({"stage": ctx.stage} if ctx.stage else {})}
-    row["eval/accuracy"] = sum(correct) / len(correct)
-    row["eval/samples"] = len(correct)
-    row["eval/new_tokens_mean"] = sum(len(c) for c in samples.completion_ids) / len(correct)
-    row["eval/truncated"] = sum(samples.truncated) / len(correct)
+    n_mine = len(mine)
+    texts = samples.texts[:n_mine]
+    correct = [bool(task.check(r, t)) for r, t in zip(mine, texts, strict=True)]
+    sums = [
+        float(sum(correct)),
+        float(sum(len(c) for c in samples.completion_ids[:n_mine])),
+        float(sum(samples.truncated[:n_mine])),
+    ]
+    names: list[str] = []
     if rewards:
         scores = score(
-            rewards, [r["prompt"] for r in records], samples.texts, records, completion_ids=samples.completion_ids,
-            truncated=samples.truncated, max_completion_length=max_new_tokens, checker=task.check,
+            rewards, [r["prompt"] for r in mine], texts, mine, completion_ids=samples.completion_ids[:n_mine],
+            truncated=samples.truncated[:n_mine], max_completion_length=max_new_tokens, checker=task.check,
             registry=ctx.registry,
         )  # fmt: skip
-        for k, name in enumerate(scores.names):
+        names = scores.names
+        for k in range(len(names)):
             col = scores.values[:, k]
             valid = col[~torch.isnan(col)]
-            row[f"eval/{name}"] = float(valid.mean()) if valid.numel() else None
+            sums += [float(valid.sum()), float(valid.numel())]
+    if world > 1:
+        sums = parallel.all_reduce(torch.tensor(sums, dtype=torch.float64), "sum").tolist()
+    n = len(records)
+    row: dict[str, Any] = {"kind": "eval", "step": step, **({"stage": ctx.stage} if ctx.stage else {})}
+    row["eval/accuracy"] = sums[0] / n
+    row["eval/samples"] = n
+    row["eval/new_tokens_mean"] = sums[1] / n
+    row["eval/truncated"] = sums[2] / n
+    for k, name in enumerate(names):
+        total, count = sums[3 + 2 * k], sums[4 + 2 * k]
+        row[f"eval/{name}"] = total / count if count else None
     row["eval/seconds"] = time.perf_counter() - started
     if write:
         ctx.metrics.write(row)
@@ -134,7 +202,7 @@ def evaluate_row(
     if examples:
         row["examples"] = [
             {"prompt": r["prompt"], "completion": t, "correct": c}
-            for r, t, c in list(zip(records, samples.texts, correct, strict=True))[:examples]
+            for r, t, c in list(zip(mine, texts, correct, strict=True))[:examples]
         ]
     return row
 

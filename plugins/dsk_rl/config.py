@@ -72,7 +72,9 @@ class GRPOConfig(OptimConfig, SamplingConfig, EvalConfig):
     """Group Relative Policy Optimization (DeepSeekMath §4.1; R1-Zero and R1's RL stages)."""
 
     steps: int = Field(50, ge=1, description="rollout steps: each samples a batch, scores it and updates the policy")
-    prompts_per_step: int = Field(16, ge=1, description="distinct prompts per rollout step")
+    prompts_per_step: int = Field(
+        16, ge=1, description="distinct prompts per rollout step (a multiple of the data-parallel ranks)"
+    )
     num_generations: int = Field(8, ge=2, description="G: completions sampled per prompt (one group)")
     micro_batch_size: int = Field(
         64, ge=1, description="completions per forward/backward; a step accumulates all its micro-batches"

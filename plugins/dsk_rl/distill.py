@@ -12,6 +12,11 @@
 
 3. Teacher and student are evaluated on the same held-out problems; the summary reports both accuracies, their
    ratio and both parameter counts.
+
+Many ranks: the teacher's traces are split over the data ranks by prompt (each prompt from its own generator)
+and gathered, so the trace file is one process's (written by the writing rank); the logit run reads the global
+batch of ``batch_size`` rows per rank on every rank and keeps its own rows, each rank's loss weighted by its
+share of the step's targets (``BuiltRun.loss_weights``), so its losses are one process's with the global batch.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from dsk.api.runtime import (
     tokens_per_s,
     training_loss,
 )
-from dsk_rl.common import build_policy, evaluate_row, mean, step_generator, train_record_fn
+from dsk_rl.common import build_policy, evaluate_row, group_generator, mean, train_record_fn
 from dsk_rl.config import DistillConfig
 from dsk_rl.sft import resolve_checkpoint, run_sft, sft_steps
 from dsk_rl.traces import generate_traces, write_jsonl
@@ -50,6 +55,8 @@ from dsk_rl.traces import generate_traces, write_jsonl
 __all__ = ["DistillTrainer", "forward_kl", "load_teacher"]
 
 TRACES_FILE = "traces.jsonl"
+#: the ``step`` of :func:`dsk_rl.common.group_generator` for the teacher's trace generators
+TRACE_STREAM = -29
 
 
 def load_teacher(path: Path, device: torch.device) -> tuple[torch.nn.Module, Any]:
@@ -102,7 +109,7 @@ class DistillTrainer:
         device = torch.device(ctx.device)
         # the student's run: its tokenizer, task and seeded model come from the build path like every trainer's
         built = build_run(ctx, with_optimizer=False)
-        tokenizer, task = built.tokenizer, built.task
+        tokenizer, task, parallel = built.tokenizer, built.task, built.parallel
         del built
         eval_records = test_records(task, cfg.eval_samples)
         teacher_path = resolve_checkpoint(ctx, cfg.teacher)
@@ -137,18 +144,21 @@ class DistillTrainer:
             ctx.reporter.message(f"distill: {cfg.num_prompts} prompts x {cfg.samples_per_prompt} teacher samples")
             rows, stats = generate_traces(
                 teacher, teacher_tok, records, cfg, checker=getattr(task, "check", None),
-                generator=step_generator(device, ctx.seed, 0, salt=29), source=str(teacher_path), origin=self.name, registry=ctx.registry,
+                generator=lambda i: group_generator(device, ctx.seed, TRACE_STREAM, i), source=str(teacher_path),
+                origin=self.name, registry=ctx.registry, parallel=parallel,
             )  # fmt: skip
             if not rows:
                 raise RunFailed(f"the teacher {teacher_path} wrote no accepted trace; nothing to distill", None)
-            write_jsonl(data_path, rows)
+            if ctx.is_writer:
+                write_jsonl(data_path, rows)
+            parallel.barrier()  # every rank reads the file the writer wrote
             trace_row = {"kind": "traces", "step": 0, **stats.row(), **({"stage": ctx.stage} if ctx.stage else {})}
             if teacher_eval:
                 trace_row["teacher/eval/accuracy"] = teacher_eval.get("eval/accuracy")
             ctx.metrics.write(trace_row)
             ctx.reporter.message(f"kept {stats.kept} traces of {stats.sampled} samples -> {data_path}")
         n_rows = sum(1 for _ in open(data_path, encoding="utf-8"))
-        steps = sft_steps(cfg, n_rows)
+        steps = sft_steps(cfg, n_rows, getattr(ctx.parallel, "data_world_size", 1))
         if cfg.student_init == "previous":
             student_init = ctx.init_from
         elif cfg.student_init == "fresh":
@@ -216,8 +226,10 @@ class _LogitRun(TrainerRun):
             build_run(ctx, init_from=self.student_init, with_task=False, tokenizer=self.tokenizer)
         )  # the student, its features and the stage's [optimizer]
         rows = read_jsonl(self.data_path, "sft")
+        # every data rank reads the global batch (batch_size rows per rank) and keeps its own (built.local_rows)
         self.batches = BatchIterator(
-            ExampleStream(rows, seed=ctx.seed), built.tokenizer, batch_size=cfg.batch_size, max_len=cfg.seq_len,
+            ExampleStream(rows, seed=ctx.seed), built.tokenizer,
+            batch_size=cfg.batch_size * built.parallel.data_world_size, max_len=cfg.seq_len,
             encode=lambda r: encode_record(self.tokenizer, {"prompt": r["prompt"], "completion": r["completion"]}),
         )  # fmt: skip
         if ctx.resume_from is not None:
@@ -231,20 +243,24 @@ class _LogitRun(TrainerRun):
         step = self.step + 1
         started = time.perf_counter()
         lr = built.set_lr(step, self.steps, max_warmup=self.steps)
-        batch = next(self.batches)
+        batch = built.local_rows(next(self.batches))
         input_ids = batch["input_ids"].to(self.device)  # (B, T)
         labels = batch["labels"].to(self.device)  # (B, T), aligned: the loss shifts
+        target = labels[:, 1:] != IGNORE_INDEX  # logits at t-1 predict the token at t
+        # this rank's share of the step's targets on all ranks: the ranks' mean gradient is one process's
+        (weight,) = built.loss_weights([int(target.sum())])
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
         out = training_loss(model, input_ids, labels, side=built.side)
         with torch.no_grad():
             teacher_logits = self.teacher(input_ids).logits
-        target = labels[:, 1:] != IGNORE_INDEX  # logits at t-1 predict the token at t
         kd = forward_kl(out.output.logits[:, :-1], teacher_logits[:, :-1], target, cfg.kd_temperature)
         w = cfg.kd_weight
         loss = out.loss - w * out.lm_loss + w * kd  # (1 - w) CE + w KD, MTP and aux losses kept
-        loss.backward()
-        update = built.update(loss.detach(), step, foreach=False)
+        (loss * weight).backward()
+        parts = {"loss": loss.detach() * weight, "lm_loss": out.lm_loss.detach() * weight, "kd": kd.detach() * weight}
+        parts = built.mean_over_ranks(parts)  # the step's losses over all ranks' targets
+        update = built.update(parts["loss"], step, foreach=False)
         finite = update.finite
         if finite:
             self.in_a_row = 0
@@ -253,14 +269,14 @@ class _LogitRun(TrainerRun):
             self.skipped += 1
         self.step = step
         elapsed = time.perf_counter() - started
-        tokens = int(target.sum())
+        tokens = int(built.global_sum([int(target.sum())])[0])
         self.tokens_seen += tokens
         row = {"kind": "train", "step": step, **({"stage": self.ctx.stage} if self.ctx.stage else {})}
         row.update(
             {
-                "loss": float(loss.detach()) if finite else float("nan"),
-                "lm_loss": float(out.lm_loss.detach()),
-                "kd_loss": float(kd.detach()),
+                "loss": float(parts["loss"]) if finite else float("nan"),
+                "lm_loss": float(parts["lm_loss"]),
+                "kd_loss": float(parts["kd"]),
                 "lr": lr,
                 "grad_norm": float(update.grad_norm),
                 "tokens": tokens,

@@ -4,8 +4,8 @@ One rollout step:
 
 1. take ``prompts_per_step`` training prompts (the record at index ``step * prompts_per_step + j``: the data position
    is a function of the step, so a resumed run sees the same prompts);
-2. sample ``G = num_generations`` completions of each with the KV-cached batched sampler, from a generator seeded by
-   (seed, step);
+2. sample ``G = num_generations`` completions of each with the KV-cached batched sampler, each group from its own
+   generator seeded by (seed, step, group) (:func:`dsk_rl.common.group_generator`);
 3. score them with every ``[trainer.rewards.<name>]`` (None = not applicable), sum with the weights, and turn the
    sums into group-relative advantages (:func:`dsk_rl.grpo_loss.group_advantages`);
 4. ``num_iterations`` optimizer updates on the batch: per micro-batch one causal forward of prompt + completion,
@@ -15,6 +15,19 @@ One rollout step:
    truncation ratio), the completions table under ``completions/``, evaluation and checkpoints on their cadence.
 
 Steps count rollouts; the learning-rate schedule runs over ``steps * num_iterations`` optimizer updates.
+
+Many ranks: data rank r of W takes groups ``r * P/W .. (r+1) * P/W - 1`` of the step (``P = prompts_per_step``, a
+multiple of W; a group's G completions stay on one rank), samples them (each group from its own generator, so
+the completions do not depend on the rank count; generation's stop agreed across ranks, so a sharded model never
+hangs), and scores them. The reward table (and the completion lengths) are gathered, so advantages, including
+``scale_rewards = "batch"``, and every metric are one process's. Gradients are the mean over the data ranks (the
+strategy's reduction): ``dapo`` divides by the step's active tokens over all ranks (all-reduced) times W, so it
+equals one process exactly; ``grpo``, ``bnpo`` and ``dr_grpo`` normalise per micro-batch, as TRL does per process,
+so they equal one process when each rank's micro-batches are one process's (``P/W * G`` a multiple of
+``micro_batch_size``). Every rank runs the same micro-batches' forwards and backwards: one whose rows all carry no
+signal on this rank while another rank trains on it runs a zero-weighted one-row pass (a sharded model's
+collectives). The KL reference is an unwrapped copy of the policy taken before the strategy wraps it.
+
 Exact resume: weights, optimizer moments, router biases and RNG states come from the checkpoint, prompts and
 sampling generators are functions of the step, and the KL reference is saved beside the checkpoints.
 """
@@ -42,11 +55,13 @@ from dsk.api.runtime import (
     tokens_per_s,
 )
 from dsk_rl.common import (
+    data_share,
     evaluate_row,
     freeze_unused_heads,
+    group_generator,
     mean,
     moe_metrics,
-    step_generator,
+    rank_sync,
     train_record_fn,
 )
 from dsk_rl.config import GRPOConfig
@@ -134,21 +149,30 @@ class _GRPORun(TrainerRun):
     # -- set-up ------------------------------------------------------------------------------------------------
     def setup(self) -> None:
         ctx, cfg = self.ctx, self.cfg
-        if ctx.world_size > 1:
-            # groups would straddle ranks: rewards must be gathered before the group statistics and N_glob summed
-            raise RunSetupError("the grpo trainer runs in one process for now (world_size = 1)")
         init = ctx.init_from
         if init is None and cfg.init_checkpoint:
             init = resolve_checkpoint(ctx, cfg.init_checkpoint)
-        # the MTP heads are frozen before the optimizer is built: a policy-gradient loss never reaches them
-        built = self.use(build_run(ctx, init_from=init, prepare=freeze_unused_heads))
+        self.ref = None
+
+        def prepare(model: torch.nn.Module) -> None:
+            # the MTP heads are frozen before the optimizer is built: a policy-gradient loss never reaches them
+            freeze_unused_heads(model)
+            if cfg.beta > 0:
+                # the KL reference: a plain copy taken before the parallel strategy wraps or shards the policy,
+                # so its forwards are local on every rank
+                self.ref = copy.deepcopy(model).eval().requires_grad_(False)
+
+        built = self.use(build_run(ctx, init_from=init, prepare=prepare))
+        world = built.parallel.data_world_size
+        if cfg.prompts_per_step % world:
+            raise RunSetupError(
+                f"trainer.prompts_per_step = {cfg.prompts_per_step} does not split over the {world} data-parallel "
+                f"ranks (a group's completions stay on one rank): make it a multiple of {world}"
+            )
         self.tokenizer, self.task = built.tokenizer, built.task
         if not callable(getattr(self.task, "check", None)):
             raise RunSetupError("GRPO needs a [data] task with a checker (check(record, text)) for its rewards")
         self.record_at = train_record_fn(self.task)
-        self.ref = None
-        if cfg.beta > 0:
-            self.ref = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.eval_records = test_records(self.task, cfg.eval_samples)
         if ctx.resume_from is not None:
             self._resume(ctx.resume_from)
@@ -183,15 +207,23 @@ class _GRPORun(TrainerRun):
 
     # -- one rollout step --------------------------------------------------------------------------------------
     def rollout(self, step: int):
-        """Records, samples and rewards of rollout step ``step`` (1-based)."""
-        cfg = self.cfg
+        """Records, samples and rewards of this rank's groups of rollout step ``step`` (1-based).
+
+        The step's prompts are the records ``(step - 1) * P .. step * P - 1``; this data rank holds its share of
+        them (:func:`dsk_rl.common.data_share`), each group sampled from its own generator.
+        """
+        cfg, parallel = self.cfg, self.built.parallel
         first = (step - 1) * cfg.prompts_per_step
-        prompts = [self.record_at(first + j) for j in range(cfg.prompts_per_step)]
-        generator = step_generator(self.device, self.ctx.seed, step)
+        start, stop = data_share(parallel, cfg.prompts_per_step)
+        step_prompts = [self.record_at(first + j) for j in range(cfg.prompts_per_step)]
+        prompts = step_prompts[start:stop]
+        longest = max(len(p) for p in encode_prompts(self.tokenizer, step_prompts))  # the same budget on every rank
+        generators = [group_generator(self.device, self.ctx.seed, step, j) for j in range(start, stop)]
         samples = sample(
             self.model, self.tokenizer, encode_prompts(self.tokenizer, prompts), cfg.num_generations,
             max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
-            batch_size=cfg.generation_batch_size, generator=generator,
+            batch_size=cfg.generation_batch_size, generator=generators, sync_done=rank_sync(parallel),
+            max_prompt_len=longest,
         )  # fmt: skip
         records = [r for r in prompts for _ in range(cfg.num_generations)]
         scores = score(
@@ -201,30 +233,67 @@ class _GRPORun(TrainerRun):
         )  # fmt: skip
         return records, samples, scores
 
+    def _gather_rows(self, local_NC: torch.Tensor) -> torch.Tensor:
+        """The step's rows of every data rank in rank order, [W * N, C] float64 (every rank holds N rows)."""
+        parallel = self.built.parallel
+        world = parallel.data_world_size
+        local_NC = local_NC.to("cpu", torch.float64)
+        if world == 1:
+            return local_NC
+        n = local_NC.shape[0]
+        full = torch.zeros((world * n, local_NC.shape[1]), dtype=torch.float64)
+        full[parallel.data_rank * n : (parallel.data_rank + 1) * n] = local_NC
+        return parallel.all_reduce(full, "sum")  # x + 0 is exact (NaN stays NaN): the rows themselves
+
+    def _idle_pass(self, packed: Packed, chunk: torch.Tensor) -> None:
+        """A zero-weighted forward and backward of one row, for a micro-batch another rank trains on while this one
+        has no row with a signal in it: a sharded model's forward and backward are collectives that every rank
+        must join. In eval mode, so it adds no router load and no auxiliary loss; its gradient is exactly 0."""
+        mb = packed.rows(chunk[:1]).to(self.device)
+        self.model.eval()
+        try:
+            (completion_logits(self.model, mb).sum() * 0.0).backward()
+        finally:
+            self.model.train()
+
     def train_step(self) -> dict[str, Any]:
-        """Run rollout step ``self.step + 1``; returns its metrics row."""
-        cfg, model = self.cfg, self.model
+        """Run rollout step ``self.step + 1``; returns its metrics row (global: the same on every rank)."""
+        cfg, model, parallel = self.cfg, self.model, self.built.parallel
+        world = parallel.data_world_size
         step = self.step + 1
         started = time.perf_counter()
         records, samples, scores = self.rollout(step)
         gen_s = time.perf_counter() - started
-        adv = group_advantages(scores.total, cfg.num_generations, cfg.scale_rewards, cfg.reward_eps)
+        N = len(samples)  # this rank's completions
+        K = len(scores.names)
+        lengths = torch.tensor([len(c) for c in samples.completion_ids], dtype=torch.float64)
         truncated = torch.tensor(samples.truncated)
+        # the step's reward table and completion lengths on every rank: advantages and metrics are one process's
+        table = self._gather_rows(torch.cat([scores.values, lengths[:, None], truncated.double()[:, None]], 1))
+        step_scores = RewardScores(scores.names, scores.weights, table[:, :K])
+        adv = group_advantages(step_scores.total, cfg.num_generations, cfg.scale_rewards, cfg.reward_eps)
+        first_row = parallel.data_rank * N if world > 1 else 0
+        advantages = adv.advantages[first_row : first_row + N]
         packed = pack(samples.prompt_ids, samples.completion_ids, self.tokenizer.pad_id)
         if cfg.mask_truncated_completions:
             # DAPO overlong filtering: a truncated completion says nothing about its answer, so it leaves the loss
             packed.mask = packed.mask * (~truncated).to(packed.mask.dtype)[:, None]
-        n_active = packed.mask.sum()  # N_glob of the dapo normaliser: the whole step's active tokens
-        N = len(samples)
         chunks = [torch.arange(s, min(s + cfg.micro_batch_size, N)) for s in range(0, N, cfg.micro_batch_size)]
         # Rows whose loss is identically zero are left out of the forward: with beta = 0 a completion with advantage
         # 0 (a group whose rewards are all equal, frac_reward_zero_std) contributes -0 * rho per token, and a
         # masked-out completion contributes nothing. The normalisers still count them (aggregate's batch_size and
         # local_tokens), so the loss and the update are exactly those of the full batch, for less compute.
         has_tokens = packed.mask.sum(1) > 0
-        signal = has_tokens if cfg.beta > 0 else has_tokens & (adv.advantages != 0)
+        signal = has_tokens if cfg.beta > 0 else has_tokens & (advantages != 0)
         active = [chunk[signal[chunk]] for chunk in chunks]
         chunk_tokens = [packed.mask[chunk].sum() for chunk in chunks]
+        # N_glob of the dapo normaliser (the whole step's active tokens, all ranks) and the micro-batches that run
+        # on some rank, in one all-reduce
+        counts = torch.tensor([float(packed.mask.sum())] + [float(idx.numel()) for idx in active], dtype=torch.float64)
+        if world > 1:
+            counts = parallel.all_reduce(counts, "sum")
+        n_active = counts[0].to(packed.mask.dtype)
+        runs = [bool(c > 0) for c in counts[1:].tolist()]
         stats = _StepStats()
         ref_logps = self._reference_logps(packed, active) if self.ref is not None and n_active > 0 else None
         old_logps: list[torch.Tensor | None] = [None] * len(chunks)
@@ -243,7 +312,10 @@ class _GRPORun(TrainerRun):
             loss_total = torch.zeros((), device=self.device)
             for c, chunk in enumerate(chunks):
                 idx = active[c]
+                if not runs[c]:
+                    continue
                 if idx.numel() == 0:
+                    self._idle_pass(packed, chunk)  # another rank trains on its micro-batch c
                     continue
                 mb = packed.rows(idx).to(self.device)
                 logits = completion_logits(model, mb)  # (B, C, V)
@@ -252,23 +324,23 @@ class _GRPORun(TrainerRun):
                     old_logps[c] = logp.detach()  # pi_old = the policy before this batch's first update
                 old = old_logps[c][:, : logp.shape[1]]
                 token = clipped_surrogate(
-                    logp, old, adv.advantages[idx].to(self.device), epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
+                    logp, old, advantages[idx].to(self.device), epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
                     delta=cfg.delta, ref_logp_BT=None if ref_logps is None else ref_logps[c].to(self.device),
                     beta=cfg.beta,
                 )  # fmt: skip
                 loss = aggregate(
                     token.loss, mb.mask, cfg.loss_type, max_completion_length=cfg.max_completion_length,
                     num_items_in_batch=n_active.to(self.device), grad_accum_steps=len(chunks),
-                    num_processes=self.ctx.world_size, batch_size=len(chunk), local_tokens=chunk_tokens[c],
+                    num_processes=world, batch_size=len(chunk), local_tokens=chunk_tokens[c],
                 )  # fmt: skip
                 aux = self.built.side.aux_loss(torch.float32)
                 total = loss if aux is None else loss + aux * (len(idx) / N)
                 total.backward()
                 loss_total = loss_total + loss.detach()
                 stats.add(token, mb.mask, logits if it == 0 else None, aux, chunk_tokens[c])
-            if not any(idx.numel() for idx in active):
-                # no completion carries a signal: the gradient is exactly zero, and AdamW still applies its momentum,
-                # as it would after a full zero-gradient backward
+            if not any(runs):
+                # no completion carries a signal on any rank: the gradient is exactly zero, and AdamW still applies
+                # its momentum, as it would after a full zero-gradient backward
                 for p in self.params:
                     p.grad = torch.zeros_like(p)
             update = self.built.update(loss_total, opt_step, foreach=False, read_metrics=moe_metrics)
@@ -284,17 +356,34 @@ class _GRPORun(TrainerRun):
             self.skipped += 1
         if self.ref is not None and cfg.ref_update_every and step % cfg.ref_update_every == 0:
             # R1: "the reference policy is replaced by the latest policy every 400 steps"
-            self.ref.load_state_dict(model.state_dict())
+            self._refresh_reference()
             self.ref_step = step
             self._save_reference()
         self.step = step
         tokens = sum(len(p) + len(c) for p, c in zip(samples.prompt_ids, samples.completion_ids, strict=True))
+        losses, metrics, tokens = stats.reduce(parallel, tokens)
         self.tokens_seen += tokens
         elapsed = time.perf_counter() - started
-        row = self._row(step, scores, adv, samples, stats, lr, grad_norm, finite, tokens, elapsed, gen_s)
+        row = self._row(
+            step, step_scores, adv, table[:, K], table[:, K + 1] > 0, losses, metrics, lr, grad_norm, finite,
+            tokens, elapsed, gen_s,
+        )  # fmt: skip
         row.update(moe)
-        self._last_batch = (records, samples, scores, adv)
+        self._last_batch = (records, samples, scores, advantages)
         return row
+
+    def _refresh_reference(self) -> None:
+        """The KL reference becomes the current policy (on every rank; gathered where the policy is sharded)."""
+        parallel = self.built.parallel
+        if parallel.world_size == 1:
+            self.ref.load_state_dict(self.built.base_model.state_dict())
+            return
+        state = parallel.model_state_dict(self.built.base_model)  # collective; the whole state on the writer
+        if state is None:  # the strategy keeps the whole model on every rank
+            state = model_state_for_saving(self.built.base_model)
+        else:
+            state = parallel.broadcast_object(state if parallel.is_writer else None)
+        load_model_weights(self.ref, state, "the policy")
 
     @torch.no_grad()
     def _reference_logps(self, packed: Packed, chunks: list[torch.Tensor]) -> list[torch.Tensor | None]:
@@ -307,9 +396,10 @@ class _GRPORun(TrainerRun):
             out.append(token_logprobs(completion_logits(self.ref, mb), mb.targets))
         return out
 
-    def _row(self, step, scores, adv, samples, stats, lr, grad_norm, finite, tokens, elapsed, gen_s) -> dict[str, Any]:
-        lengths = torch.tensor([len(c) for c in samples.completion_ids], dtype=torch.float64)
-        truncated = torch.tensor(samples.truncated)
+    def _row(
+        self, step, scores, adv, lengths, truncated, losses, metrics, lr, grad_norm, finite, tokens, elapsed, gen_s
+    ) -> dict[str, Any]:
+        """The step's metrics row from the step's (all ranks') rewards, advantages and completion lengths."""
         terminated = lengths[~truncated]
         total = scores.total
         row: dict[str, Any] = {"kind": "train", "step": step}
@@ -317,7 +407,7 @@ class _GRPORun(TrainerRun):
             row["stage"] = self.ctx.stage
         row.update(
             {
-                "loss": (sum(stats.losses) / len(stats.losses)) if stats.losses else 0.0,
+                "loss": (sum(losses) / len(losses)) if losses else 0.0,
                 "reward": _nanmean(total),
                 "reward_std": _nanmean(adv.group_std),
                 "frac_reward_zero_std": float(adv.zero_std.double().mean()),
@@ -327,7 +417,7 @@ class _GRPORun(TrainerRun):
             col = scores.values[:, k]
             row[f"rewards/{name}/mean"] = _nanmean(col)
             row[f"rewards/{name}/std"] = _nanstd(col)
-        row.update(stats.metrics())
+        row.update(metrics)
         row.update(
             {
                 "completions/mean_length": float(lengths.mean()),
@@ -390,10 +480,10 @@ class _GRPORun(TrainerRun):
 
     def log_row(self, row: dict[str, Any]) -> None:
         super().log_row(row)
-        if self.cfg.log_completions:
-            records, samples, scores, adv = self._last_batch
+        if self.cfg.log_completions and self.ctx.is_writer:  # the writing rank's groups: the step's first ones
+            records, samples, scores, advantages = self._last_batch
             write_completions_table(
-                self.ctx.run_dir / COMPLETIONS_DIR, self.step, records, samples.texts, scores, adv.advantages,
+                self.ctx.run_dir / COMPLETIONS_DIR, self.step, records, samples.texts, scores, advantages,
                 samples.truncated, self.cfg.log_completions,
             )  # fmt: skip
 
@@ -460,3 +550,34 @@ class _StepStats:
 
     def metrics(self) -> dict[str, float]:
         return {k: float(self.sums[k] / self.counts[k].clamp(min=1)) for k in self.sums}
+
+    KEYS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "kl", "entropy", "aux_loss")
+
+    def reduce(self, parallel: Any, tokens: int) -> tuple[list[float], dict[str, float], int]:
+        """``(losses, metrics, tokens)`` of the step over all data ranks, in one all-reduce.
+
+        A pass's loss is the mean of the ranks' (each rank's loss is weighted so that the mean is one process's);
+        every ratio is its numerator summed over the ranks over its denominator summed; tokens are summed. In one
+        process: the rank's own values.
+        """
+        world = parallel.data_world_size
+        if world == 1:
+            return list(self.losses), self.metrics(), tokens
+        zero = torch.zeros((), dtype=torch.float64)
+        sums = [self.sums.get(k, zero) for k in self.KEYS]
+        counts = [self.counts.get(k, zero) for k in self.KEYS]
+        present = [float(k in self.sums) for k in self.KEYS]
+        flat = torch.cat(
+            [
+                torch.tensor(self.losses, dtype=torch.float64) / world,
+                torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in sums + counts]),
+                torch.tensor(present + [float(tokens)], dtype=torch.float64),
+            ]
+        )
+        flat = parallel.all_reduce(flat, "sum")
+        n = len(self.losses)
+        losses = flat[:n].tolist()
+        k = len(self.KEYS)
+        s, c, p = flat[n : n + k], flat[n + k : n + 2 * k], flat[n + 2 * k : n + 3 * k]
+        metrics = {key: float(s[i] / c[i].clamp(min=1)) for i, key in enumerate(self.KEYS) if p[i] > 0}
+        return losses, metrics, int(flat[-1])

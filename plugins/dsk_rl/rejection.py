@@ -8,6 +8,11 @@
 3. The registered ``sft`` trainer fine-tunes on the file, starting from the policy or, as in R1, from an earlier
    checkpoint (``sft_init = "stage:pretrain"``: R1 fine-tunes DeepSeek-V3-Base, not the RL checkpoint).
 4. The stage reports the held-out accuracy of the policy before and of the fine-tuned model after.
+
+Many ranks: each data rank samples its share of the prompts (each prompt from its own generator, seeded from
+(seed, prompt index)) and the accepted set is gathered (:func:`dsk_rl.traces.generate_traces`), so the SFT data
+is one process's; the writing rank writes it and every rank waits for the file before the SFT reads it.
+Evaluations share the test records out the same way.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from dsk.api.runtime import (
     read_jsonl,
     test_records,
 )
-from dsk_rl.common import build_policy, evaluate_row, save_run_checkpoint, step_generator, train_record_fn
+from dsk_rl.common import build_policy, evaluate_row, group_generator, save_run_checkpoint, train_record_fn
 from dsk_rl.config import RejectionSamplingConfig
 from dsk_rl.sft import resolve_checkpoint, run_sft, sft_steps
 from dsk_rl.traces import generate_traces, write_jsonl
@@ -34,6 +39,8 @@ from dsk_rl.traces import generate_traces, write_jsonl
 __all__ = ["RejectionSamplingTrainer", "mixed_rows"]
 
 TRACES_FILE = "traces.jsonl"
+#: the ``step`` of :func:`dsk_rl.common.group_generator` for the traces' generators (a stream of its own)
+TRACE_STREAM = -17
 
 
 def mixed_rows(cfg: RejectionSamplingConfig) -> list[dict[str, Any]]:
@@ -94,12 +101,14 @@ class RejectionSamplingTrainer:
             device = torch.device(ctx.device)
             rows, stats = generate_traces(
                 policy, tokenizer, records, cfg, checker=getattr(task, "check", None),
-                generator=step_generator(device, ctx.seed, 0, salt=17),
+                generator=lambda i: group_generator(device, ctx.seed, TRACE_STREAM, i),
                 source=str(policy_init) if policy_init else "initial weights", origin=self.name,
-                registry=ctx.registry,
+                registry=ctx.registry, parallel=built.parallel,
             )  # fmt: skip
             mix = mixed_rows(cfg)
-            write_jsonl(data_path, rows + mix)
+            if ctx.is_writer:
+                write_jsonl(data_path, rows + mix)
+            built.parallel.barrier()  # every rank reads the file the writer wrote
             trace_row = {"kind": "traces", "step": 0, **stats.row(), "traces/mixed": len(mix)}
             if ctx.stage:
                 trace_row["stage"] = ctx.stage
@@ -116,7 +125,7 @@ class RejectionSamplingTrainer:
                 )
             del policy, built
         n_rows = sum(1 for _ in open(data_path, encoding="utf-8"))
-        steps = sft_steps(cfg, n_rows)
+        steps = sft_steps(cfg, n_rows, getattr(ctx.parallel, "data_world_size", 1))
         if cfg.sft_init:
             init = resolve_checkpoint(ctx, cfg.sft_init)
         else:
@@ -128,6 +137,8 @@ class RejectionSamplingTrainer:
             path = save_run_checkpoint(
                 ctx, 0, trainer=self.name, model=model, optimizer=None, tokenizer=tokenizer, state={"steps": 0}
             )
+            if ctx.parallel is not None:
+                ctx.parallel.barrier()  # the checkpoint is on disk before any rank looks for it
             summary = {"step": 0, "checkpoint": str(path)}
         final = latest_checkpoint(ctx.run_dir)
         after: dict[str, Any] = {}

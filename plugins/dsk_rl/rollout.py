@@ -57,25 +57,40 @@ def sample(
     temperature: float,
     top_p: float,
     batch_size: int,
-    generator: torch.Generator | None,
+    generator: torch.Generator | Sequence[torch.Generator] | None,
+    sync_done: Callable[[bool], bool] | None = None,
+    max_prompt_len: int | None = None,
 ) -> Samples:
     """``n`` completions of each prompt (KV-cached, batched ``batch_size`` completions per call).
 
-    The budget is capped by the model's context: a prompt of P tokens leaves ``max_seq_len - P`` new tokens.
+    The budget is capped by the model's context: a prompt of P tokens leaves ``max_seq_len - P`` new tokens, P the
+    longest prompt given, or ``max_prompt_len`` (the longest of the whole step on every rank, so that the budget
+    does not depend on which prompts a rank holds).
+
+    ``generator``: one for the whole batch, or one per prompt (its group of ``n`` completions draws from it alone);
+    then a call holds whole groups (``batch_size // n`` of them, at least one), and a group samples the same
+    completions whichever prompts it is batched with and on whichever rank. ``sync_done``: ``generate``'s (every
+    rank runs the same number of forwards; every rank must make the same number of calls).
     """
     from dsk.api.runtime import generate
 
     repeated = [list(p) for p in prompt_ids for _ in range(n)]
-    room = model.config.max_seq_len - max(len(p) for p in repeated)
+    longest = max(max(len(p) for p in repeated), max_prompt_len or 0)
+    room = model.config.max_seq_len - longest
     budget = min(max_new_tokens, room)
     if budget < 1:
-        raise ValueError(f"a prompt of {max(len(p) for p in repeated)} tokens leaves no room under model.max_seq_len")
+        raise ValueError(f"a prompt of {longest} tokens leaves no room under model.max_seq_len")
+    groups = None if generator is None or isinstance(generator, torch.Generator) else list(generator)
+    if groups is not None and len(groups) != len(prompt_ids):
+        raise ValueError(f"{len(groups)} generators for {len(prompt_ids)} prompts: give one per prompt")
+    step = batch_size if groups is None else max(1, batch_size // n) * n
     tokens: list[list[int]] = []
     truncated: list[bool] = []
-    for start in range(0, len(repeated), batch_size):
+    for start in range(0, len(repeated), step):
+        gen = generator if groups is None else groups[start // n : (start + step) // n]
         out = generate(
-            model, repeated[start : start + batch_size], budget, temperature=temperature, top_p=top_p,
-            eos_id=tokenizer.eos_id, generator=generator, pad_id=tokenizer.pad_id,
+            model, repeated[start : start + step], budget, temperature=temperature, top_p=top_p,
+            eos_id=tokenizer.eos_id, generator=gen, pad_id=tokenizer.pad_id, sync_done=sync_done,
         )  # fmt: skip
         tokens.extend(out.tokens)
         truncated.extend(out.truncated)

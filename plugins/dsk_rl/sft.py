@@ -41,10 +41,11 @@ def resolve_checkpoint(ctx: RunContext, spec: str) -> Path:
     return found
 
 
-def sft_steps(cfg: Any, n_rows: int) -> int:
-    """``cfg.steps``, capped at ``cfg.epochs_max`` passes over ``n_rows`` rows when that is set."""
+def sft_steps(cfg: Any, n_rows: int, data_ranks: int = 1) -> int:
+    """``cfg.steps``, capped at ``cfg.epochs_max`` passes over ``n_rows`` rows when that is set (a step reads
+    ``batch_size`` rows on each of the ``data_ranks`` data-parallel ranks)."""
     if cfg.epochs_max > 0 and n_rows > 0:
-        return max(1, min(cfg.steps, math.ceil(cfg.epochs_max * n_rows / cfg.batch_size)))
+        return max(1, min(cfg.steps, math.ceil(cfg.epochs_max * n_rows / (cfg.batch_size * data_ranks))))
     return cfg.steps
 
 

@@ -8,6 +8,10 @@ teacher writes the student's). Every row of the dataset says where it came from:
      "source": "runs/r1/stages/reason/checkpoints/step-60", "origin": "rejection_sampling"}
 
 Rows mixed in from other data carry ``"origin": "mix:<task>"`` or ``"file:<path>"`` instead.
+
+Many ranks (``parallel``): each data rank samples its share of the prompts (a prompt's samples stay on one rank,
+each prompt from its own generator, so the traces do not depend on the rank count), and the kept rows and the
+counts are gathered, so every rank returns the rows one process writes, in the same order.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 
 import torch
 
-from dsk_rl.rollout import encode_prompts, sample, score
+from dsk_rl.rollout import Samples, encode_prompts, sample, score
 
 __all__ = ["TraceStats", "generate_traces", "prompt_id", "select", "write_jsonl"]
 
@@ -116,11 +120,12 @@ def generate_traces(
     cfg: Any,
     *,
     checker: Callable[[dict[str, Any], str], bool] | None,
-    generator: torch.Generator | None,
+    generator: torch.Generator | Callable[[int], torch.Generator] | None,
     source: str,
     origin: str,
     chunk_prompts: int = 64,
     registry: Any = None,
+    parallel: Any = None,
 ) -> tuple[list[dict[str, Any]], TraceStats]:
     """Sample ``cfg.samples_per_prompt`` completions per record, score them with ``cfg.rewards``, keep the accepted.
 
@@ -130,24 +135,47 @@ def generate_traces(
         records: prompt records (task records: ``prompt``, ``answer``, and the columns the checker reads).
         cfg: a :class:`dsk_rl.config.TraceConfig` (sampling, rewards, threshold, keep, dedupe).
         checker: the task's ``check(record, text)``, handed to the rewards.
-        generator: the sampling generator.
+        generator: the sampling generator, or ``index -> generator`` giving prompt ``index`` (its position in
+            ``records``) its own, which makes the traces independent of batching and of the rank count.
         source: the checkpoint that wrote the traces (provenance).
         origin: the ``origin`` of each row (``rejection_sampling``, ``distill``).
         chunk_prompts: prompts sampled per batch of ``generate`` calls (bounds memory, not results).
+        registry: the run's component registry (for the rewards).
+        parallel: the run's parallel strategy; with several data ranks every rank calls this with the same
+            records and gets the same rows back (module doc). None: one process.
 
     Returns:
         ``(rows, stats)``: the dataset rows (see the module doc) and the counts.
     """
+    from dsk_rl.common import data_share, rank_sync
+
     n = cfg.samples_per_prompt
     rows: list[dict[str, Any]] = []
     stats = TraceStats(prompts=len(records))
     reward_sums: dict[str, list[float]] = {}
-    for start in range(0, len(records), chunk_prompts):
-        chunk = list(records[start : start + chunk_prompts])
+    world = int(getattr(parallel, "data_world_size", 1)) if parallel is not None else 1
+    first, last = data_share(parallel, len(records))
+    share = -(-len(records) // world)
+    # this rank's prompts, padded to the common share so every rank makes the same generation calls
+    positions = list(range(first, last)) + [0] * (share - (last - first))
+    sync_done = rank_sync(parallel) if world > 1 else None
+    longest = max(len(p) for p in encode_prompts(tokenizer, records)) if records else 0
+    for offset in range(0, share, chunk_prompts):
+        chunk_positions = positions[offset : offset + chunk_prompts]
+        real = max(0, min(len(chunk_positions), last - first - offset))  # prompts of this chunk that count
+        chunk = [records[i] for i in chunk_positions]
+        gens = [generator(i) for i in chunk_positions] if callable(generator) else generator
         samples = sample(
             model, tokenizer, encode_prompts(tokenizer, chunk), n, max_new_tokens=cfg.max_completion_length,
-            temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.generation_batch_size, generator=generator,
+            temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.generation_batch_size, generator=gens,
+            sync_done=sync_done, max_prompt_len=longest,
         )  # fmt: skip
+        if real == 0:
+            continue
+        chunk = chunk[:real]
+        samples = Samples(*(getattr(samples, f)[: real * n] for f in ("prompt_ids", "completion_ids", "truncated",
+                                                                      "texts")))  # fmt: skip
+        start = first + offset
         repeated = [r for r in chunk for _ in range(n)]
         scores = score(
             cfg.rewards, [r["prompt"] for r in repeated], samples.texts, repeated,
@@ -185,9 +213,28 @@ def generate_traces(
                 }
             )
         stats.prompts_with_trace += len(covered)
+    names = [k for k in cfg.rewards] if reward_sums or world > 1 else []
+    sums = {k: (math.fsum(reward_sums.get(k, [])), len(reward_sums.get(k, []))) for k in names}
+    if world > 1:
+        rows, stats, sums = _gather(parallel, rows, stats, sums)
     stats.kept = len(rows)
-    stats.reward_mean = {k: (sum(v) / len(v) if v else None) for k, v in reward_sums.items()}
+    stats.reward_mean = {k: (total / count if count else None) for k, (total, count) in sums.items()}
     return rows, stats
+
+
+def _gather(parallel: Any, rows: list[dict[str, Any]], stats: TraceStats, sums: dict[str, tuple[float, int]]):
+    """Every data rank's rows in rank order (= prompt order), and the counts and reward sums added up."""
+    counts = ["sampled", "accepted", "truncated", "duplicates", "prompts_with_trace"]
+    flat = [float(getattr(stats, c)) for c in counts] + [v for k in sums for v in sums[k]]
+    flat = parallel.all_reduce(torch.tensor(flat, dtype=torch.float64), "sum").tolist()
+    for i, c in enumerate(counts):
+        setattr(stats, c, int(flat[i]))
+    names = list(sums)
+    sums = {k: (flat[len(counts) + 2 * j], int(flat[len(counts) + 2 * j + 1])) for j, k in enumerate(names)}
+    everyone: list[dict[str, Any]] = []
+    for src in range(parallel.data_world_size):  # rows are JSON-like values made here, one broadcast per rank
+        everyone.extend(parallel.broadcast_object(rows if parallel.data_rank == src else None, src=src))
+    return everyone, stats, sums
 
 
 def write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> Path:

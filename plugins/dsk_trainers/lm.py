@@ -267,6 +267,7 @@ class _Run(TrainerRun):
             self.model, self.tokenizer, self.task, self.eval_records,
             max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size, pass_k=cfg.pass_k,
             temperature=cfg.pass_k_temperature, seed=self.ctx.seed * 1_000_003 + self.step, examples=examples,
+            parallel=self.built.parallel,
         )  # fmt: skip
         sample = result.pop("examples", None)
         row = {"kind": "eval", "step": self.step, **({"stage": self.ctx.stage} if self.ctx.stage else {}), **result}
