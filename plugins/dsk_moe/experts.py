@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsk.api import ModelContext
+from dsk.api import SHARDED_PARAM, ModelContext
 from dsk.api.runtime import PLAIN_LINEAR, LinearSite, cpu_kernel_supports, recomputable
 
 from . import kernels
@@ -182,6 +182,19 @@ class RoutedExperts(nn.Module):
         self.w_down = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
         for w in (self.w_gate, self.w_up, self.w_down):
             nn.init.normal_(w, mean=0.0, std=init_std)
+
+    def keep_experts(self, start: int, stop: int) -> None:
+        """Keep experts ``start:stop`` only (an expert-parallel shard): each stacked parameter becomes a new
+        ``nn.Parameter`` holding that slice, marked :data:`dsk.api.SHARDED_PARAM`, and :attr:`n_experts` the local
+        count. Expert ``start + j`` of the layer is then local expert j."""
+        if not 0 <= start < stop <= self.n_experts:
+            raise ValueError(f"experts {start}:{stop} are not a slice of the layer's {self.n_experts} experts")
+        for name in ("w_gate", "w_up", "w_down"):
+            old = getattr(self, name)
+            shard = nn.Parameter(old.detach()[start:stop].clone(), requires_grad=old.requires_grad)
+            setattr(shard, SHARDED_PARAM, True)
+            setattr(self, name, shard)
+        self.n_experts = stop - start
 
     def resolve_dispatch(self, x_RD: torch.Tensor, dispatch: Dispatch, n_rows: int | None = None) -> Resolved:
         """The GEMM path for these inputs.

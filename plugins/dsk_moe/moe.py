@@ -9,6 +9,12 @@ State-dict names match HF ``DeepseekV3MoE`` (``gate.weight``, ``gate.e_score_cor
 ``shared_experts.{gate,up,down}_proj.weight``) except the routed experts, stored stacked as
 ``experts.w_gate / w_up / w_down``; :func:`hf_to_dsk` and :func:`dsk_to_hf` map the per-expert on-disk names.
 
+Expert parallelism: the layer implements :class:`dsk.api.ExpertShardable`. After ``shard_experts(start, stop,
+dispatcher)`` it holds routed experts ``start:stop`` only and hands the routed part of each forward to the
+strategy's dispatcher (which moves the tokens to the ranks owning their experts and back); the router and the
+shared experts run on every rank as before, and :meth:`MoE.local_experts` is the layer's own expert path on the
+rows a rank receives.
+
 Shape suffixes: B sequences, T tokens per sequence, N = B*T tokens, D model dim, E routed experts, K experts per
 token, R = N*K routed slots (sorted by expert after dispatch).
 """
@@ -16,6 +22,7 @@ token, R = N*K routed slots (sorted by expert after dispatch).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 from einops import rearrange
@@ -40,7 +47,14 @@ class MoE(nn.Module):
 
     Side channels of the ffn contract (``aux_loss``, ``step_stat_tensors``, ``after_optimizer_step``,
     ``step_metrics``) delegate to the router, which names them differently so that they are found once per layer.
+
+    Attributes:
+        n_routed_experts: E of the whole layer (:class:`dsk.api.ExpertShardable`), whether sharded or not.
+        expert_range: ``(start, stop)``, the routed experts this module holds (``(0, E)`` unless sharded).
     """
+
+    #: the expert-parallel dispatcher set by :meth:`shard_experts` (None: every routed expert is local)
+    dispatcher: Callable[..., torch.Tensor] | None = None
 
     def __init__(self, cfg: MoEConfig, ctx: ModelContext):
         super().__init__()
@@ -49,6 +63,8 @@ class MoE(nn.Module):
             raise ValueError("; ".join(problems))
         self.cfg = cfg
         self.top_k = cfg.router.config.top_k
+        self.n_routed_experts = cfg.n_routed_experts
+        self.expert_range = (0, cfg.n_routed_experts)
         self.gate = cfg.router.build(ctx, cfg.n_routed_experts)
         self.experts = RoutedExperts(cfg.n_routed_experts, ctx.dim, cfg.expert_hidden_dim, ctx.init_std)
         self.shared_experts = (
@@ -63,6 +79,11 @@ class MoE(nn.Module):
         N, K = B * T, self.top_k
         x_ND = rearrange(x_BTD, "b t d -> (b t) d")
         weights_NK, idx_NK, stats = self.gate(x_ND, seq_shape=(B, T))
+        if self.dispatcher is not None:  # expert parallelism: the strategy moves the tokens to their experts
+            routed_ND = self.dispatcher(x_ND, weights_NK, idx_NK, self.local_experts)
+            if self.shared_experts is not None:
+                routed_ND = self.shared_experts(x_ND) + routed_ND
+            return rearrange(routed_ND, "(b t) d -> b t d", b=B)
 
         # Dispatch: sort the N*K slots (slot = n * K + k) by expert; stable, so a token's rows keep token order
         # within an expert.
@@ -89,6 +110,38 @@ class MoE(nn.Module):
         if y_ND is None:
             y_ND = torch.zeros_like(x_ND)
         return rearrange(y_ND.index_add(0, token_R, out_RD), "(b t) d -> b t d", b=B)
+
+    # -- expert parallelism (dsk.api.ExpertShardable) ---------------------------------------------------
+
+    def shard_experts(self, start: int, stop: int, dispatcher: Callable[..., torch.Tensor]) -> None:
+        """Keep routed experts ``start:stop`` only; from now on ``dispatcher`` runs the routed part of forward.
+
+        ``dispatcher(x_ND, weights_NK, idx_NK, local_experts)`` returns the routed output for this rank's tokens
+        (``idx_NK`` global expert ids); :meth:`local_experts` is what it calls on the rows this rank receives.
+        The stacked expert parameters become new ``nn.Parameter`` slices marked :data:`dsk.api.SHARDED_PARAM`.
+        """
+        if self.dispatcher is not None:
+            raise ValueError(f"the layer's experts are already sharded ({self.expert_range[0]}:{self.expert_range[1]})")
+        self.experts.keep_experts(start, stop)
+        self.expert_range = (start, stop)
+        self.dispatcher = dispatcher
+
+    def local_experts(self, x_RD: torch.Tensor, load_E: torch.Tensor, scale_R: torch.Tensor | None) -> torch.Tensor:
+        """This module's routed experts on rows sorted by local expert (``load_E [stop - start]`` rows each), each
+        row's output scaled by ``scale_R``: the layer's own path (``ffn.dispatch``: the CPU kernel, grouped GEMMs,
+        slices, or a feature's ``linear_impl``)."""
+        return self.experts(x_RD, load_E, scale_R, self.cfg.dispatch)
+
+    def expert_parameter_names(self) -> list[str]:
+        """The stacked routed-expert parameters, relative to this module (first dim: experts)."""
+        return ["experts.w_gate", "experts.w_up", "experts.w_down"]
+
+    def expert_groups(self) -> tuple[int, int]:
+        """The router's group limit ``(n_groups, topk_groups)``; ``(1, 1)`` for a router without groups."""
+        n_groups = int(getattr(self.gate, "n_groups", 1))
+        if n_groups <= 1:
+            return (1, 1)
+        return (n_groups, int(self.gate.cfg.topk_groups))
 
     # -- ffn side channels (contract in docs/plugins.md) ------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dsk import hookimpl
 from dsk_parallel.data_config import FSDPConfig, ReplicateConfig, Zero1Config
 from dsk_parallel.expert_config import NodeLimitedConfig
+from dsk_parallel.expert_validate import validate_node_limited  # noqa: F401  (a validate_recipe hookimpl)
 
 
 @hookimpl

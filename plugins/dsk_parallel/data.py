@@ -1,0 +1,532 @@
+"""Data parallelism on torch.distributed: ``replicate``, ``fsdp`` (FSDP2) and ``zero1`` (ZeRO-1).
+
+Every strategy here spans all ranks with a 1-D DeviceMesh on the default process group (the core initialised it;
+data rank = rank). Each rank runs its slice of the global batch (:meth:`dsk.api.runtime.BuiltRun.local_rows`),
+its micro-batch losses weighted by :meth:`~dsk.api.runtime.BuiltRun.loss_weights`, and the strategy makes every
+gradient the mean over the ranks, so N ranks with batch b train as one process with batch N * b:
+
+- ``replicate``: torch's composable ``replicate`` (DistributedDataParallel's bucketed all-reduce, overlapped with
+  the backward) on the whole model;
+- ``fsdp``: FSDP2 ``fully_shard`` on every transformer block, on the root's other parts and on the root:
+  parameters, gradients and the optimizer state are sharded; parameters are all-gathered per unit, gradients
+  reduce-scattered;
+- ``zero1``: gradients all-reduced as ``replicate``, the optimizer state sharded by torch's
+  ``ZeroRedundancyOptimizer`` (each rank updates its share of the parameters and broadcasts them), what
+  DeepSeek-V3 trained with.
+
+Parameters another strategy sharded itself (:data:`dsk.api.SHARDED_PARAM`, expert slices) are left out of the
+wrap and of every reduction by ``replicate`` and ``fsdp``; ``zero1`` refuses them (ZeRO would broadcast one
+rank's slice over the others'). Checkpoints are the one-process format: the checkpoint methods gather the full
+state on the writer under the unwrapped model's names and load a full state on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dsk.api import SHARDED_PARAM, ParallelStrategy
+from dsk.api.runtime import Block, RunSetupError
+
+__all__ = ["FSDP", "Replicate", "Zero1"]
+
+_OPS = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+
+
+class _DataParallel(ParallelStrategy):
+    """The process layout shared by the data-parallel strategies: one 1-D mesh over every rank.
+
+    ``setup`` builds the mesh on the default group (a 1-D mesh over the whole world reuses that group, so there is
+    nothing of its own to free in ``teardown`` unless torch made one); the reductions run over the mesh's group,
+    on the device the backend needs (a CPU tensor is reduced through the rank's GPU under NCCL).
+    """
+
+    #: the ``type`` this strategy is registered under (for messages)
+    kind: str = ""
+
+    def __init__(self, config: Any = None):
+        super().__init__(config)
+        self.mesh: Any = None
+        self.group: Any = None
+        self._own_group = False
+        self._rank = 0
+        self._world = 1
+        self._cuda = False
+
+    # -- process layout ----------------------------------------------------------------------------------------
+    def setup(self, run: Any) -> None:
+        """Build the 1-D data-parallel mesh over every rank of the default process group."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise RunSetupError(
+                f'parallel.{self.name}: type = "{self.kind}" needs torch.distributed initialised: run it with '
+                "`dsk train RECIPE --nproc N` or under torchrun"
+            )
+        self._rank, self._world = dist.get_rank(), dist.get_world_size()
+        self._cuda = torch.cuda.is_available() and "nccl" in str(dist.get_backend()).lower()
+        if self._cuda:
+            torch.cuda.set_device(self._local_rank())
+        self.mesh = init_device_mesh("cuda" if self._cuda else "cpu", (self._world,), mesh_dim_names=("data",))
+        self.group = self.mesh.get_group()
+        self._own_group = self.group is not dist.group.WORLD
+
+    @staticmethod
+    def _local_rank() -> int:
+        return int(os.environ.get("LOCAL_RANK", "0") or 0)
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world
+
+    @property
+    def is_writer(self) -> bool:
+        return self._rank == 0
+
+    @property
+    def data_rank(self) -> int:
+        return self._rank
+
+    @property
+    def data_world_size(self) -> int:
+        return self._world
+
+    @property
+    def device(self) -> str | None:
+        return f"cuda:{self._local_rank()}" if torch.cuda.is_available() else None
+
+    # -- reductions --------------------------------------------------------------------------------------------
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Reduce ``tensor`` in place over the data ranks; ``mean`` is the sum divided by the world size."""
+        if op not in _OPS:
+            raise ValueError(f"all_reduce op {op!r}: expected one of {sorted(_OPS)}")
+        if self._world == 1:
+            return tensor
+        work = tensor
+        if self._cuda and tensor.device.type != "cuda":
+            work = tensor.to(f"cuda:{self._local_rank()}")
+        dist.all_reduce(work, op=_OPS[op], group=self.group)
+        if op == "mean":
+            work.div_(self._world)
+        if work is not tensor:
+            tensor.copy_(work)
+        return tensor
+
+    def reduce_step_statistics(self, tensors: list[torch.Tensor]) -> None:
+        """Sum the router loads (and any step statistics) over the data ranks: one all-reduce per dtype and device."""
+        by_kind: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+        for t in tensors:
+            by_kind.setdefault((t.dtype, t.device), []).append(t)
+        for group in by_kind.values():
+            flat = torch.cat([t.reshape(-1) for t in group])
+            self.all_reduce(flat, "sum")
+            offset = 0
+            for t in group:
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """``obj`` of rank ``src`` on every rank (pickled by torch between this program's own processes)."""
+        if self._world == 1:
+            return obj
+        box = [obj]
+        device = torch.device(f"cuda:{self._local_rank()}") if self._cuda else None
+        dist.broadcast_object_list(box, src=src, group=self.group, device=device)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self._world > 1:
+            dist.barrier(group=self.group)
+
+    def teardown(self) -> None:
+        """Free the process groups this strategy made (never the default group: the core owns it)."""
+        if self._own_group and self.group is not None and dist.is_initialized():
+            dist.destroy_process_group(self.group)
+        self.mesh = self.group = None
+        self._own_group = False
+
+    # -- helpers -----------------------------------------------------------------------------------------------
+    def _refuse_optimizer_wrappers(self, run: Any, why: str) -> None:
+        """Raise when a ``[features.*]`` table wraps the optimizer after this strategy did (CPU offload)."""
+        section = getattr(run, "section", None)
+        features = (section("features") if section is not None else None) or {}
+        for key, slot in features.items():
+            try:
+                impl = slot.load()
+            except Exception:  # noqa: BLE001 - a feature that does not import fails later with its own message
+                continue
+            if "wrap_optimizer" in getattr(impl, "stages", ()):
+                raise RunSetupError(
+                    f'parallel.{self.name} (type = "{self.kind}") cannot run with features.{key} '
+                    f'(type = "{slot.name}"), which wraps the optimizer: {why}; drop one of the two tables'
+                )
+
+
+def _sharded_elsewhere(p: torch.Tensor) -> bool:
+    return bool(getattr(p, SHARDED_PARAM, False))
+
+
+class Replicate(_DataParallel):
+    """``[parallel.<key>] type = "replicate"``: plain data parallelism (torch's composable ``replicate``).
+
+    The model stays whole on every rank; DistributedDataParallel's reducer all-reduces the gradients in buckets
+    during the backward and divides by the world size (the mean). Rank 0's parameters and buffers are broadcast
+    once, when the model is wrapped; buffers are not broadcast again at every forward (the router biases move
+    identically on every rank from all-reduced loads, and a forward on one rank only, as in generation, must not
+    start a collective). Modules whose parameters are all :data:`dsk.api.SHARDED_PARAM` are left out.
+    """
+
+    kind = "replicate"
+
+    def wrap_model(self, model: nn.Module, run: Any) -> nn.Module:
+        """Apply ``replicate`` to ``model`` in place (names and the module tree are unchanged)."""
+        if self._world == 1:
+            return model
+        from torch.distributed._composable.replicate import replicate
+
+        ignored = _modules_of_sharded_params(model, self.name)
+        bucket = getattr(self.config, "bucket_cap_mb", 25.0)
+        placement = {"device_id": torch.device(f"cuda:{self._local_rank()}")} if self._cuda else {}
+        replicate(
+            model,
+            ignored_modules=ignored,
+            process_group=self.group,
+            forward_sync_buffers=False,
+            bucket_cap_mb=bucket,
+            **placement,
+        )
+        # the DDP reducer is made at the first forward, and its construction is collective (rank 0's weights are
+        # broadcast): make it now, while every rank is building the run, not in a forward only some ranks run
+        replicate.state(model).lazy_init()
+        return model
+
+
+def _modules_of_sharded_params(model: nn.Module, name: str) -> set[nn.Module]:
+    """The modules whose own parameters are all :data:`~dsk.api.SHARDED_PARAM` (replicate ignores whole modules).
+
+    Raises:
+        RunSetupError: a module holds sharded and replicated parameters side by side.
+    """
+    out = set()
+    for mod_name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        sharded = [p for p in own if _sharded_elsewhere(p)]
+        if sharded and len(sharded) < len(own):
+            raise RunSetupError(
+                f"parallel.{name}: module {mod_name!r} holds both sharded ({SHARDED_PARAM}) and replicated "
+                "parameters; replicate can leave out whole modules only"
+            )
+        if sharded:
+            out.add(module)
+    return out
+
+
+class FSDP(_DataParallel):
+    """``[parallel.<key>] type = "fsdp"``: FSDP2 ``fully_shard`` on each transformer block, then on the root.
+
+    Mixed precision: with ``[features.bf16]`` on, its autocast hooks stay in charge of the compute dtypes and FSDP
+    reduces the gradients in the feature's ``reduce_dtype``; the parameters are gathered in FP32. Gathering them
+    in BF16 (``param_dtype``) would also make FSDP cast each block's inputs and every parameter of a unit to BF16:
+    the residual stream, the RMSNorm gains and the router weights, which one-process bf16 keeps in FP32 (the
+    docstring of ``dsk_precision.bf16`` lists them). With FP32 gathers the numbers are those of one process.
+
+    Clipping needs nothing of its own: the gradients are DTensors, and torch's ``clip_grad_norm_`` on them all-reduces
+    the shards' partial norms, so it clips by the whole model's norm (the base class's method; checked against one
+    process), and a composed strategy that clips by its own rule sees the same DTensors.
+    """
+
+    kind = "fsdp"
+
+    def wrap_model(self, model: nn.Module, run: Any) -> nn.Module:
+        """Shard every :class:`dsk.api.runtime.Block` (main layers and MTP blocks), then each of the root's other
+        parts with parameters of their own, then the root; in place (names unchanged).
+
+        The root's parts (embedding, final norm, output head, the MTP heads' own projections) are units of their
+        own so that a caller may run one outside the root's forward: generation runs ``lm_head`` on the last
+        hidden states, speculative decoding the MTP heads. Parts that share a parameter (a tied head and the
+        embedding) form one unit.
+        """
+        from torch.distributed.fsdp import fully_shard
+
+        kwargs = {
+            "mesh": self.mesh,
+            "reshard_after_forward": bool(getattr(self.config, "reshard_after_forward", True)),
+            "mp_policy": self._mp_policy(run),
+        }
+        ignored = {p for p in model.parameters() if _sharded_elsewhere(p)}
+
+        def shard(module: nn.Module | list[nn.Module]) -> None:
+            mods = module if isinstance(module, list) else [module]
+            own = ignored & {p for m in mods for p in m.parameters()}
+            fully_shard(module, ignored_params=own or None, **kwargs)
+
+        managed: set[nn.Parameter] = set(ignored)
+        for block in [m for m in model.modules() if isinstance(m, Block)]:
+            shard(block)
+            managed |= set(block.parameters())
+        units: list[tuple[list[nn.Module], set[nn.Parameter]]] = []
+        for child in model.children():
+            own = set(child.parameters()) - managed
+            if not own:
+                continue
+            for mods, params in units:
+                if params & own:  # a shared parameter: one unit
+                    mods.append(child)
+                    params |= own
+                    break
+            else:
+                units.append(([child], own))
+        for mods, _ in units:
+            shard(mods if len(mods) > 1 else mods[0])
+        shard(model)
+        return model
+
+    def _mp_policy(self, run: Any) -> Any:
+        """FSDP's MixedPrecisionPolicy: the reduce dtype of a feature's precision policy (see the class docstring)."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        for feature in _features_of(run):
+            policy = getattr(feature, "policy", None)
+            if policy is not None and hasattr(policy, "fsdp_policy"):
+                wanted = policy.fsdp_policy()
+                return MixedPrecisionPolicy(param_dtype=None, reduce_dtype=wanted.reduce_dtype)
+        return MixedPrecisionPolicy()
+
+    def wrap_optimizer(self, optimizer: Any, model: nn.Module, run: Any) -> Any:
+        self._refuse_optimizer_wrappers(
+            run, "its host copies of the parameters would be whole tensors, FSDP's are shards (DTensors)"
+        )
+        return optimizer
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _options(**kwargs: Any) -> Any:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(**kwargs)
+
+    def model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The full model state gathered on the writer (CPU); ``{}`` on the other ranks."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        state = get_model_state_dict(model, options=self._options(full_state_dict=True, cpu_offload=True))
+        if not self.is_writer:
+            return {}
+        if getattr(getattr(model, "config", None), "tie_embeddings", False):
+            state.pop("lm_head.weight", None)  # the one-process format: the loader re-ties it
+        return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+    def load_model_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor], where: str) -> bool:
+        """Load a full state (every rank holds it) into the sharded model; each rank keeps its shards."""
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        state = dict(state)
+        if getattr(getattr(model, "config", None), "tie_embeddings", False) and "lm_head.weight" not in state:
+            if "embed_tokens.weight" in state:
+                state["lm_head.weight"] = state["embed_tokens.weight"]
+        expected = set(model.state_dict())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise RunSetupError(
+                f"{where}: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+        try:
+            set_model_state_dict(model, state, options=self._options(full_state_dict=True, strict=True))
+        except (RuntimeError, ValueError) as exc:
+            raise RunSetupError(f"{where}: weights do not match the model: {exc}") from None
+        return True
+
+    def optimizer_state_dict(
+        self, optimizer: torch.optim.Optimizer, model: nn.Module
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The full optimizer state in dsk's named format, gathered on the writer (``({}, {})`` elsewhere)."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        by_name: dict[str, dict[str, Any]] = {}
+        if optimizer.state:  # empty before the first step, on every rank alike: nothing to gather
+            full = get_optimizer_state_dict(
+                model, optimizer, options=self._options(full_state_dict=True, cpu_offload=True)
+            )
+            by_name = dict(full.get("state", {}))  # the writer's: the other ranks get nothing with cpu_offload
+        if not self.is_writer:
+            return {}, {}
+        state = {
+            p: by_name[name]
+            for g in optimizer.param_groups
+            for name, p in zip(g["names"], g["params"], strict=True)
+            if name in by_name
+        }
+        return _to_dsk_format(optimizer, type(optimizer).__name__, state)
+
+    def load_optimizer_state_dict(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        tensors: dict[str, torch.Tensor],
+        meta: dict[str, Any],
+        where: str,
+    ) -> bool:
+        """Load a full dsk-format state (every rank holds it); each rank keeps the shards of its parameters."""
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        loaded = _from_dsk_format(optimizer, type(optimizer).__name__, tensors, meta, where)
+        if not loaded["state"]:  # a state saved before the first step: the fresh optimizer is that state
+            return True
+        names = [n for g in loaded["param_groups"] for n in g["names"]]
+        state = {
+            "state": {names[i]: entry for i, entry in loaded["state"].items()},
+            "param_groups": [{**g, "params": list(g["names"])} for g in loaded["param_groups"]],
+        }
+        set_optimizer_state_dict(model, optimizer, state, options=self._options(full_state_dict=True))
+        return True
+
+
+class Zero1(Replicate):
+    """``[parallel.<key>] type = "zero1"``: ``replicate``'s gradient all-reduce, the optimizer state sharded.
+
+    :meth:`wrap_optimizer` rebuilds the ``[optimizer]`` component's optimizer as a ``ZeroRedundancyOptimizer`` of
+    the same class, param groups (with their ``"names"``) and defaults: each rank holds the state of its share of
+    the parameters (a greedy size balance), runs the update on that share and broadcasts the new values. The
+    schedule sets ``lr`` on the outer groups as usual (ZeRO copies it to the inner optimizer at each step).
+    A feature that wraps the optimizer afterwards (CPU offload) is refused: it would step copies of the parameters
+    that ZeRO does not own.
+    """
+
+    kind = "zero1"
+
+    def wrap_optimizer(self, optimizer: Any, model: nn.Module, run: Any) -> Any:
+        """A ZeroRedundancyOptimizer over the same groups as ``optimizer`` (whose state must still be empty)."""
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        self._refuse_optimizer_wrappers(
+            run, "it would step host copies of the parameters, while ZeRO-1 steps each rank's share of the real ones"
+        )
+        if optimizer.state:
+            raise RunSetupError(f"parallel.{self.name}: the optimizer already has state; ZeRO-1 must wrap a new one")
+        if any(_sharded_elsewhere(p) for g in optimizer.param_groups for p in g["params"]):
+            # ZeRO broadcasts each parameter from the rank that updated it: a slice that differs between ranks
+            # (an expert shard) would be overwritten by another rank's slice
+            raise RunSetupError(
+                f'parallel.{self.name} (type = "zero1"): the model has parameters another [parallel.*] strategy '
+                "sharded (expert slices), which ZeroRedundancyOptimizer would overwrite with other ranks' slices; "
+                'use type = "replicate" or "fsdp" with it'
+            )
+        groups = [dict(g) for g in optimizer.param_groups]
+        return ZeroRedundancyOptimizer(
+            groups, optimizer_class=type(optimizer), process_group=self.group, **_constructor_defaults(optimizer)
+        )
+
+    def optimizer_state_dict(
+        self, optimizer: torch.optim.Optimizer, model: nn.Module
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Every rank's shard consolidated on the writer, in dsk's named format (``({}, {})`` elsewhere)."""
+        zero = _zero_of(optimizer, self.name)
+        zero.consolidate_state_dict(to=0)
+        if not self.is_writer:
+            return {}, {}
+        full = zero.state_dict()  # the state by global index over the outer groups
+        zero._all_state_dicts = []  # drop the consolidated copy: it is the whole optimizer state
+        params = [p for g in zero.param_groups for p in g["params"]]
+        state = {params[i]: entry for i, entry in full["state"].items() if entry}
+        return _to_dsk_format(zero, type(zero.optim).__name__, state)
+
+    def load_optimizer_state_dict(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        tensors: dict[str, torch.Tensor],
+        meta: dict[str, Any],
+        where: str,
+    ) -> bool:
+        """Load a full dsk-format state on every rank; ZeRO keeps the entries of this rank's share only."""
+        zero = _zero_of(optimizer, self.name)
+        zero.load_state_dict(_from_dsk_format(zero, type(zero.optim).__name__, tensors, meta, where))
+        # the outer optimizer keeps a dtype-cast copy of this rank's entries that nothing reads (steps use the
+        # inner optimizer's state, which keeps the saved dtypes: BF16 moments stay BF16)
+        zero.state.clear()
+        return True
+
+
+def _constructor_defaults(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's defaults that its constructor takes (torch's AdamW records ``decoupled_weight_decay``, which
+    its ``__init__`` does not accept); every group keeps all its keys, which ZeRO copies to its inner groups."""
+    import inspect
+
+    params = inspect.signature(type(optimizer).__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(optimizer.defaults)
+    return {k: v for k, v in optimizer.defaults.items() if k in params}
+
+
+def _zero_of(optimizer: Any, name: str) -> Any:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    if not isinstance(optimizer, ZeroRedundancyOptimizer):
+        raise RunSetupError(f"parallel.{name}: the run's optimizer is a {type(optimizer).__name__}, not ZeRO-1's")
+    return optimizer
+
+
+# -- dsk's optimizer format, through dsk.api.runtime's own converters ---------------------------------------------
+class _Named:
+    """What :func:`dsk.api.runtime.optimizer_state_to_tensors` and :func:`~dsk.api.runtime.load_optimizer_state`
+    read of an optimizer (its class name, ``param_groups`` with ``"names"``, ``state`` by parameter), standing in
+    for one whose state is spread over the ranks; ``load_state_dict`` keeps the torch-format state it is given."""
+
+    def __init__(self, param_groups: list[dict[str, Any]], state: dict[Any, dict[str, Any]]):
+        self.param_groups = param_groups
+        self.state = state
+        self.loaded: dict[str, Any] = {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.loaded = state_dict
+
+
+def _named(class_name: str, param_groups: list[dict[str, Any]], state: dict[Any, dict[str, Any]]) -> _Named:
+    """A :class:`_Named` whose type is called ``class_name`` (the format records the optimizer's class)."""
+    return type(class_name, (_Named,), {})(param_groups, state)
+
+
+def _to_dsk_format(
+    optimizer: Any, class_name: str, state: dict[Any, dict[str, Any]]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(tensors, meta)`` of dsk's format from ``optimizer``'s groups and the full ``state`` by parameter."""
+    from dsk.api.runtime import optimizer_state_to_tensors
+
+    return optimizer_state_to_tensors(_named(class_name, optimizer.param_groups, state))
+
+
+def _from_dsk_format(
+    optimizer: Any, class_name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any], where: str
+) -> dict[str, Any]:
+    """The torch-format state dict (state by global index over ``optimizer``'s groups) of a dsk-format state,
+    checked against the optimizer by :func:`dsk.api.runtime.load_optimizer_state` (class, groups, names)."""
+    from dsk.api.runtime import load_optimizer_state
+
+    named = _named(class_name, optimizer.param_groups, {})
+    load_optimizer_state(named, tensors, meta, where)
+    return named.loaded
+
+
+def _features_of(run: Any) -> list[Any]:
+    """The run's built features (``run.features`` where the build path set it), else built from ``[features.*]``
+    (cheap: a feature's constructor reads its config; only its stages act on the model)."""
+    features = getattr(run, "features", None)
+    if features:
+        return list(features)
+    section = getattr(run, "section", None)
+    slots = (section("features") if section is not None else None) or {}
+    out = []
+    for slot in slots.values():
+        try:
+            out.append(slot.build())
+        except Exception:  # noqa: BLE001 - the build path builds it again and reports its error
+            continue
+    return out
