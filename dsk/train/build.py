@@ -393,6 +393,7 @@ def build_run(
     tokenizer = tokenizer if tokenizer is not None else ctx.build_tokenizer()
     task = ctx.build_task() if with_task else None
     features = _build_features(ctx)
+    ctx.features = features
     torch.manual_seed(ctx.seed)  # the model's initial weights are a function of the seed
     model = ctx.build_model(tokenizer.vocab_size)
     model = _apply(features, "transform_model", model, ctx)

@@ -101,6 +101,8 @@ class RunContext:
         interrupt: set when Ctrl-C / SIGTERM arrives; the trainer saves and raises :class:`RunInterrupted`.
         parallel: the stage's parallel strategy (:class:`dsk.api.ParallelStrategy`), set by the build path; before
             that, rank and world size come from the launcher's environment (``RANK``, ``WORLD_SIZE``).
+        features: the stage's built features (:class:`dsk.api.Feature`, in application order), set by the build path
+            before the strategy wraps the model (a sharding strategy reads a precision policy from them).
         save_delay: test hook, seconds slept inside each checkpoint save before its rename (0 in real runs), for
             saves of step ``save_delay_from_step`` or later.
     """
@@ -119,6 +121,7 @@ class RunContext:
     resume_from: Path | None = None
     interrupt: InterruptFlag = field(default_factory=InterruptFlag)
     parallel: Any = None
+    features: Any = None
     save_delay: float = 0.0
     save_delay_from_step: int = 0
 

@@ -102,7 +102,11 @@ class AdamWBF16(torch.optim.Optimizer):
         filled = 0
         for p in params:
             state = self.state[p]
-            tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+            # FSDP2 shards are DTensors, which have no _foreach_copy_: the update is elementwise, the local shards do
+            tensors = tuple(
+                t.to_local() if hasattr(t, "to_local") else t
+                for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+            )
             n = p.numel()
             if n > self.chunk and all(t.is_contiguous() for t in tensors):
                 flat = [t.view(-1) for t in tensors]
