@@ -310,10 +310,10 @@ class ExpertShardable(Protocol):
     so the strategy can gather and slice them for checkpoints.
 
     Attributes:
-        n_routed_experts: E, the number of routed experts of the whole layer.
+        total_experts: E, the number of routed experts of the whole layer (sharded or not).
     """
 
-    n_routed_experts: int
+    total_experts: int
 
     def shard_experts(self, start: int, stop: int, dispatcher: Any) -> None:
         """Keep routed experts ``start:stop`` only and route through ``dispatcher`` (see the class docstring)."""

@@ -49,7 +49,8 @@ class MoE(nn.Module):
     ``step_metrics``) delegate to the router, which names them differently so that they are found once per layer.
 
     Attributes:
-        n_routed_experts: E of the whole layer (:class:`dsk.api.ExpertShardable`), whether sharded or not.
+        n_routed_experts: E of the whole layer, whether sharded or not (``total_experts``, the same number, is the
+            name :class:`dsk.api.ExpertShardable` reads).
         expert_range: ``(start, stop)``, the routed experts this module holds (``(0, E)`` unless sharded).
     """
 
@@ -63,7 +64,7 @@ class MoE(nn.Module):
             raise ValueError("; ".join(problems))
         self.cfg = cfg
         self.top_k = cfg.router.config.top_k
-        self.n_routed_experts = cfg.n_routed_experts
+        self.n_routed_experts = self.total_experts = cfg.n_routed_experts
         self.expert_range = (0, cfg.n_routed_experts)
         self.gate = cfg.router.build(ctx, cfg.n_routed_experts)
         self.experts = RoutedExperts(cfg.n_routed_experts, ctx.dim, cfg.expert_hidden_dim, ctx.init_std)

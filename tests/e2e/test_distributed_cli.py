@@ -184,3 +184,28 @@ def test_bad_input_with_nproc_is_exit_2_before_any_rank_starts(tmp_path):
     assert "trainer.stepz" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_grpo_on_two_ranks_raises_the_reward_and_gives_the_one_process_losses(tmp_path):
+    from tests.e2e.test_post_training import BASE, GRPO, MODEL, PROMPTS, write
+
+    root = tmp_path
+    write(root, "model.toml", MODEL)
+    rows = [{"prompt": f"({a}+{b})%5=", "completion": f"<answer>{(a + b) % 5}</answer>", "answer": str((a + b) % 5)}
+            for a, b in PROMPTS]  # fmt: skip
+    write(root, "prompts.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    base = _dsk("train", str(write(root, "base.toml", BASE)), "--run-dir", str(root / "base"), "--json")
+    assert base.returncode == 0, base.stderr[-3000:]
+    recipe = write(root, "grpo.toml", GRPO.format(base=json.loads(base.stdout)["checkpoint"], root=root))
+    short = ["--set", "trainer.steps=20", "--set", "trainer.log_completions=0"]
+    one = _dsk("train", str(recipe), *short, "--run-dir", str(root / "one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _dsk("train", str(recipe), "--nproc", "2", *short, "--run-dir", str(root / "two"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    single, double = _train_rows(root / "one"), _train_rows(root / "two")
+    assert [r["step"] for r in double] == list(range(1, 21))
+    for a, b in zip(single, double, strict=True):  # the same prompts, the same completions, the same update
+        assert a["rewards/accuracy/mean"] == b["rewards/accuracy/mean"], a["step"]
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"])), (a["step"], a["loss"], b["loss"])
+    accuracy = [r["rewards/accuracy/mean"] for r in double]
+    assert sum(accuracy[-5:]) / 5 > accuracy[0] + 0.15, accuracy

@@ -224,6 +224,7 @@ CASES = {
     "fsdp": ("train", _table("fsdp")),
     "zero1": ("train", _table("zero1")),
     "zero1-adamw_bf16": ("train", _table("zero1", "adamw_bf16")),
+    "fsdp-adamw_bf16": ("train", _table("fsdp", "adamw_bf16")),
     "fsdp-bf16": ("train", _table("fsdp", bf16=True)),
     "zero1-offload": ("refused", {**_table("zero1"), "features": {"cpu": {"type": "offload"}}}),
     "fsdp-offload": ("refused", {**_table("fsdp"), "features": {"cpu": {"type": "offload"}}}),
@@ -256,7 +257,7 @@ def reference(tmp_path_factory) -> dict:
     return {k: _one_process(t, tmp_path_factory.mktemp(k), bf16=k == "bf16") for k, t in tables.items()}
 
 
-@pytest.mark.parametrize("case", ["replicate", "fsdp", "zero1", "zero1-adamw_bf16"])
+@pytest.mark.parametrize("case", ["replicate", "fsdp", "zero1", "zero1-adamw_bf16", "fsdp-adamw_bf16"])
 def test_two_ranks_train_and_checkpoint_as_one_process(two_ranks, reference, case):
     kind, _, optimizer = case.partition("-")
     ref, ranks = reference[optimizer or "adamw"], two_ranks[case]
@@ -272,7 +273,7 @@ def test_two_ranks_train_and_checkpoint_as_one_process(two_ranks, reference, cas
     _close(writer["tensors"], ref["tensors"], f"{case} optimizer state tensors")
     assert writer["meta"] == ref["meta"]  # class, groups with names and hyper-parameters, non-tensor state
     _close(writer["final"], ref["final"], f"{case} weights after the resumed steps")
-    if optimizer == "adamw_bf16":  # the BF16 moments survive ZeRO's shards, the consolidation and the load
+    if optimizer == "adamw_bf16":  # the BF16 moments survive the shards, the gather and the load
         assert {str(v.dtype) for k, v in writer["tensors"].items() if "/exp_avg" in k} == {"torch.bfloat16"}
         assert all(r["local_dtypes"] in (["torch.bfloat16"], []) for r in ranks)
         assert any(r["local_dtypes"] for r in ranks)
