@@ -61,7 +61,7 @@ def _alive(marker: str) -> list[int]:
     return [int(p) for p in out if int(p) != os.getpid()]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per test process: xdist may interleave other modules
 def one_process(tmp_path_factory) -> Path:
     """The quickstart recipe in one process with the global batch of the 2-rank runs."""
     run = tmp_path_factory.mktemp("single") / "run"
@@ -70,7 +70,7 @@ def one_process(tmp_path_factory) -> Path:
     return run
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per test process: xdist may interleave other modules
 def two_ranks(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """The same run on 2 ranks with node-limited expert parallelism (batch PER_RANK per rank)."""
     run = tmp_path_factory.mktemp("ep2") / "run"

@@ -88,7 +88,7 @@ def _on_rank(rank: int, world_size: int) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per test process: xdist may interleave other modules
 def ranks() -> list[dict]:
     return run_ranks(_on_rank, 2)
 

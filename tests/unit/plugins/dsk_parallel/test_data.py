@@ -234,7 +234,7 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per test process: xdist may interleave other modules
 def two_ranks(tmp_path_factory) -> dict:
     """Each case's results on 2 gloo ranks: ``[rank 0's, rank 1's]``."""
     ranks = run_ranks(_cases, 2, CASES, str(tmp_path_factory.mktemp("ranks")))
@@ -249,7 +249,7 @@ def two_ranks(tmp_path_factory) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per test process: xdist may interleave other modules
 def reference(tmp_path_factory) -> dict:
     """One process on the whole batch: adamw and adamw_bf16 (float64 model), and adamw with bf16 autocast."""
     torch.set_num_threads(1)

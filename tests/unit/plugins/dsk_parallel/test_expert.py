@@ -401,12 +401,12 @@ def _four_ranks(rank, world):
     }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per test process: xdist may interleave other modules
 def two():
     return run_ranks(_two_ranks, 2)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per test process: xdist may interleave other modules
 def four():
     return run_ranks(_four_ranks, 4)
 

@@ -194,13 +194,13 @@ def _on_rank(rank: int, world_size: int, tmp: str) -> dict[str, Any]:
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per test process: xdist may interleave other modules
 def two_ranks(tmp_path_factory) -> tuple[Path, list[dict[str, Any]]]:
     tmp = tmp_path_factory.mktemp("two_ranks")
     return tmp, run_ranks(_on_rank, 2, str(tmp))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per test process: xdist may interleave other modules
 def one_process(tmp_path_factory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("one_process")
     threads = torch.get_num_threads()
