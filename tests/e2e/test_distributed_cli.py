@@ -209,3 +209,50 @@ def test_grpo_on_two_ranks_raises_the_reward_and_gives_the_one_process_losses(tm
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"])), (a["step"], a["loss"], b["loss"])
     accuracy = [r["rewards/accuracy/mean"] for r in double]
     assert sum(accuracy[-5:]) / 5 > accuracy[0] + 0.15, accuracy
+
+
+def _tensors(path: Path) -> dict:
+    """A safetensors file's tensors."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_fsdp_with_ema_and_bf16_moments_survives_a_kill_and_resume_as_one_process(tmp_path):
+    """FSDP2 shards the weights and the BF16 moments; the EMA follows the gathered weights; a 2-rank run killed
+    after its step-3 checkpoint and resumed ends with one process's weights, EMA and moments."""
+    extra = [
+        "--set", "trainer.steps=6", "--set", "trainer.eval_every=0", "--set", "trainer.eval_samples=2",
+        "--set", "trainer.eval_max_new_tokens=4", "--set", "checkpoint.every=3", "--set", "features.ema.type=ema",
+        "--set", "features.ema.decay=0.5", "--set", "optimizer.type=adamw_bf16",
+    ]  # fmt: skip
+    one = tmp_path / "one"
+    done = _dsk("train", QUICKSTART, *extra, "--set", f"trainer.batch_size={2 * PER_RANK}", "--run-dir", str(one))
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "fsdp"
+    sharded = [*extra, "--set", 'parallel.data.type="fsdp"', "--set", f"trainer.batch_size={PER_RANK}"]
+    args = [sys.executable, "-m", "dsk", "train", QUICKSTART, "--nproc", "2", *sharded, "--run-dir", str(run)]
+    launcher = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=ROOT)
+    deadline = time.monotonic() + 180
+    while not (run / "checkpoints" / "step-3" / "state.json").exists():
+        assert time.monotonic() < deadline and launcher.poll() is None, "no step-3 checkpoint"
+        time.sleep(0.05)
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait(timeout=10)
+    resumed = _dsk("train", QUICKSTART, "--nproc", "2", *sharded, "--run-dir", str(run), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    import torch
+
+    a, b = one / "checkpoints" / "step-6", run / "checkpoints" / "step-6"
+    for name in ("model.safetensors", "features.safetensors", "optimizer.safetensors"):
+        ta, tb = _tensors(a / name), _tensors(b / name)
+        assert ta.keys() == tb.keys(), name
+        for key in ta:
+            assert ta[key].dtype == tb[key].dtype, (name, key)
+            diff = (ta[key].double() - tb[key].double()).abs().max().item()
+            scale = ta[key].double().abs().max().item()
+            rel = 2.0**-7 if ta[key].dtype == torch.bfloat16 else 1e-4  # a BF16 moment may round one ulp apart
+            assert diff <= rel * max(scale, 1e-3), (name, key, diff, scale)
+    moments = _tensors(b / "optimizer.safetensors")
+    assert {str(v.dtype) for k, v in moments.items() if k.endswith("/exp_avg")} == {"torch.bfloat16"}
+    assert any(k.startswith("ema/weights/") for k in _tensors(b / "features.safetensors"))
