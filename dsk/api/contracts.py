@@ -247,6 +247,34 @@ class ParallelStrategy:
         False: not handled (:func:`dsk.api.runtime.load_optimizer_state` loads it)."""
         return False
 
+    # -- composing checkpoints (optional) ------------------------------------------------------------------------
+    # Two strategies of one run may both implement a checkpoint method: expert parallelism (it shards the experts)
+    # and ZeRO-1 (it shards the optimizer state). The run then chains them: the strategy that wraps last (the
+    # data strategy) makes the state, and each earlier one that sharded parameters itself completes its
+    # parameters' entries with gather_tensors; on load, each earlier one first keeps this rank's share with
+    # shard_tensors, then the last one loads. The last one must declare that it takes part (composes_checkpoints).
+
+    #: True when this strategy's checkpoint methods take part in such a chain: its ``model_state_dict`` /
+    #: ``optimizer_state_dict`` return, on EVERY rank (the writer with the rest of the state), the entries of the
+    #: parameters another strategy sharded (:data:`SHARDED_PARAM`) as this rank holds them, and its loaders accept
+    #: those entries as :meth:`shard_tensors` left them (this rank's share)
+    composes_checkpoints: bool = False
+
+    def gather_tensors(self, tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        """``tensors`` (a model state, or an optimizer state's tensors keyed ``"<parameter name>/<key>"``, made by
+        another strategy) with the entries of the parameters THIS strategy sharded completed into their full
+        tensors (collective: every rank calls it with the same keys of those parameters). Identity by default."""
+        return tensors
+
+    def shard_tensors(self, tensors: dict[str, torch.Tensor], model: nn.Module, where: str) -> dict[str, torch.Tensor]:
+        """The inverse of :meth:`gather_tensors` on a full state every rank read: this rank's share of the entries
+        of the parameters this strategy sharded, before another strategy loads the state. Identity by default.
+
+        Raises:
+            dsk.api.runtime.RunSetupError: an entry does not fit the parameter (the message names ``where``).
+        """
+        return tensors
+
 
 @runtime_checkable
 class AuxLossSource(Protocol):

@@ -48,31 +48,107 @@ class _Composite(ParallelStrategy):
     """Several ``[parallel.*]`` strategies on one run, e.g. expert parallelism with ZeRO-1 data parallelism.
 
     The first (in :attr:`~dsk.api.ParallelStrategy.wrap_order`, then recipe order) sets the process layout and the
-    reductions; each wraps the model and the optimizer in turn and syncs the gradients it owns. A checkpoint or
-    clipping method is the one strategy's that overrides it (expert shards, ZeRO-1 state); two strategies that
-    both override one are refused when the run is built.
+    reductions; each wraps the model and the optimizer in turn and syncs the gradients it owns. A checkpoint method
+    that one strategy overrides is that strategy's. When several override one, they chain (DeepSeek-V3's layout:
+    expert shards inside ZeRO-1): the last of them in wrap order (the data strategy) makes the state, which the
+    earlier ones complete with :meth:`~dsk.api.ParallelStrategy.gather_tensors` (their shards, gathered); on load
+    the earlier ones first keep this rank's share (:meth:`~dsk.api.ParallelStrategy.shard_tensors`), then the last
+    one loads. That needs the last one to declare :attr:`~dsk.api.ParallelStrategy.composes_checkpoints`; other
+    combinations, and two strategies that both clip, are refused when the run is built, naming the recipe keys.
     """
 
-    _SINGLE = (
-        "clip_grad_norm",
-        "model_state_dict",
-        "load_model_state_dict",
-        "optimizer_state_dict",
-        "load_optimizer_state_dict",
-    )
+    _SAVE = ("model_state_dict", "optimizer_state_dict")
+    _LOAD = ("load_model_state_dict", "load_optimizer_state_dict")
 
     def __init__(self, strategies: list[ParallelStrategy]):
         super().__init__(None)
         self.strategies = sorted(strategies, key=lambda s: s.wrap_order)
         self.name = "+".join(s.name for s in self.strategies)
-        for method in self._SINGLE:
-            owners = [s for s in self.strategies if getattr(type(s), method) is not getattr(ParallelStrategy, method)]
+        self._chains: dict[str, list[ParallelStrategy]] = {}
+        for method in ("clip_grad_norm", *self._SAVE, *self._LOAD):
+            owners = [s for s in self.strategies if self._overrides(s, method)]
             if len(owners) > 1:
+                self._check_chain(method, owners)
+                self._chains[method] = owners
+            else:
+                setattr(self, method, getattr(owners[0] if owners else super(), method))
+
+    @staticmethod
+    def _overrides(strategy: ParallelStrategy, method: str) -> bool:
+        return getattr(type(strategy), method) is not getattr(ParallelStrategy, method)
+
+    def _check_chain(self, method: str, owners: list[ParallelStrategy]) -> None:
+        """Raise unless ``owners`` (all overriding ``method``) can chain it (class docstring)."""
+        first, last = owners[0], owners[-1]
+        keys = f"parallel.{first.name} and parallel.{last.name}"
+        if method == "clip_grad_norm":
+            raise RunSetupError(f"{keys} both implement clip_grad_norm; dsk cannot compose these two strategies")
+        hook = "gather_tensors" if method in self._SAVE else "shard_tensors"
+        for s in owners[:-1]:
+            if not self._overrides(s, hook):
                 raise RunSetupError(
-                    f"parallel.{owners[0].name} and parallel.{owners[1].name} both implement {method}; "
-                    "dsk cannot compose these two strategies"
+                    f"{keys} both implement {method}, and parallel.{s.name} ({type(s).__name__}) has no {hook} to "
+                    f"chain it with parallel.{last.name}'s; dsk cannot compose these two strategies"
                 )
-            setattr(self, method, getattr(owners[0] if owners else super(), method))
+        if not last.composes_checkpoints:
+            raise RunSetupError(
+                f"{keys} both implement {method}, and parallel.{last.name} ({type(last).__name__}) does not hand "
+                f"the parameters parallel.{first.name} sharded to it (composes_checkpoints); dsk cannot compose "
+                f"these two strategies: change parallel.{last.name}.type (zero1 and replicate compose)"
+            )
+
+    # -- chained checkpoint methods: __init__ binds the one owner's method over these where there is one ----------
+    def model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
+        from dsk.train.checkpoint import model_state_for_saving
+
+        *earlier, last = self._chains["model_state_dict"]
+        state = last.model_state_dict(model)
+        state = state if state is not None else model_state_for_saving(model)
+        for s in reversed(earlier):
+            state = s.gather_tensors(state, model)
+        return state
+
+    def load_model_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor], where: str) -> bool:
+        from dsk.train.checkpoint import CheckpointLoadError, load_model_weights
+
+        *earlier, last = self._chains["load_model_state_dict"]
+        for s in earlier:
+            state = s.shard_tensors(state, model, where)
+        if not last.load_model_state_dict(model, state, where):
+            try:
+                load_model_weights(model, state, where)
+            except CheckpointLoadError as exc:
+                raise RunSetupError(str(exc)) from None
+        return True
+
+    def optimizer_state_dict(
+        self, optimizer: torch.optim.Optimizer, model: nn.Module
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        from dsk.train.optim import optimizer_state_to_tensors
+
+        *earlier, last = self._chains["optimizer_state_dict"]
+        state = last.optimizer_state_dict(optimizer, model)
+        tensors, meta = state if state is not None else optimizer_state_to_tensors(optimizer)
+        for s in reversed(earlier):
+            tensors = s.gather_tensors(tensors, model)
+        return tensors, meta
+
+    def load_optimizer_state_dict(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        tensors: dict[str, torch.Tensor],
+        meta: dict[str, Any],
+        where: str,
+    ) -> bool:
+        from dsk.train.optim import load_optimizer_state
+
+        *earlier, last = self._chains["load_optimizer_state_dict"]
+        for s in earlier:
+            tensors = s.shard_tensors(tensors, model, where)
+        if not last.load_optimizer_state_dict(optimizer, model, tensors, meta, where):
+            load_optimizer_state(optimizer, tensors, meta, where)
+        return True
 
     def setup(self, run: Any) -> None:
         for s in self.strategies:

@@ -15,14 +15,17 @@ gradient the mean over the ranks, so N ranks with batch b train as one process w
   DeepSeek-V3 trained with.
 
 Parameters another strategy sharded itself (:data:`dsk.api.SHARDED_PARAM`, expert slices) are left out of the
-wrap and of every reduction by ``replicate`` and ``fsdp``; ``zero1`` refuses them (ZeRO would broadcast one
-rank's slice over the others'). Checkpoints are the one-process format: the checkpoint methods gather the full
-state on the writer under the unwrapped model's names and load a full state on every rank.
+wrap and of every reduction by ``replicate``, ``fsdp`` and ``zero1``. ``zero1`` steps them apart from ZeRO
+(:class:`ZeroWithShards`: ZeRO would broadcast one rank's slice over the others'), and its checkpoint methods
+chain with that strategy's (``composes_checkpoints``): DeepSeek-V3's layout, expert parallelism inside ZeRO-1 data
+parallelism. Checkpoints are the one-process format: the checkpoint methods gather the full state on the writer
+under the unwrapped model's names and load a full state on every rank.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -32,7 +35,7 @@ from torch import nn
 from dsk.api import SHARDED_PARAM, ParallelStrategy
 from dsk.api.runtime import Block, RunSetupError
 
-__all__ = ["FSDP", "Replicate", "Zero1"]
+__all__ = ["FSDP", "Replicate", "Zero1", "ZeroWithShards"]
 
 _OPS = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 
@@ -398,12 +401,20 @@ class Zero1(Replicate):
     schedule sets ``lr`` on the outer groups as usual (ZeRO copies it to the inner optimizer at each step).
     A feature that wraps the optimizer afterwards (CPU offload) is refused: it would step copies of the parameters
     that ZeRO does not own.
+
+    With another ``[parallel.*]`` strategy that sharded parameters itself (expert parallelism: its slices differ
+    per rank), the optimizer is a :class:`ZeroWithShards` instead: ZeRO over the other parameters, a plain local
+    optimizer of the same class over the slices. The checkpoint methods then return each rank's slices' state on
+    every rank, for that strategy to gather (``composes_checkpoints``: the build path chains the two strategies'
+    checkpoint methods), and load the slices it cut from a full state.
     """
 
     kind = "zero1"
+    composes_checkpoints = True
 
     def wrap_optimizer(self, optimizer: Any, model: nn.Module, run: Any) -> Any:
-        """A ZeroRedundancyOptimizer over the same groups as ``optimizer`` (whose state must still be empty)."""
+        """A ZeroRedundancyOptimizer over the same groups as ``optimizer`` (whose state must still be empty), or a
+        :class:`ZeroWithShards` when another strategy sharded some of the parameters."""
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
         self._refuse_optimizer_wrappers(
@@ -412,13 +423,17 @@ class Zero1(Replicate):
         if optimizer.state:
             raise RunSetupError(f"parallel.{self.name}: the optimizer already has state; ZeRO-1 must wrap a new one")
         if any(_sharded_elsewhere(p) for g in optimizer.param_groups for p in g["params"]):
-            # ZeRO broadcasts each parameter from the rank that updated it: a slice that differs between ranks
-            # (an expert shard) would be overwritten by another rank's slice
-            raise RunSetupError(
-                f'parallel.{self.name} (type = "zero1"): the model has parameters another [parallel.*] strategy '
-                "sharded (expert slices), which ZeroRedundancyOptimizer would overwrite with other ranks' slices; "
-                'use type = "replicate" or "fsdp" with it'
-            )
+            section = getattr(run, "section", None)
+            others = [k for k in ((section("parallel") if section is not None else None) or {}) if k != self.name]
+            if not others:
+                # nobody owns these slices' gradients and checkpoints: ZeRO would broadcast one rank's slice over
+                # the others', and no strategy would gather them
+                raise RunSetupError(
+                    f'parallel.{self.name} (type = "zero1"): the model has parameters sharded outside any '
+                    "[parallel.*] strategy of the recipe (expert slices), which ZeroRedundancyOptimizer would "
+                    "overwrite with other ranks' slices; add the strategy that shards them (parallel.expert)"
+                )
+            return ZeroWithShards(optimizer, self.group)
         groups = [dict(g) for g in optimizer.param_groups]
         return ZeroRedundancyOptimizer(
             groups, optimizer_class=type(optimizer), process_group=self.group, **_constructor_defaults(optimizer)
@@ -427,15 +442,18 @@ class Zero1(Replicate):
     def optimizer_state_dict(
         self, optimizer: torch.optim.Optimizer, model: nn.Module
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Every rank's shard consolidated on the writer, in dsk's named format (``({}, {})`` elsewhere)."""
+        """Every rank's shard consolidated on the writer, in dsk's named format (``({}, {})`` elsewhere).
+
+        With a :class:`ZeroWithShards`, every rank also returns the state of its own slices (the writer with the
+        consolidated rest): the strategy that sharded them gathers them next (collective over its group)."""
+        if isinstance(optimizer, ZeroWithShards):
+            state = _consolidated(optimizer.zero, self.is_writer) if optimizer.zero is not None else {}
+            state.update({p: entry for p, entry in optimizer.local.state.items() if entry})
+            return _to_dsk_format(optimizer, type(optimizer.local).__name__, state)
         zero = _zero_of(optimizer, self.name)
-        zero.consolidate_state_dict(to=0)
+        state = _consolidated(zero, self.is_writer)
         if not self.is_writer:
             return {}, {}
-        full = zero.state_dict()  # the state by global index over the outer groups
-        zero._all_state_dicts = []  # drop the consolidated copy: it is the whole optimizer state
-        params = [p for g in zero.param_groups for p in g["params"]]
-        state = {params[i]: entry for i, entry in full["state"].items() if entry}
         return _to_dsk_format(zero, type(zero.optim).__name__, state)
 
     def load_optimizer_state_dict(
@@ -446,13 +464,153 @@ class Zero1(Replicate):
         meta: dict[str, Any],
         where: str,
     ) -> bool:
-        """Load a full dsk-format state on every rank; ZeRO keeps the entries of this rank's share only."""
+        """Load a full dsk-format state on every rank; ZeRO keeps the entries of this rank's share only (a
+        :class:`ZeroWithShards` also loads the slices' entries, already cut to this rank's slices)."""
+        if isinstance(optimizer, ZeroWithShards):
+            optimizer.load_full(_from_dsk_format(optimizer, type(optimizer.local).__name__, tensors, meta, where))
+            return True
         zero = _zero_of(optimizer, self.name)
-        zero.load_state_dict(_from_dsk_format(zero, type(zero.optim).__name__, tensors, meta, where))
-        # the outer optimizer keeps a dtype-cast copy of this rank's entries that nothing reads (steps use the
-        # inner optimizer's state, which keeps the saved dtypes: BF16 moments stay BF16)
-        zero.state.clear()
+        _load_zero(zero, _from_dsk_format(zero, type(zero.optim).__name__, tensors, meta, where))
         return True
+
+
+def _consolidated(zero: Any, is_writer: bool) -> dict[torch.Tensor, dict[str, Any]]:
+    """ZeRO's state of every parameter, by parameter, on the writer (collective; ``{}`` on the other ranks)."""
+    zero.consolidate_state_dict(to=0)
+    if not is_writer:
+        return {}
+    full = zero.state_dict()  # the state by global index over the outer groups
+    zero._all_state_dicts = []  # drop the consolidated copy: it is the whole optimizer state
+    params = [p for g in zero.param_groups for p in g["params"]]
+    return {params[i]: entry for i, entry in full["state"].items() if entry}
+
+
+def _load_zero(zero: Any, state_dict: dict[str, Any]) -> None:
+    """A full torch-format state into ZeRO (it keeps this rank's share)."""
+    zero.load_state_dict(state_dict)
+    # the outer optimizer keeps a dtype-cast copy of this rank's entries that nothing reads (steps use the inner
+    # optimizer's state, which keeps the saved dtypes: BF16 moments stay BF16)
+    zero.state.clear()
+
+
+class _StateOfParams(Mapping):
+    """``optimizer.state`` of a :class:`ZeroWithShards` by parameter: ZeRO's inner state of this rank's share of
+    the replicated parameters, the local optimizer's of the slices."""
+
+    def __init__(self, owner: ZeroWithShards):
+        self._owner = owner
+
+    def _parts(self) -> list[Any]:
+        zero = self._owner.zero
+        return ([zero.optim.state] if zero is not None else []) + [self._owner.local.state]
+
+    def __getitem__(self, p: torch.Tensor) -> dict[str, Any]:
+        for part in self._parts():
+            if p in part:
+                return part[p]
+        raise KeyError(p)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (p for part in self._parts() for p in part)
+
+    def __len__(self) -> int:
+        return sum(len(part) for part in self._parts())
+
+
+class ZeroWithShards(torch.optim.Optimizer):
+    """ZeRO-1 over the replicated parameters, a plain local optimizer over the slices another strategy sharded.
+
+    The slices (:data:`dsk.api.SHARDED_PARAM`, expert parallelism's) differ per rank, so ZeRO, which updates each
+    parameter on one rank and broadcasts it to the others, must never hold them: each rank steps its own with an
+    instance of the same optimizer class (the same defaults and group hyper-parameters). The outer
+    ``param_groups`` are the ``[optimizer]`` component's (one-process names and order, every parameter): the
+    schedule writes ``lr`` there and clipping reads the parameters there; each step copies the groups'
+    hyper-parameters onto the two inner optimizers' groups.
+
+    Args:
+        optimizer: the freshly built ``[optimizer]`` (no state yet); its groups record ``"names"``.
+        group: the data-parallel process group ZeRO shards over.
+
+    Attributes:
+        zero: the ZeroRedundancyOptimizer over the replicated parameters (None when there are none).
+        local: the optimizer over this rank's slices.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, group: Any):
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        kind, defaults = type(optimizer), _constructor_defaults(optimizer)
+        groups = [dict(g) for g in optimizer.param_groups]
+        dense: list[dict[str, Any]] = []
+        sharded: list[dict[str, Any]] = []
+        #: per outer group: (index in zero's groups or None, index in local's groups or None)
+        self._routes: list[tuple[int | None, int | None]] = []
+        for g in groups:
+            names = list(g.get("names") or [""] * len(g["params"]))
+            hyper = {k: v for k, v in g.items() if k not in ("params", "names")}
+            route: list[int | None] = [None, None]
+            for slot, out, keep in ((0, dense, False), (1, sharded, True)):
+                pairs = [(n, p) for n, p in zip(names, g["params"], strict=True) if _sharded_elsewhere(p) is keep]
+                if pairs:
+                    route[slot] = len(out)
+                    out.append({**hyper, "params": [p for _, p in pairs], "names": [n for n, _ in pairs]})
+            self._routes.append((route[0], route[1]))
+        self.zero = (
+            ZeroRedundancyOptimizer(dense, optimizer_class=kind, process_group=group, **defaults) if dense else None
+        )
+        self.local = kind(sharded, **defaults)
+        super().__init__(groups, dict(optimizer.defaults))
+        self.state = _StateOfParams(self)  # type: ignore[assignment]
+
+    def _push_hyperparameters(self) -> None:
+        """Every outer group key but ``params`` and ``names`` (lr set by the schedule, weight decay...) onto the
+        inner groups it feeds (ZeRO copies them on to its own inner optimizer when it steps)."""
+        for outer, (zi, li) in zip(self.param_groups, self._routes, strict=True):
+            inner = [self.zero.param_groups[zi]] if zi is not None else []
+            inner += [self.local.param_groups[li]] if li is not None else []
+            hyper = {k: v for k, v in outer.items() if k not in ("params", "names")}
+            for group in inner:
+                group.update(hyper)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """ZeRO's step (this rank's share, then the broadcasts), then the local step of this rank's slices."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._push_hyperparameters()
+        if self.zero is not None:
+            self.zero.step()
+        self.local.step()
+        return loss
+
+    def load_full(self, state_dict: dict[str, Any]) -> None:
+        """A torch-format state over the outer groups (every parameter; the slices' entries already this rank's)
+        into the two inner optimizers: ZeRO keeps its share of the rest, the local optimizer the slices'."""
+        split: list[dict[str, Any]] = [{"state": {}, "param_groups": []}, {"state": {}, "param_groups": []}]
+        counts = [0, 0]
+        for g, saved in enumerate(state_dict["param_groups"]):
+            outer, routes = self.param_groups[g], self._routes[g]
+            ids: list[list[int]] = [[], []]
+            names: list[list[str]] = [[], []]
+            group_names = saved.get("names") or outer.get("names") or [""] * len(outer["params"])
+            for index, p, name in zip(saved["params"], outer["params"], group_names, strict=True):
+                slot = 1 if _sharded_elsewhere(p) else 0
+                if index in state_dict["state"]:
+                    split[slot]["state"][counts[slot]] = state_dict["state"][index]
+                ids[slot].append(counts[slot])
+                names[slot].append(name)
+                counts[slot] += 1
+            hyper = {k: v for k, v in saved.items() if k not in ("params", "names")}
+            for slot, inner in enumerate(routes):
+                if inner is not None:
+                    split[slot]["param_groups"].append({**hyper, "params": ids[slot], "names": names[slot]})
+        if self.zero is not None:
+            _load_zero(self.zero, split[0])
+        self.local.load_state_dict(split[1])
+        for outer, saved in zip(self.param_groups, state_dict["param_groups"], strict=True):
+            outer.update({k: v for k, v in saved.items() if k not in ("params", "names")})
 
 
 def _constructor_defaults(optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -451,7 +451,7 @@ class NodeLimitedExperts(ParallelStrategy):
         for _, layer in layers:
             n_groups, topk_groups = layer.expert_groups()
             problems = node_limit_problems(
-                key, self.ep, self.ranks_per_node, cfg.max_nodes, n_groups, topk_groups, layer.n_routed_experts
+                key, self.ep, self.ranks_per_node, cfg.max_nodes, n_groups, topk_groups, layer.total_experts
             )
             dim = getattr(getattr(layer, "experts", None), "dim", None)
             if cfg.fp8_dispatch and isinstance(dim, int) and dim % cfg.fp8_block:
@@ -460,7 +460,7 @@ class NodeLimitedExperts(ParallelStrategy):
                 raise RunSetupError("; ".join(message for _, message in problems))
         self.max_nodes = cfg.max_nodes if cfg.max_nodes is not None else layers[0][1].expert_groups()[1]
         for _, layer in layers:
-            E = layer.n_routed_experts
+            E = layer.total_experts
             start, stop = self.ep_rank * E // self.ep, (self.ep_rank + 1) * E // self.ep
             dispatcher = NodeLimitedDispatcher(
                 E,
@@ -540,11 +540,14 @@ class NodeLimitedExperts(ParallelStrategy):
         if not grads:
             return torch.zeros(())
         dense, sharded = _dense_and_sharded([p for p in params if p.grad is not None])
-        sq = torch.zeros((), dtype=torch.float32, device=grads[0].device)
+        # the norm in FP32, or in FP64 for FP64 gradients (a float64 run compares with one process to 1e-10)
+        dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+        sq = torch.zeros((), dtype=dtype, device=grads[0].device)
         if dense:
-            sq = sq + _local(torch.nn.utils.get_total_norm([p.grad for p in dense], 2.0, foreach=foreach)).float() ** 2
+            dense_norm = _local(torch.nn.utils.get_total_norm([p.grad for p in dense], 2.0, foreach=foreach))
+            sq = sq + dense_norm.to(dtype) ** 2
         if sharded:
-            esq = torch.nn.utils.get_total_norm([p.grad for p in sharded], 2.0, foreach=foreach).float() ** 2
+            esq = torch.nn.utils.get_total_norm([p.grad for p in sharded], 2.0, foreach=foreach).to(dtype) ** 2
             if self._world > 1:
                 dist.all_reduce(esq, group=self.ep_group)
             sq = sq + esq
@@ -641,6 +644,20 @@ class NodeLimitedExperts(ParallelStrategy):
                 )
             out[key] = t[start:stop]
         return out
+
+    def gather_tensors(self, tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+        """Another strategy's checkpoint state (model or optimizer tensors, made on every rank) with this strategy's
+        expert shards gathered along dim 0 (:meth:`gather_expert_tensors`): what a composed run saves."""
+        if not self._shards:
+            return tensors
+        return self.gather_expert_tensors(tensors, self.expert_shards(model))
+
+    def shard_tensors(self, tensors: dict[str, torch.Tensor], model: nn.Module, where: str) -> dict[str, torch.Tensor]:
+        """This rank's slice of every full expert tensor of a state (:meth:`slice_expert_tensors`), before another
+        strategy loads it."""
+        if not self._shards:
+            return tensors
+        return self.slice_expert_tensors(tensors, self.expert_shards(model), where)
 
     def model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
         """The whole model's state with each expert shard gathered into its layer's full ``[E, ...]`` tensor."""
