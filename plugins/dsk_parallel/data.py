@@ -24,7 +24,6 @@ under the unwrapped model's names and load a full state on every rank.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -32,15 +31,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dsk.api import SHARDED_PARAM, ParallelStrategy
+from dsk.api import SHARDED_PARAM
 from dsk.api.runtime import Block, RunSetupError
+from dsk_parallel.layout import RankLayout, local_rank
 
 __all__ = ["FSDP", "Replicate", "Zero1", "ZeroWithShards"]
 
 _OPS = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 
 
-class _DataParallel(ParallelStrategy):
+class _DataParallel(RankLayout):
     """The process layout shared by the data-parallel strategies: one 1-D mesh over every rank.
 
     ``setup`` builds the mesh on the default group (a 1-D mesh over the whole world reuses that group, so there is
@@ -54,57 +54,23 @@ class _DataParallel(ParallelStrategy):
     def __init__(self, config: Any = None):
         super().__init__(config)
         self.mesh: Any = None
-        self.group: Any = None
         self._own_group = False
-        self._rank = 0
-        self._world = 1
-        self._cuda = False
 
     # -- process layout ----------------------------------------------------------------------------------------
     def setup(self, run: Any) -> None:
         """Build the 1-D data-parallel mesh over every rank of the default process group."""
         from torch.distributed.device_mesh import init_device_mesh
 
-        if not dist.is_available() or not dist.is_initialized():
+        if not self._read_world():
             raise RunSetupError(
                 f'parallel.{self.name}: type = "{self.kind}" needs torch.distributed initialised: run it with '
                 "`dsk train RECIPE --nproc N` or under torchrun"
             )
-        self._rank, self._world = dist.get_rank(), dist.get_world_size()
-        self._cuda = torch.cuda.is_available() and "nccl" in str(dist.get_backend()).lower()
         if self._cuda:
-            torch.cuda.set_device(self._local_rank())
+            torch.cuda.set_device(local_rank())
         self.mesh = init_device_mesh("cuda" if self._cuda else "cpu", (self._world,), mesh_dim_names=("data",))
         self.group = self.mesh.get_group()
         self._own_group = self.group is not dist.group.WORLD
-
-    @staticmethod
-    def _local_rank() -> int:
-        return int(os.environ.get("LOCAL_RANK", "0") or 0)
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        return self._world
-
-    @property
-    def is_writer(self) -> bool:
-        return self._rank == 0
-
-    @property
-    def data_rank(self) -> int:
-        return self._rank
-
-    @property
-    def data_world_size(self) -> int:
-        return self._world
-
-    @property
-    def device(self) -> str | None:
-        return f"cuda:{self._local_rank()}" if torch.cuda.is_available() else None
 
     # -- reductions --------------------------------------------------------------------------------------------
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -115,7 +81,7 @@ class _DataParallel(ParallelStrategy):
             return tensor
         work = tensor
         if self._cuda and tensor.device.type != "cuda":
-            work = tensor.to(f"cuda:{self._local_rank()}")
+            work = tensor.to(f"cuda:{local_rank()}")
         dist.all_reduce(work, op=_OPS[op], group=self.group)
         if op == "mean":
             work.div_(self._world)
@@ -135,19 +101,6 @@ class _DataParallel(ParallelStrategy):
             for t in group:
                 t.copy_(flat[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
-
-    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
-        """``obj`` of rank ``src`` on every rank (pickled by torch between this program's own processes)."""
-        if self._world == 1:
-            return obj
-        box = [obj]
-        device = torch.device(f"cuda:{self._local_rank()}") if self._cuda else None
-        dist.broadcast_object_list(box, src=src, group=self.group, device=device)
-        return box[0]
-
-    def barrier(self) -> None:
-        if self._world > 1:
-            dist.barrier(group=self.group)
 
     def teardown(self) -> None:
         """Free the process groups this strategy made (never the default group: the core owns it)."""
@@ -197,7 +150,7 @@ class Replicate(_DataParallel):
 
         ignored = _modules_of_sharded_params(model, self.name)
         bucket = getattr(self.config, "bucket_cap_mb", 25.0)
-        placement = {"device_id": torch.device(f"cuda:{self._local_rank()}")} if self._cuda else {}
+        placement = {"device_id": torch.device(f"cuda:{local_rank()}")} if self._cuda else {}
         replicate(
             model,
             ignored_modules=ignored,

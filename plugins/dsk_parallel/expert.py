@@ -46,7 +46,6 @@ second (the rows this rank's experts run on), R routed (row, slot) pairs, F = D 
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -54,7 +53,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dsk.api import SHARDED_PARAM, ExpertShardable, ParallelStrategy
+from dsk.api import SHARDED_PARAM, ExpertShardable
 from dsk.api.runtime import (
     CheckpointLoadError,
     RunSetupError,
@@ -65,6 +64,7 @@ from dsk.api.runtime import (
 )
 
 from .expert_config import NodeLimitedConfig, node_limit_problems
+from .layout import RankLayout
 
 __all__ = [
     "NodeLimitedExperts",
@@ -354,7 +354,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-class NodeLimitedExperts(ParallelStrategy):
+class NodeLimitedExperts(RankLayout):
     """Expert parallelism with node-limited routing (module docstring), plus dense data parallelism when alone."""
 
     name = "node_limited"
@@ -362,7 +362,6 @@ class NodeLimitedExperts(ParallelStrategy):
 
     def __init__(self, config: NodeLimitedConfig | None = None):
         super().__init__(config if config is not None else NodeLimitedConfig())
-        self._world, self._rank = 1, 0
         self.mesh: Any = None
         self.owns_dense = True
         #: id(parameter) -> (layer's expert count E, start, stop) for every expert shard of the model
@@ -375,12 +374,11 @@ class NodeLimitedExperts(ParallelStrategy):
         """Build the DeviceMesh (module docstring) on the default process group; check ``ep`` and the nodes."""
         cfg = self.config
         key = self.name
-        if not dist.is_available() or not dist.is_initialized():
-            self._world, self._rank, self.ep, self.ranks_per_node = 1, 0, 1, 1
+        if not self._read_world():
+            self.ep, self.ranks_per_node = 1, 1
             if (cfg.ep or 1) != 1:
                 raise RunSetupError(f"parallel.{key}.ep = {cfg.ep}, but this run has a single process")
         else:
-            self._world, self._rank = dist.get_world_size(), dist.get_rank()
             self.ep = cfg.ep if cfg.ep is not None else self._world
         W, ep, rpn = self._world, self.ep, cfg.ranks_per_node
         if W % ep:
@@ -409,28 +407,6 @@ class NodeLimitedExperts(ParallelStrategy):
         self.node_group = self.mesh["ep_node"].get_group()
         self.local_group = self.mesh["ep_local"].get_group()
         self.replica_group = self.mesh["dp_replicate"].get_group()
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        return self._world
-
-    @property
-    def data_rank(self) -> int:
-        return self._rank  # PP = 1: every rank is a data rank
-
-    @property
-    def data_world_size(self) -> int:
-        return self._world
-
-    @property
-    def device(self) -> str | None:
-        if self._world > 1 and dist.get_backend() == "nccl":
-            return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        return None
 
     # -- the model ---------------------------------------------------------------------------------------------
     def wrap_model(self, model: nn.Module, run: Any) -> nn.Module:
@@ -577,17 +553,6 @@ class NodeLimitedExperts(ParallelStrategy):
         for t in tensors:
             t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
-
-    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
-        if self._world == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=src)
-        return box[0]
-
-    def barrier(self) -> None:
-        if self._world > 1:
-            dist.barrier()
 
     def teardown(self) -> None:
         self.mesh = None  # the subgroups go with the default group, which the core destroys
