@@ -21,7 +21,17 @@ import torch
 from safetensors.torch import load, save
 
 from tests.distributed.harness import GROUP, run_ranks
-from tests.unit.plugins.dsk_parallel.test_data import FIRST, MORE, _batches, _build, _load, _states, _steps
+from tests.unit.plugins.dsk_parallel.test_data import (
+    FIRST,
+    MORE,
+    _batches,
+    _build,
+    _close,
+    _load,
+    _rows_close,
+    _states,
+    _steps,
+)
 from tests.unit.train.helpers import tiny_table
 
 pytestmark = pytest.mark.xdist_group(GROUP)
@@ -100,19 +110,6 @@ def _one_process(table: dict, tmp) -> dict:
     names = sorted(n for g in built.optimizer.param_groups for n in g["names"])
     return {"first": first, "more": more, "model": model, "tensors": tensors, "meta": meta, "names": names,
             "final": model_state_for_saving(built.base_model)}  # fmt: skip
-
-
-def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
-    assert sorted(a) == sorted(b), what
-    for k in a:
-        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, (what, k)
-        torch.testing.assert_close(a[k], b[k], rtol=1e-9, atol=1e-12, msg=lambda m, k=k: f"{what} {k}: {m}")
-
-
-def _rows_close(a: list, b: list, what: str) -> None:
-    for (la, na), (lb, nb) in zip(a, b, strict=True):
-        assert la == pytest.approx(lb, rel=1e-10, abs=0), what
-        assert na == pytest.approx(nb, rel=1e-9, abs=0), what
 
 
 TWO = {
