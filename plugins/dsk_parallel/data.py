@@ -24,6 +24,7 @@ under the unwrapped model's names and load a full state on every rank.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -31,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dsk.api import SHARDED_PARAM
+from dsk.api import SHARDED_PARAM, ParallelStrategy
 from dsk.api.runtime import Block, RunSetupError
 from dsk_parallel.layout import RankLayout, local_rank
 
@@ -62,10 +63,7 @@ class _DataParallel(RankLayout):
         from torch.distributed.device_mesh import init_device_mesh
 
         if not self._read_world():
-            raise RunSetupError(
-                f'parallel.{self.name}: type = "{self.kind}" needs torch.distributed initialised: run it with '
-                "`dsk train RECIPE --nproc N` or under torchrun"
-            )
+            return  # one process: the strategy is the one-process base class (see _one_process_is_the_base)
         if self._cuda:
             torch.cuda.set_device(local_rank())
         self.mesh = init_device_mesh("cuda" if self._cuda else "cpu", (self._world,), mesh_dim_names=("data",))
@@ -130,6 +128,26 @@ def _sharded_elsewhere(p: torch.Tensor) -> bool:
     return bool(getattr(p, SHARDED_PARAM, False))
 
 
+def _one_process_is_the_base(cls: type) -> type:
+    """On one rank a data-parallel strategy is the one-process layout: ``wrap_*`` and the checkpoint methods are the
+    base class's, so a recipe with ``[parallel.data]`` also runs, unchanged, without ``--nproc``."""
+    names = ("wrap_model", "wrap_optimizer", "model_state_dict", "load_model_state_dict", "optimizer_state_dict",
+             "load_optimizer_state_dict")  # fmt: skip
+    for name in names:
+        own = cls.__dict__.get(name)
+        if own is None:
+            continue
+        base = getattr(ParallelStrategy, name)
+
+        @functools.wraps(own)
+        def method(self: _DataParallel, *args: Any, _own: Any = own, _base: Any = base, **kwargs: Any) -> Any:
+            return (_base if self._world == 1 else _own)(self, *args, **kwargs)
+
+        setattr(cls, name, method)
+    return cls
+
+
+@_one_process_is_the_base
 class Replicate(_DataParallel):
     """``[parallel.<key>] type = "replicate"``: plain data parallelism (torch's composable ``replicate``).
 
@@ -185,6 +203,7 @@ def _modules_of_sharded_params(model: nn.Module, name: str) -> set[nn.Module]:
     return out
 
 
+@_one_process_is_the_base
 class FSDP(_DataParallel):
     """``[parallel.<key>] type = "fsdp"``: FSDP2 ``fully_shard`` on each transformer block, then on the root.
 
@@ -345,6 +364,7 @@ class FSDP(_DataParallel):
         return True
 
 
+@_one_process_is_the_base
 class Zero1(Replicate):
     """``[parallel.<key>] type = "zero1"``: ``replicate``'s gradient all-reduce, the optimizer state sharded.
 

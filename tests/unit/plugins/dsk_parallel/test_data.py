@@ -377,3 +377,23 @@ def test_parameters_another_strategy_sharded_are_neither_wrapped_nor_reduced(two
 def test_zero1_refuses_parameters_another_strategy_sharded(two_ranks):
     for message in two_ranks["zero1-sharded"]:
         assert 'parallel.data (type = "zero1")' in message and "expert slices" in message
+
+
+@pytest.mark.parametrize("kind", ["replicate", "fsdp", "zero1"])
+def test_one_process_with_a_data_strategy_trains_as_without_one(tmp_path, kind):
+    """A recipe with ``[parallel.data]`` runs unchanged without ``--nproc``: one rank is the one-process layout."""
+    import json
+
+    from dsk.testing import run_dsk
+    from tests.unit.train.helpers import TINY_RECIPE
+
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(TINY_RECIPE + "\n[logging]\nprogress = false\n", encoding="utf-8")
+    losses = {}
+    for name, extra in (("plain", []), (kind, ["--set", f'parallel.data.type="{kind}"'])):
+        run = tmp_path / name
+        result = run_dsk(["train", str(recipe), "--set", "trainer.steps=3", *extra, "--run-dir", str(run), "--json"])
+        assert result.exit_code == 0, result.output
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = [r["loss"] for r in rows if r.get("kind") == "train"]
+    assert losses[kind] == losses["plain"] and len(losses["plain"]) == 3
