@@ -18,8 +18,10 @@ Parameters another strategy sharded itself (:data:`dsk.api.SHARDED_PARAM`, exper
 wrap and of every reduction by ``replicate``, ``fsdp`` and ``zero1``. ``zero1`` steps them apart from ZeRO
 (:class:`ZeroWithShards`: ZeRO would broadcast one rank's slice over the others'), and its checkpoint methods
 chain with that strategy's (``composes_checkpoints``): DeepSeek-V3's layout, expert parallelism inside ZeRO-1 data
-parallelism. Checkpoints are the one-process format: the checkpoint methods gather the full state on the writer
-under the unwrapped model's names and load a full state on every rank.
+parallelism. ``fsdp`` composes the same way (:class:`FSDPWithShards`: a plain optimizer over its DTensor shards,
+another over the slices, as one fused step cannot mix the two kinds). Checkpoints are the one-process format: the
+checkpoint methods gather the full state on the writer under the unwrapped model's names and load a full state on
+every rank.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from dsk.api import SHARDED_PARAM, ParallelStrategy
 from dsk.api.runtime import Block, RunSetupError
 from dsk_parallel.layout import RankLayout, local_rank
 
-__all__ = ["FSDP", "Replicate", "Zero1", "ZeroWithShards"]
+__all__ = ["FSDP", "FSDPWithShards", "Replicate", "Zero1", "ZeroWithShards"]
 
 _OPS = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 
@@ -183,6 +185,32 @@ class Replicate(_DataParallel):
         return model
 
 
+def _gathered(optimizer: FSDPWithShards, is_writer: bool) -> dict[torch.Tensor, dict[str, Any]]:
+    """The state by parameter of an :class:`FSDPWithShards`: the DTensor parameters' entries gathered whole on the
+    writer (collective: every rank runs the same gathers in the groups' order), this rank's slices' on every rank
+    (for the strategy that sharded them to gather next)."""
+    from torch.distributed.tensor import DTensor
+
+    state: dict[torch.Tensor, dict[str, Any]] = {}
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            entry = optimizer.state.get(p)
+            if not entry:
+                continue
+            if _sharded_elsewhere(p):
+                state[p] = dict(entry)
+                continue
+            full = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in entry.items()}
+            if is_writer:
+                state[p] = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in full.items()}
+    return state
+
+
+def _own_shards(model: nn.Module) -> dict[str, torch.Tensor]:
+    """This rank's values of the parameters another strategy sharded, by every name the model gives them."""
+    return {n: p for n, p in model.named_parameters(remove_duplicate=False) if _sharded_elsewhere(p)}
+
+
 def _modules_of_sharded_params(model: nn.Module, name: str) -> set[nn.Module]:
     """The modules whose own parameters are all :data:`~dsk.api.SHARDED_PARAM` (replicate ignores whole modules).
 
@@ -216,9 +244,15 @@ class FSDP(_DataParallel):
     Clipping needs nothing of its own: the gradients are DTensors, and torch's ``clip_grad_norm_`` on them all-reduces
     the shards' partial norms, so it clips by the whole model's norm (the base class's method; checked against one
     process), and a composed strategy that clips by its own rule sees the same DTensors.
+
+    With another strategy that sharded parameters itself (expert slices, :data:`dsk.api.SHARDED_PARAM`), they stay
+    out of the units (plain tensors, not reduced), the optimizer becomes an :class:`FSDPWithShards`, and the
+    checkpoint methods chain with that strategy's (``composes_checkpoints``): the dense state gathered on the
+    writer plus this rank's slices' entries on every rank; on load, the slices' entries as that strategy cut them.
     """
 
     kind = "fsdp"
+    composes_checkpoints = True
 
     def wrap_model(self, model: nn.Module, run: Any) -> nn.Module:
         """Shard every :class:`dsk.api.runtime.Block` (main layers and MTP blocks), then each of the root's other
@@ -279,6 +313,10 @@ class FSDP(_DataParallel):
         self._refuse_optimizer_wrappers(
             run, "its host copies of the parameters would be whole tensors, FSDP's are shards (DTensors)"
         )
+        if any(_sharded_elsewhere(p) for g in optimizer.param_groups for p in g["params"]):
+            if optimizer.state:
+                raise RunSetupError(f"parallel.{self.name}: the optimizer already has state; it must be a new one")
+            return FSDPWithShards(optimizer, None)  # the slices (plain tensors) apart from the DTensors
         return optimizer
 
     # -- checkpoints -------------------------------------------------------------------------------------------
@@ -289,18 +327,20 @@ class FSDP(_DataParallel):
         return StateDictOptions(**kwargs)
 
     def model_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The full model state gathered on the writer (CPU); ``{}`` on the other ranks."""
+        """The full model state gathered on the writer (CPU); ``{}`` on the other ranks. The parameters another
+        strategy sharded (left out of the units: plain tensors) are this rank's slices, on every rank."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         state = get_model_state_dict(model, options=self._options(full_state_dict=True, cpu_offload=True))
-        if not self.is_writer:
-            return {}
+        state = dict(state) if self.is_writer else {}
         if getattr(getattr(model, "config", None), "tie_embeddings", False):
             state.pop("lm_head.weight", None)  # the one-process format: the loader re-ties it
+        state.update(_own_shards(model))  # every rank: this rank's slices, for their strategy to gather
         return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
     def load_model_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor], where: str) -> bool:
-        """Load a full state (every rank holds it) into the sharded model; each rank keeps its shards."""
+        """Load a full state (every rank holds it) into the sharded model; each rank keeps its shards. The entries
+        of parameters another strategy sharded are loaded as given: that strategy already cut them to this rank."""
         from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
         state = dict(state)
@@ -322,9 +362,12 @@ class FSDP(_DataParallel):
     def optimizer_state_dict(
         self, optimizer: torch.optim.Optimizer, model: nn.Module
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The full optimizer state in dsk's named format, gathered on the writer (``({}, {})`` elsewhere)."""
+        """The full optimizer state in dsk's named format, gathered on the writer (``({}, {})`` elsewhere); with
+        parameters another strategy sharded, every rank also returns their state (``composes_checkpoints``)."""
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+        if isinstance(optimizer, FSDPWithShards):
+            return _to_dsk_format(optimizer, type(optimizer.local).__name__, _gathered(optimizer, self.is_writer))
         by_name: dict[str, dict[str, Any]] = {}
         if optimizer.state:  # empty before the first step, on every rank alike: nothing to gather
             full = get_optimizer_state_dict(
@@ -352,6 +395,9 @@ class FSDP(_DataParallel):
         """Load a full dsk-format state (every rank holds it); each rank keeps the shards of its parameters."""
         from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
+        if isinstance(optimizer, FSDPWithShards):  # the slices' entries already this rank's
+            optimizer.load_full(_from_dsk_format(optimizer, type(optimizer.local).__name__, tensors, meta, where))
+            return True
         loaded = _from_dsk_format(optimizer, type(optimizer).__name__, tensors, meta, where)
         if not loaded["state"]:  # a state saved before the first step: the fresh optimizer is that state
             return True
@@ -475,7 +521,7 @@ class _StateOfParams(Mapping):
 
     def _parts(self) -> list[Any]:
         zero = self._owner.zero
-        return ([zero.optim.state] if zero is not None else []) + [self._owner.local.state]
+        return ([getattr(zero, "optim", zero).state] if zero is not None else []) + [self._owner.local.state]
 
     def __getitem__(self, p: torch.Tensor) -> dict[str, Any]:
         for part in self._parts():
@@ -510,8 +556,6 @@ class ZeroWithShards(torch.optim.Optimizer):
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, group: Any):
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-
         kind, defaults = type(optimizer), _constructor_defaults(optimizer)
         groups = [dict(g) for g in optimizer.param_groups]
         dense: list[dict[str, Any]] = []
@@ -528,12 +572,20 @@ class ZeroWithShards(torch.optim.Optimizer):
                     route[slot] = len(out)
                     out.append({**hyper, "params": [p for _, p in pairs], "names": [n for n, _ in pairs]})
             self._routes.append((route[0], route[1]))
-        self.zero = (
-            ZeroRedundancyOptimizer(dense, optimizer_class=kind, process_group=group, **defaults) if dense else None
-        )
+        self.zero = self._dense_optimizer(dense, kind, defaults, group) if dense else None
         self.local = kind(sharded, **defaults)
         super().__init__(groups, dict(optimizer.defaults))
         self.state = _StateOfParams(self)  # type: ignore[assignment]
+
+    @staticmethod
+    def _dense_optimizer(dense: list[dict[str, Any]], kind: type, defaults: dict[str, Any], group: Any) -> Any:
+        """The optimizer over the parameters nobody else sharded: ZeRO over ``group``."""
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(dense, optimizer_class=kind, process_group=group, **defaults)
+
+    def _load_dense(self, state_dict: dict[str, Any]) -> None:
+        _load_zero(self.zero, state_dict)
 
     def _push_hyperparameters(self) -> None:
         """Every outer group key but ``params`` and ``names`` (lr set by the schedule, weight decay...) onto the
@@ -580,10 +632,37 @@ class ZeroWithShards(torch.optim.Optimizer):
                 if inner is not None:
                     split[slot]["param_groups"].append({**hyper, "params": ids[slot], "names": names[slot]})
         if self.zero is not None:
-            _load_zero(self.zero, split[0])
+            self._load_dense(split[0])
         self.local.load_state_dict(split[1])
         for outer, saved in zip(self.param_groups, state_dict["param_groups"], strict=True):
             outer.update({k: v for k, v in saved.items() if k not in ("params", "names")})
+
+
+class FSDPWithShards(ZeroWithShards):
+    """FSDP's optimizer when another strategy sharded some parameters: torch's optimizers step a group in one
+    foreach / fused kernel, which refuses a list mixing FSDP's DTensor shards with the slices' plain tensors, so
+    each kind gets its own instance of the optimizer class (the groups and routing of :class:`ZeroWithShards`).
+
+    Attributes:
+        zero: the optimizer over FSDP's DTensor parameters (None when there are none); the name is the base's.
+        local: the optimizer over this rank's slices.
+    """
+
+    @staticmethod
+    def _dense_optimizer(dense: list[dict[str, Any]], kind: type, defaults: dict[str, Any], group: Any) -> Any:
+        return kind(dense, **defaults)
+
+    def _load_dense(self, state_dict: dict[str, Any]) -> None:
+        """A torch-format state of the DTensor parameters with full tensors: each rank keeps its shards."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        params = [p for g in self.zero.param_groups for p in g["params"]]
+        for index, entry in state_dict["state"].items():
+            p = params[index]
+            for key, value in list(entry.items()):
+                if isinstance(p, DTensor) and torch.is_tensor(value) and value.shape == p.shape:
+                    entry[key] = distribute_tensor(value.to(p.device), p.device_mesh, p.placements)
+        self.zero.load_state_dict(state_dict)
 
 
 def _constructor_defaults(optimizer: torch.optim.Optimizer) -> dict[str, Any]:

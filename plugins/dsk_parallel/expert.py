@@ -528,7 +528,10 @@ class NodeLimitedExperts(RankLayout):
                 dist.all_reduce(esq, group=self.ep_group)
             sq = sq + esq
         total = sq.sqrt()
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=foreach)
+        # apart: torch's foreach kernels refuse a list mixing FSDP's DTensor gradients with the slices' tensors
+        for part in (dense, sharded):
+            if part:
+                torch.nn.utils.clip_grads_with_norm_(part, max_norm, total, foreach=foreach)
         return total
 
     # -- reductions --------------------------------------------------------------------------------------------
