@@ -726,17 +726,5 @@ def _from_dsk_format(
 
 
 def _features_of(run: Any) -> list[Any]:
-    """The run's built features (``run.features`` where the build path set it), else built from ``[features.*]``
-    (cheap: a feature's constructor reads its config; only its stages act on the model)."""
-    features = getattr(run, "features", None)
-    if features:
-        return list(features)
-    section = getattr(run, "section", None)
-    slots = (section("features") if section is not None else None) or {}
-    out = []
-    for slot in slots.values():
-        try:
-            out.append(slot.build())
-        except Exception:  # noqa: BLE001 - the build path builds it again and reports its error
-            continue
-    return out
+    """The run's built features (``run.features``: the build path sets it before any strategy wraps the model)."""
+    return list(getattr(run, "features", None) or [])

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from dsk.api.runtime import RunContext, RunSetupError, build_run, save_checkpoint
+from dsk.api.runtime import RunContext, RunSetupError, build_run, done_across_ranks, save_checkpoint
 
 __all__ = [
     "build_policy",
@@ -27,7 +27,6 @@ __all__ = [
     "group_generator",
     "mean",
     "moe_metrics",
-    "rank_sync",
     "save_run_checkpoint",
     "step_generator",
     "train_record_fn",
@@ -93,14 +92,6 @@ def group_generator(device: torch.device, seed: int, step: int, group: int) -> t
     return torch.Generator(device=device).manual_seed(x % (2**63 - 1))
 
 
-def rank_sync(parallel: Any) -> Callable[[bool], bool] | None:
-    """``sync_done`` for generation under ``parallel`` (:func:`dsk.api.runtime.done_across_ranks`): every rank runs
-    the same number of forwards, so a sharded model never waits on a rank that stopped. None in one process."""
-    from dsk.api.runtime import done_across_ranks
-
-    return done_across_ranks(parallel)
-
-
 def data_share(parallel: Any, n: int) -> tuple[int, int]:
     """``(start, stop)`` of this data rank's contiguous share of ``n`` items (the last shares may be shorter).
 
@@ -162,7 +153,7 @@ def evaluate_row(
     longest = max(len(p) for p in encode_prompts(tokenizer, records))
     samples = sample(
         model, tokenizer, encode_prompts(tokenizer, local), 1, max_new_tokens=max_new_tokens, temperature=0.0,
-        top_p=1.0, batch_size=batch_size, generator=None, sync_done=rank_sync(parallel), max_prompt_len=longest,
+        top_p=1.0, batch_size=batch_size, generator=None, sync_done=done_across_ranks(parallel), max_prompt_len=longest,
     )  # fmt: skip
     n_mine = len(mine)
     texts = samples.texts[:n_mine]

@@ -48,6 +48,7 @@ from dsk.api.runtime import (
     RunSetupError,
     TrainerRun,
     build_run,
+    done_across_ranks,
     list_checkpoints,
     load_model_weights,
     model_state_for_saving,
@@ -61,7 +62,6 @@ from dsk_rl.common import (
     group_generator,
     mean,
     moe_metrics,
-    rank_sync,
     train_record_fn,
 )
 from dsk_rl.config import GRPOConfig
@@ -222,7 +222,7 @@ class _GRPORun(TrainerRun):
         samples = sample(
             self.model, self.tokenizer, encode_prompts(self.tokenizer, prompts), cfg.num_generations,
             max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
-            batch_size=cfg.generation_batch_size, generator=generators, sync_done=rank_sync(parallel),
+            batch_size=cfg.generation_batch_size, generator=generators, sync_done=done_across_ranks(parallel),
             max_prompt_len=longest,
         )  # fmt: skip
         records = [r for r in prompts for _ in range(cfg.num_generations)]

@@ -147,7 +147,8 @@ def generate_traces(
     Returns:
         ``(rows, stats)``: the dataset rows (see the module doc) and the counts.
     """
-    from dsk_rl.common import data_share, rank_sync
+    from dsk.api.runtime import done_across_ranks
+    from dsk_rl.common import data_share
 
     n = cfg.samples_per_prompt
     rows: list[dict[str, Any]] = []
@@ -158,7 +159,7 @@ def generate_traces(
     share = -(-len(records) // world)
     # this rank's prompts, padded to the common share so every rank makes the same generation calls
     positions = list(range(first, last)) + [0] * (share - (last - first))
-    sync_done = rank_sync(parallel) if world > 1 else None
+    sync_done = done_across_ranks(parallel)
     longest = max(len(p) for p in encode_prompts(tokenizer, records)) if records else 0
     for offset in range(0, share, chunk_prompts):
         chunk_positions = positions[offset : offset + chunk_prompts]
