@@ -200,11 +200,58 @@ class ParallelStrategy:
         """``obj`` of rank ``src`` on every rank (a picklable value made by this program, never read from a file)."""
         return obj
 
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is True on any rank of the run (every rank, whatever the layout); collective.
+
+        The core agrees on interrupts and skipped steps with it. The base class reduces over the data-parallel
+        ranks, which are every rank unless a strategy cuts the model into stages; such a strategy overrides it.
+        """
+        import torch
+
+        return float(self.all_reduce(torch.tensor(1.0 if flag else 0.0), "max")) > 0
+
     def barrier(self) -> None:
         """Wait for every rank."""
 
     def teardown(self) -> None:
         """Release the process groups at the end of the run."""
+
+    # -- the step's forward and backward (a pipeline) ------------------------------------------------------------
+    #: True when each rank holds only part of the model's layers (a pipeline's stages): the core then evaluates
+    #: and generates on the writing rank, on a one-process copy of the whole model made from
+    #: :meth:`model_state_dict`, and runs a step's micro-batches through :meth:`forward_backward`
+    holds_part_of_model: bool = False
+
+    #: True when :meth:`clip_grad_norm` computes the whole model's norm over every rank itself, the parameters
+    #: other strategies of the run sharded included (it is then the run's clip, whoever else implements one)
+    clips_for_all: bool = False
+
+    def forward_backward(
+        self, run: Any, batches: list[dict[str, Any]], loss_fn: Any, aux_weight: float
+    ) -> dict[str, torch.Tensor] | None:
+        """Run the forward and backward of one optimizer step's micro-batches, or return None (the core runs them
+        one after the other on the whole model: :meth:`dsk.api.runtime.BuiltRun.forward_backward`).
+
+        A pipeline cuts each micro-batch into chunks along its rows and schedules them over its stages. The
+        contract, for either path:
+
+        - ``batches``: dicts with ``input_ids`` [B, T], ``mask`` ([B, T, S] or None) and whatever the trainer's
+          loss reads (``labels`` [B, T]); every tensor with a row dimension is cut along it;
+        - ``loss_fn(output, batch) -> (loss, parts)``: the trainer's weighted loss of one micro-batch (or chunk)
+          from the last stage's :class:`dsk.api.runtime.ModelOutput` (MTP logits included), and its detached
+          parts by name (``lm_loss``, ``mtp_loss``); it weights by global counts, so a chunk's loss is its share;
+        - the components' auxiliary losses (:class:`AuxLossSource`) of every stage are added times
+          ``aux_weight`` times the chunk's share of the micro-batch's rows, and back-propagated on their stage;
+        - returns the parts summed over the step, ``loss`` (everything) and ``aux_loss`` included, the same on
+          every rank (a pipeline adds up what each stage computed).
+        """
+        return None
+
+    def merge_component_metrics(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """The model components' step metrics of every rank that holds other components (a pipeline's stages),
+        keyed by module path, from this rank's (``metrics``); collective. The base class returns them as they
+        are."""
+        return metrics
 
     # -- checkpoints (collective: every rank calls them, in the same order) -------------------------------------
     # The base class returns None / False: the core then saves and loads as one process does. A sharding strategy
@@ -265,6 +312,17 @@ class ParallelStrategy:
         another strategy) with the entries of the parameters THIS strategy sharded completed into their full
         tensors (collective: every rank calls it with the same keys of those parameters). Identity by default."""
         return tensors
+
+    def gather_optimizer_meta(self, meta: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The optimizer state's JSON skeleton (made by another strategy) completed with the parameters this
+        strategy keeps on other ranks, in the one-process form (collective, alongside :meth:`gather_tensors`). A
+        pipeline's ranks each hold other parameters; the default returns ``meta`` unchanged."""
+        return meta
+
+    def shard_optimizer_meta(self, meta: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The inverse of :meth:`gather_optimizer_meta` on a whole-model skeleton: this rank's part (the default
+        returns ``meta`` unchanged)."""
+        return meta
 
     def shard_tensors(self, tensors: dict[str, torch.Tensor], model: nn.Module, where: str) -> dict[str, torch.Tensor]:
         """The inverse of :meth:`gather_tensors` on a full state every rank read: this rank's share of the entries

@@ -180,8 +180,18 @@ def _rank_main(argv: list[str]) -> None:
     except (SystemExit, KeyboardInterrupt):
         raise
     except Exception as exc:  # noqa: BLE001 - reported for the launcher, then a non-zero exit
-        message = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+        # the first line that says something: torch wraps errors in ones whose text starts on a later line, and
+        # the cause is often the message that names what went wrong
+        cause = exc
+        while not str(cause).strip() and cause.__cause__ is not None:
+            cause = cause.__cause__
+        lines = [line.strip() for line in f"{type(cause).__name__}: {cause}".splitlines() if line.strip()]
+        message = lines[0] if len(lines) == 1 or not lines[0].endswith(":") else f"{lines[0]} {lines[1]}"
         print(f"dsk: rank {rank}: {message}", file=sys.stderr, flush=True)
+        if os.environ.get("DSK_TRACEBACK"):
+            import traceback
+
+            traceback.print_exception(exc, file=sys.stderr)
         try:
             from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 

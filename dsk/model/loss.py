@@ -24,6 +24,7 @@ from dsk.data.batching import IGNORE_INDEX
 __all__ = [
     "LossOutput",
     "SideChannels",
+    "aggregate_metrics",
     "collect_side_channels",
     "cross_entropy",
     "lm_loss",
@@ -84,26 +85,47 @@ class SideChannels:
         for _, m in self.after_step:
             m.after_optimizer_step()
 
-    def metrics(self) -> dict[str, float | list[float]]:
+    def metrics(self, merge: Any = None) -> dict[str, float | list[float]]:
         """Per-component step metrics keyed ``"<module path>.<metric>"`` plus ``"<metric>/mean"`` and ``"/max"``.
 
         E.g. ``layers.3.mlp.maxvio`` for each MoE layer and ``maxvio/mean``, ``maxvio/max`` over the layers. Scalar
         metrics are aggregated; list-valued ones (per-expert loads) are passed through per module only. Read before
-        :meth:`after_optimizer_step`, which resets the counters.
+        :meth:`after_optimizer_step`, which resets the counters. ``merge`` adds the metrics of components other
+        ranks hold (see :func:`aggregate_metrics`).
         """
+        return aggregate_metrics(self.module_metrics(), merge)
+
+    def module_metrics(self) -> dict[str, float | list[float]]:
+        """Per-component step metrics keyed ``"<module path>.<metric>"`` (no aggregates)."""
         out: dict[str, float | list[float]] = {}
-        per_key: dict[str, list[float]] = {}
         for name, m in self.stats:
             for key, value in m.step_metrics().items():
                 if isinstance(value, (list, tuple)):
                     out[f"{name}.{key}"] = [float(v) for v in value]
-                    continue
-                out[f"{name}.{key}"] = float(value)
-                per_key.setdefault(key, []).append(float(value))
-        for key, values in per_key.items():
-            out[f"{key}/mean"] = sum(values) / len(values)
-            out[f"{key}/max"] = max(values)
+                else:
+                    out[f"{name}.{key}"] = float(value)
         return out
+
+
+def aggregate_metrics(per_module: dict[str, float | list[float]], merge: Any = None) -> dict[str, float | list[float]]:
+    """``per_module`` (merged with the other ranks' by ``merge`` when given, e.g. a pipeline's
+    :meth:`~dsk.api.ParallelStrategy.merge_component_metrics`) plus ``"<metric>/mean"`` and ``"/max"`` over the
+    modules of each scalar metric."""
+    out = dict(merge(per_module) if merge is not None else per_module)
+    per_key: dict[str, list[float]] = {}
+    for name in sorted(out, key=_module_order):
+        value = out[name]
+        if not isinstance(value, (list, tuple)):
+            per_key.setdefault(name.rpartition(".")[2], []).append(float(value))
+    for key, values in per_key.items():
+        out[f"{key}/mean"] = sum(values) / len(values)
+        out[f"{key}/max"] = max(values)
+    return out
+
+
+def _module_order(name: str) -> tuple:
+    """Sort key of ``"<module path>.<metric>"``: numeric path parts as numbers (layers.10 after layers.9)."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
 
 
 def collect_side_channels(model: nn.Module) -> SideChannels:

@@ -217,7 +217,10 @@ class ModelStage(nn.Module):
         # the layers are registered as this stage's submodules; the model is kept outside the module tree so that
         # a stage's parameters are exactly its own parts'
         self.layers = nn.ModuleList(model.layers[start:end])
-        self.embed_tokens = model.embed_tokens if first else None
+        # the last stage's MTP heads embed the shifted tokens with the shared table: it is the last stage's too, so
+        # that the stage's parameters (what a schedule computes weight gradients for) are all it uses
+        shares_embedding = last and (model.mtp is not None or model.config.tie_embeddings)
+        self.embed_tokens = model.embed_tokens if first or shares_embedding else None
         self.norm = model.norm if last else None
         self.lm_head = model.lm_head if last else None
         self.mtp = model.mtp if last else None

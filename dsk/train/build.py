@@ -19,7 +19,8 @@ ranks), the features' step hooks around ``optimizer.step()``, the components' st
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,8 +66,17 @@ class _Composite(ParallelStrategy):
         self.strategies = sorted(strategies, key=lambda s: s.wrap_order)
         self.name = "+".join(s.name for s in self.strategies)
         self._chains: dict[str, list[ParallelStrategy]] = {}
+        self.holds_part_of_model = any(s.holds_part_of_model for s in self.strategies)
+        for method in ("forward_backward", "merge_component_metrics", "any_rank"):
+            owners = [s for s in self.strategies if self._overrides(s, method)]
+            if len(owners) > 1:
+                names = " and ".join(f"parallel.{s.name}" for s in owners)
+                raise RunSetupError(f"{names} both implement {method}; dsk cannot compose these two strategies")
+            setattr(self, method, getattr(owners[0] if owners else self.strategies[0], method))
         for method in ("clip_grad_norm", *self._SAVE, *self._LOAD):
             owners = [s for s in self.strategies if self._overrides(s, method)]
+            if method == "clip_grad_norm" and len(owners) > 1:
+                owners = [s for s in owners if s.clips_for_all] or owners
             if len(owners) > 1:
                 self._check_chain(method, owners)
                 self._chains[method] = owners
@@ -131,6 +141,7 @@ class _Composite(ParallelStrategy):
         tensors, meta = state if state is not None else optimizer_state_to_tensors(optimizer)
         for s in reversed(earlier):
             tensors = s.gather_tensors(tensors, model)
+            meta = s.gather_optimizer_meta(meta, optimizer)
         return tensors, meta
 
     def load_optimizer_state_dict(
@@ -146,6 +157,7 @@ class _Composite(ParallelStrategy):
         *earlier, last = self._chains["load_optimizer_state_dict"]
         for s in earlier:
             tensors = s.shard_tensors(tensors, model, where)
+            meta = s.shard_optimizer_meta(meta, optimizer)
         if not last.load_optimizer_state_dict(optimizer, model, tensors, meta, where):
             load_optimizer_state(optimizer, tensors, meta, where)
         return True
@@ -335,6 +347,62 @@ class BuiltRun:
         stacked = self.parallel.all_reduce(stacked, "sum") / world
         return {k: stacked[i] for i, k in enumerate(keys)}
 
+    # -- a step's forward and backward --------------------------------------------------------------------------
+    def forward_backward(
+        self, batches: list[dict[str, Any]], loss_fn: Callable[..., Any], *, aux_weight: float = 1.0
+    ) -> dict[str, torch.Tensor]:
+        """Forward and backward of one optimizer step's micro-batches; returns their loss parts, summed.
+
+        The contract is :meth:`dsk.api.ParallelStrategy.forward_backward`'s: a strategy that cuts the model into
+        stages runs its schedule; otherwise each batch runs through the whole model (MTP heads included), its
+        loss is ``loss_fn(output, batch)[0]`` plus the components' auxiliary losses times ``aux_weight``, and is
+        back-propagated at once.
+        """
+        parts = self.parallel.forward_backward(self, batches, loss_fn, aux_weight)
+        if parts is not None:
+            return parts
+        total: dict[str, torch.Tensor] = {}
+        for batch in batches:
+            out = self.model(batch["input_ids"], mask=batch.get("mask"), with_mtp=True)
+            loss, shares = loss_fn(out, batch)
+            aux = self.side.aux_loss(loss.dtype)
+            if aux is not None:
+                loss = loss + aux * aux_weight
+                shares = {**shares, "aux_loss": aux.detach().float() * aux_weight}
+            shares = {"loss": loss.detach().float(), **shares}
+            loss.backward()
+            for key, value in shares.items():
+                total[key] = total[key] + value if key in total else value
+        return total
+
+    @contextmanager
+    def evaluation_model(self) -> Iterator[tuple[nn.Module | None, ParallelStrategy]]:
+        """``(model, parallel)`` to evaluate or generate with: the run's model and strategy, or, when each rank
+        holds only part of the model (:attr:`~dsk.api.ParallelStrategy.holds_part_of_model`), a one-process copy
+        of the whole model on the writing rank (None elsewhere) and the one-process strategy.
+
+        The copy is built from ``[model]`` with the features' ``transform_model`` applied and the gathered weights
+        (:meth:`~dsk.api.ParallelStrategy.model_state_dict`, collective); it is dropped on exit.
+        """
+        parallel = self.parallel
+        if not parallel.holds_part_of_model:
+            yield self.model, parallel
+            return
+        from dsk.train.checkpoint import load_model_weights
+
+        state = parallel.model_state_dict(self.base_model)
+        model = None
+        if parallel.is_writer:
+            with torch.random.fork_rng(devices=[]):
+                model = _apply(self.features, "transform_model", self.ctx.build_model(self.tokenizer.vocab_size),
+                               self.ctx)  # fmt: skip
+            load_model_weights(model, state, "the pipeline's gathered weights")
+        try:
+            yield model, ParallelStrategy()
+        finally:
+            del model
+            parallel.barrier()
+
     # -- the learning rate -------------------------------------------------------------------------------------
     def lr_at(self, step: int, total_steps: int, *, max_warmup: int | None = None) -> float:
         """The ``[optimizer]`` schedule's rate at optimizer step ``step`` (1-based) of ``total_steps``."""
@@ -378,8 +446,7 @@ class BuiltRun:
         self.parallel.sync_gradients(self.model)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = self.parallel.clip_grad_norm(self.params, max_norm, foreach=foreach)
-        bad = torch.tensor(0.0 if bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm)) else 1.0)
-        finite = float(self.parallel.all_reduce(bad, "max")) == 0.0
+        finite = not self.parallel.any_rank(not (bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))))
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
             self.side.zero_stats()
@@ -388,7 +455,8 @@ class BuiltRun:
         for feature in self.features_in("before_step"):
             feature.before_step(self, step)
         self.optimizer.step()
-        metrics = read_metrics(self.side.metrics()) if read_metrics is not None else {}
+        merge = self.parallel.merge_component_metrics
+        metrics = read_metrics(self.side.metrics(merge)) if read_metrics is not None else {}
         self.side.after_optimizer_step()
         for feature in self.features_in("after_step"):
             metrics.update(feature.after_step(self, step) or {})

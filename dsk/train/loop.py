@@ -188,8 +188,7 @@ class TrainerRun(abc.ABC):
         built = self.built
         if built is None or built.parallel.world_size == 1:
             return flag.requested
-        mark = torch.tensor(1.0 if flag.requested else 0.0)
-        if float(built.parallel.all_reduce(mark, "max")) > 0 and flag.signum is None:
+        if built.parallel.any_rank(flag.requested) and flag.signum is None:
             flag.signum = 15  # SIGTERM: another rank's signal
         return flag.requested
 

@@ -64,11 +64,21 @@ class _DataParallel(RankLayout):
         """Build the 1-D data-parallel mesh over every rank of the default process group."""
         from torch.distributed.device_mesh import init_device_mesh
 
-        if not self._read_world():
+        if not self._read_world(run):
             return  # one process: the strategy is the one-process base class (see _one_process_is_the_base)
         if self._cuda:
             torch.cuda.set_device(local_rank())
-        self.mesh = init_device_mesh("cuda" if self._cuda else "cpu", (self._world,), mesh_dim_names=("data",))
+        device = "cuda" if self._cuda else "cpu"
+        if self.pp > 1:  # under a pipeline: the DP ranks of this rank's stage (layout.py)
+            if self.kind == "fsdp":
+                raise RunSetupError(
+                    f'parallel.{self.name} (type = "fsdp") cannot run under a pipeline: FSDP gathers and reshards '
+                    "parameters per forward, which a pipeline's interleaved chunks would repeat for every "
+                    'micro-batch; use type = "zero1" (DeepSeek-V3\'s choice) or "replicate"'
+                )
+            self.mesh = init_device_mesh(device, (self.pp, self._world), mesh_dim_names=("pp", "data"))["data"]
+        else:
+            self.mesh = init_device_mesh(device, (self._world,), mesh_dim_names=("data",))
         self.group = self.mesh.get_group()
         self._own_group = self.group is not dist.group.WORLD
 
@@ -166,6 +176,12 @@ class Replicate(_DataParallel):
         """Apply ``replicate`` to ``model`` in place (names and the module tree are unchanged)."""
         if self._world == 1:
             return model
+        if self.pp > 1:
+            # a pipeline runs its stages chunk by chunk, outside the model's forward, so DDP's per-forward reducer
+            # never arms; the gradients are averaged once per step instead (sync_gradients), as DualPipe's
+            # data-parallel ranks do after the schedule
+            _broadcast_dense(model, self.group)
+            return model
         from torch.distributed._composable.replicate import replicate
 
         ignored = _modules_of_sharded_params(model, self.name)
@@ -183,6 +199,33 @@ class Replicate(_DataParallel):
         # broadcast): make it now, while every rank is building the run, not in a forward only some ranks run
         replicate.state(model).lazy_init()
         return model
+
+    def sync_gradients(self, model: nn.Module) -> None:
+        """Under a pipeline: every gradient not sharded elsewhere becomes the mean over this stage's DP ranks (one
+        flat all-reduce per dtype). Otherwise DDP's hooks have already done it during the backward."""
+        if self._world == 1 or self.pp == 1:
+            return
+        params = [p for p in model.parameters() if p.requires_grad and not _sharded_elsewhere(p)]
+        by_dtype: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)  # a rank whose chunks never reached it still takes part
+            by_dtype.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
+        for grads in by_dtype.values():
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            self.all_reduce(flat, "mean")
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+
+def _broadcast_dense(model: nn.Module, group: Any) -> None:
+    """Rank 0 of ``group``'s values of every parameter and buffer not sharded elsewhere, on every rank of it."""
+    tensors = [t.data for t in (*model.parameters(), *model.buffers()) if not _sharded_elsewhere(t)]
+    src = dist.get_global_rank(group, 0)
+    for t in tensors:
+        dist.broadcast(t, src=src, group=group)
 
 
 def _gathered(optimizer: FSDPWithShards, is_writer: bool) -> dict[torch.Tensor, dict[str, Any]]:

@@ -374,7 +374,7 @@ class NodeLimitedExperts(RankLayout):
         """Build the DeviceMesh (module docstring) on the default process group; check ``ep`` and the nodes."""
         cfg = self.config
         key = self.name
-        if not self._read_world():
+        if not self._read_world(run):
             self.ep, self.ranks_per_node = 1, 1
             if (cfg.ep or 1) != 1:
                 raise RunSetupError(f"parallel.{key}.ep = {cfg.ep}, but this run has a single process")
@@ -399,7 +399,7 @@ class NodeLimitedExperts(RankLayout):
         device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
         self.mesh = init_device_mesh(
             device_type,
-            (1, W // ep, self.n_nodes, rpn),
+            (self.pp, W // ep, self.n_nodes, rpn),
             mesh_dim_names=("pp", "dp_replicate", "ep_node", "ep_local"),
         )
         self.data_group = self.mesh["dp_replicate", "ep_node", "ep_local"]._flatten("dp").get_group()

@@ -1,7 +1,10 @@
 """The process layout every dsk_parallel strategy shares: its rank and world, the writing rank, object broadcasts.
 
-Until pipelines exist every rank is a data rank (PP = 1), so the data rank is the rank. Collectives run over
-``self.group`` (None: the default group); under NCCL, objects travel through the rank's GPU.
+Without a pipeline every rank is a data rank, so the data rank is the rank. With a ``[parallel.*]`` pipeline table
+of ``pp`` ranks the world is ``pp`` x DP, pipeline outermost (rank = pp_rank * DP + dp_rank): the data and expert
+strategies then see DP as their world and their rank within the pipeline stage's DP ranks as their rank
+(:func:`pipeline_ranks`), and build their meshes with a ``pp`` dimension. Collectives run over ``self.group``
+(None: the default group); under NCCL, objects travel through the rank's GPU.
 """
 
 from __future__ import annotations
@@ -14,12 +17,25 @@ import torch.distributed as dist
 
 from dsk.api import ParallelStrategy
 
-__all__ = ["RankLayout", "local_rank"]
+__all__ = ["RankLayout", "local_rank", "pipeline_ranks"]
 
 
 def local_rank() -> int:
     """This rank's index on its machine (``LOCAL_RANK``, set by the launcher; 0 without one)."""
     return int(os.environ.get("LOCAL_RANK", "0") or 0)
+
+
+def pipeline_ranks(run: Any, world: int) -> int:
+    """The pipeline-parallel degree of the run's recipe: a ``[parallel.*]`` pipeline table's ``pp`` (default: every
+    rank), 1 without one."""
+    from dsk_parallel.pipeline_config import PipelineConfig
+
+    section = getattr(run, "section", None)
+    for slot in ((section("parallel") if section is not None else None) or {}).values():
+        config = getattr(slot, "config", None)
+        if isinstance(config, PipelineConfig):
+            return config.pp if config.pp is not None else world
+    return 1
 
 
 class RankLayout(ParallelStrategy):
@@ -31,14 +47,24 @@ class RankLayout(ParallelStrategy):
         self._rank, self._world = 0, 1
         self._cuda = False  # NCCL: collectives (and object broadcasts) need the rank's GPU
         self.group: Any = None
+        self.pp, self.pp_rank = 1, 0
 
-    def _read_world(self) -> bool:
-        """Take rank and world size from the default process group; False when there is none (one process)."""
+    def _read_world(self, run: Any = None) -> bool:
+        """Take rank and world size from the default process group; False when there is none (one process).
+
+        Under a pipeline of ``pp`` ranks (:func:`pipeline_ranks`) they are this rank's index among its stage's DP
+        data-parallel ranks and DP (``self.pp``, ``self.pp_rank`` say where the rank sits in the pipeline).
+        """
+        self.pp, self.pp_rank = 1, 0
         if not dist.is_available() or not dist.is_initialized():
             self._rank, self._world, self._cuda = 0, 1, False
             return False
         self._rank, self._world = dist.get_rank(), dist.get_world_size()
         self._cuda = torch.cuda.is_available() and "nccl" in str(dist.get_backend()).lower()
+        pp = pipeline_ranks(run, self._world)
+        if pp > 1 and self._world % pp == 0:  # the pipeline strategy reports a world that is not pp x DP
+            self.pp, self.pp_rank = pp, self._rank // (self._world // pp)
+            self._rank, self._world = self._rank % (self._world // pp), self._world // pp
         return True
 
     @property

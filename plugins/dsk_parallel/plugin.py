@@ -6,6 +6,8 @@ from dsk import hookimpl
 from dsk_parallel.data_config import FSDPConfig, ReplicateConfig, Zero1Config
 from dsk_parallel.expert_config import NodeLimitedConfig
 from dsk_parallel.expert_validate import validate_node_limited  # noqa: F401  (a validate_recipe hookimpl)
+from dsk_parallel.pipeline_config import PipelineConfig
+from dsk_parallel.pipeline_validate import validate_pipeline  # noqa: F401  (a validate_recipe hookimpl)
 
 
 @hookimpl
@@ -38,6 +40,28 @@ def register_parallel_strategies(register):
         "dsk_parallel.expert:NodeLimitedExperts",
         config=NodeLimitedConfig,
         summary="expert parallelism: routed experts sharded over ranks, all-to-all dispatch to at most max_nodes nodes",
+    )
+
+    register(
+        "parallel",
+        "1f1b",
+        "dsk_parallel.pipeline:OneFOneB",
+        config=PipelineConfig,
+        summary="pipeline parallelism with torch's 1F1B schedule: one model stage per rank (the baseline)",
+    )
+    register(
+        "parallel",
+        "dualpipev",
+        "dsk_parallel.pipeline:DualPipeV",
+        config=PipelineConfig,
+        summary="pipeline parallelism with torch's DualPipeV: 2 x pp stages in a V, embedding and head on rank 0",
+    )
+    register(
+        "parallel",
+        "dualpipe",
+        "dsk_parallel.pipeline:DualPipe",
+        config=PipelineConfig,
+        summary="DeepSeek's bidirectional DualPipe: micro-batches from both ends, every stage on two ranks",
     )
 
 

@@ -30,15 +30,16 @@ from dsk.api.runtime import (
     ExampleStream,
     RunContext,
     RunSetupError,
+    SideChannels,
     TrainerRun,
     build_run,
     document_causal_mask,
     encode_example,
     evaluate_task,
+    loss_from_output,
     remove_stale_temporaries,
     test_records,
     tokens_per_s,
-    training_loss,
 )
 from dsk_trainers.config import LMTrainerConfig
 
@@ -102,6 +103,10 @@ def moe_metrics(metrics: dict[str, Any]) -> dict[str, float]:
         else:
             out[f"{path}/{metric}"] = value
     return out
+
+
+#: side channels with no component: the auxiliary losses are added by BuiltRun.forward_backward, stage by stage
+_NO_SIDE = SideChannels()
 
 
 def _mean(values: list[float]) -> float | None:
@@ -191,39 +196,41 @@ class _Run(TrainerRun):
         # first label is never scored): the weighted sum is the mean over all targets of the step, as one batch of
         # batch_size * grad_accum * data ranks rows would give (the strategy averages the ranks' gradients).
         n_targets = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro]
-        weights = built.loss_weights(n_targets)
+        total_targets = max(1.0, built.global_sum([sum(n_targets)])[0])
+        world = built.parallel.data_world_size
         aux_weight = 1.0 / len(micro)  # averaged over the data ranks by the strategy, like the gradients
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        parts: dict[str, torch.Tensor] = {}
-        tokens = 0
         inject = step in cfg.debug_nonfinite_steps
-        for batch, weight in zip(micro, weights, strict=True):
-            # labels are aligned with input_ids (-100: not a target); the model shifts them (dsk.model.transformer)
-            input_ids = batch["input_ids"].to(self.device)  # (B, T)
-            labels = batch["labels"].to(self.device)  # (B, T)
-            doc_ids = batch["doc_ids"]
+        batches = []
+        tokens = 0
+        for batch in micro:
+            # labels are aligned with input_ids (-100: not a target); the model shifts them (dsk.model.transformer).
             # Packed rows attend within their own example only. Positions stay 0..T-1 for the whole row: RoPE
             # scores depend on i - j only, so an example's offset inside the row changes nothing.
+            doc_ids = batch["doc_ids"]
             mask = document_causal_mask(doc_ids).to(self.device) if cfg.packing else None
-            out = training_loss(model, input_ids, labels, mask=mask, side=built.side)
-            # The token losses (LM, and MTP, which shares its 1/T denominator) take the micro-batch's share of
-            # the step's targets; the auxiliary loss, a mean over the micro-batch's sequences (or its tokens), an
-            # equal share: every micro-batch on every rank holds batch_size rows.
-            tokens_loss = out.lm_loss if out.mtp_loss is None else out.lm_loss + out.mtp_loss  # out.loss's order
-            loss = tokens_loss * weight
-            if out.aux_loss is not None:
-                loss = loss + out.aux_loss * aux_weight
-            shares = {"loss": loss.detach().float()}
-            if inject:
-                loss = loss * float("nan")
-            loss.backward()
-            for key, value in out.parts().items():
-                if key != "loss":
-                    shares[key] = value.detach().float() * (aux_weight if key == "aux_loss" else weight)
-            for key, value in shares.items():
-                parts[key] = parts[key] + value if key in parts else value
+            batches.append(
+                {"input_ids": batch["input_ids"].to(self.device), "labels": batch["labels"].to(self.device),
+                 "mask": mask}
+            )  # fmt: skip
             tokens += int((doc_ids >= 0).sum())
+
+        def loss_fn(out: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            # The token losses (LM, and MTP, which shares its 1/T denominator) take the batch's share of the step's
+            # targets on all data ranks (built.loss_weights: a row's first label is never scored); the weighted sum
+            # is the mean over all targets of the step, as one batch of batch_size * grad_accum * data ranks rows
+            # would give, and a pipeline's chunk of a micro-batch takes its own share. The auxiliary loss, a mean
+            # over the micro-batch's sequences, takes an equal share (aux_weight; every micro-batch holds
+            # batch_size rows).
+            weight = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) * world / total_targets
+            out = loss_from_output(self.built.base_model, out, batch["labels"], side=_NO_SIDE)
+            tokens_loss = out.lm_loss if out.mtp_loss is None else out.lm_loss + out.mtp_loss  # out.loss's order
+            shares = {k: v.detach().float() * weight for k, v in out.parts().items() if k in ("lm_loss", "mtp_loss")}
+            loss = tokens_loss * weight
+            return (loss * float("nan") if inject else loss), shares
+
+        parts = built.forward_backward(batches, loss_fn, aux_weight=aux_weight)
         parts = built.mean_over_ranks(parts)  # the step's loss over all ranks' targets, as one process reports it
         tokens = int(built.global_sum([tokens])[0])
         loss_total = parts["loss"] * (float("nan") if inject else 1.0)
@@ -263,12 +270,17 @@ class _Run(TrainerRun):
         cfg = self.cfg
         if not self.eval_records:
             return {}
-        result = evaluate_task(
-            self.model, self.tokenizer, self.task, self.eval_records,
-            max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size, pass_k=cfg.pass_k,
-            temperature=cfg.pass_k_temperature, seed=self.ctx.seed * 1_000_003 + self.step, examples=examples,
-            parallel=self.built.parallel,
-        )  # fmt: skip
+        with self.built.evaluation_model() as (model, parallel):  # a pipeline: a whole copy on the writer
+            result = None
+            if model is not None:
+                result = evaluate_task(
+                    model, self.tokenizer, self.task, self.eval_records,
+                    max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size, pass_k=cfg.pass_k,
+                    temperature=cfg.pass_k_temperature, seed=self.ctx.seed * 1_000_003 + self.step,
+                    examples=examples, parallel=parallel,
+                )  # fmt: skip
+        if parallel is not self.built.parallel:
+            result = self.built.parallel.broadcast_object(result)
         sample = result.pop("examples", None)
         row = {"kind": "eval", "step": self.step, **({"stage": self.ctx.stage} if self.ctx.stage else {}), **result}
         self.ctx.metrics.write(row)
