@@ -359,6 +359,9 @@ class NodeLimitedExperts(RankLayout):
 
     name = "node_limited"
     wrap_order = -10
+    #: its checkpoint methods return this rank's whole state (expert shards gathered) on every rank, which a
+    #: pipeline composed with it merges over the stages
+    composes_checkpoints = True
 
     def __init__(self, config: NodeLimitedConfig | None = None):
         super().__init__(config if config is not None else NodeLimitedConfig())
@@ -390,7 +393,11 @@ class NodeLimitedExperts(RankLayout):
         self.ranks_per_node = rpn
         self.n_nodes = ep // rpn
         self.ep_rank = self._rank % ep
-        others = [k for k in ((run.section("parallel") if run is not None else None) or {}) if k != key]
+        from dsk_parallel.pipeline_config import PipelineConfig
+
+        tables = (run.section("parallel") if run is not None else None) or {}
+        # the dense gradients are this strategy's unless a data-parallel table owns them (a pipeline does not)
+        others = [k for k, slot in tables.items() if k != key and not isinstance(slot.config, PipelineConfig)]
         self.owns_dense = not others
         if W == 1:
             return

@@ -44,6 +44,7 @@ one-process copy on the writer (``holds_part_of_model``).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -194,7 +195,10 @@ class Pipeline(RankLayout):
         self._schedules: dict[Any, Any] = {}
         self._model: nn.Module | None = None
         self.ep = 1
-        self.trace = False  # the benchmark sets it: the schedule records its executed actions
+        #: the benchmark sets it: each executed compute action goes into :attr:`timeline` as
+        #: ``(kind "F" | "B" | "W", model stage, chunk, t_start, t_end)`` (perf_counter seconds)
+        self.trace = False
+        self.timeline: list[tuple[str, int, int, float, float]] = []
 
     # -- process layout ----------------------------------------------------------------------------------------
     @property
@@ -398,8 +402,27 @@ class Pipeline(RankLayout):
                 )  # fmt: skip
                 for r in self.runners
             ]
+            for stage in stages:
+                self._record_actions(stage)
             self._schedules[key] = self._make_schedule(stages)
         return self._schedules[key]
+
+    def _record_actions(self, stage: Any) -> None:
+        """Time the stage's forward, backward and weight-gradient actions into :attr:`timeline` while
+        :attr:`trace` is on (the benchmark's measure of the bubble; off, the wrappers only test a flag)."""
+        kinds = (("forward_one_chunk", "F"), ("backward_one_chunk", "B"), ("backward_weight_one_chunk", "W"))
+        for method, kind in kinds:
+            inner = getattr(stage, method)
+
+            def timed(chunk: int, *args: Any, _inner: Any = inner, _kind: str = kind, **kwargs: Any) -> Any:
+                if not self.trace:
+                    return _inner(chunk, *args, **kwargs)
+                t0 = time.perf_counter()
+                out = _inner(chunk, *args, **kwargs)
+                self.timeline.append((_kind, stage.stage_index, chunk, t0, time.perf_counter()))
+                return out
+
+            setattr(stage, method, timed)
 
     def _make_schedule(self, stages: list[Any]) -> Any:
         raise NotImplementedError
@@ -726,6 +749,8 @@ class DualPipe(Pipeline):
             )  # fmt: skip
         schedule = self._schedules["schedule"]
         schedule.record = self.trace
+        if self.trace:
+            schedule.trace = []
         chunks = [c["input_ids"] for c in feed]
         rows, T = feed[0]["input_ids"].shape
         dim = self._model.config.dim if self._model is not None else 0
@@ -735,3 +760,7 @@ class DualPipe(Pipeline):
             chunks[half:] if self.pp_rank == self.pp - 1 else None,
             n_chunks=self.chunks, shape=(rows, T, dim), dtype=dtype,
         )  # fmt: skip
+        if self.trace:  # (kind, direction, chunk, t0, t1): the model stage of a direction is this rank's runner
+            for kind, direction, chunk, t0, t1 in schedule.trace:
+                if kind != "comm":
+                    self.timeline.append((kind, self.runners[direction].index, chunk, t0, t1))
