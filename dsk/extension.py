@@ -55,8 +55,9 @@ _lock = threading.RLock()
 _declared: dict[str, CppExtension] = {}
 
 # torch's build lock is a file that a killed build leaves behind, and every later build of the extension then waits
-# for it forever; one older than any real build (these take 1-3 min) is taken as left over
-_STALE_LOCK_S = 15 * 60
+# for it forever. A build that holds it writes into its directory (objects, the library) at least every minute or
+# so (a compile takes 30-100 s on one core); a lock with nothing in its directory written for this long is left over
+_STALE_LOCK_S = 4 * 60
 
 
 def kernels_disabled() -> bool:
@@ -254,13 +255,18 @@ class CppExtension:
         directory = Path(get_default_build_root()) / f"{self.name}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
         directory.mkdir(parents=True, exist_ok=True)
         lock = directory / "lock"
-        try:
-            stale = time.time() - lock.stat().st_mtime > _STALE_LOCK_S
-        except FileNotFoundError:
-            stale = False
-        if stale:
-            lock.unlink(missing_ok=True)
-            log.info("dsk: removed the build lock %s left by an interrupted build", lock)
+        # wait here rather than in torch (which polls for the lock to go, forever): while another process builds,
+        # its directory changes; when nothing in it has changed for _STALE_LOCK_S, the lock was left by a killed build
+        while lock.exists():
+            try:
+                latest = max(p.stat().st_mtime for p in directory.iterdir())
+            except (FileNotFoundError, ValueError):  # a file went while we looked: look again
+                continue
+            if time.time() - latest > _STALE_LOCK_S:
+                lock.unlink(missing_ok=True)
+                log.info("dsk: removed the build lock %s left by an interrupted build", lock)
+                break
+            time.sleep(0.5)
         return directory
 
 
