@@ -100,13 +100,14 @@ def _cxx() -> str:
 
 
 def _find_ninja() -> str | None:
-    """Put a ``ninja`` on PATH if one exists; None when found, else why not.
+    """Put the environment's ``ninja`` first on PATH (else any found); None when found, else why not.
 
     torch runs ``ninja`` from PATH; the pip package's binary sits in the environment's bin dir, which is not on
-    PATH when the interpreter is called by its path (``.venv/bin/python -m pytest``).
+    PATH when the interpreter is called by its path (``.venv/bin/python -m pytest``). It goes first even when the
+    system has its own: ninja 1.12 changed the hash in its build log, so processes that ran different ninjas over
+    one build directory (a shell with the venv activated, another without) each rebuilt the extension over the
+    other's objects, every time.
     """
-    if shutil.which("ninja"):
-        return None
     candidates = [Path(sys.executable).parent]
     try:
         import ninja
@@ -116,9 +117,11 @@ def _find_ninja() -> str | None:
         pass
     for directory in candidates:
         if shutil.which("ninja", path=str(directory)):
-            os.environ["PATH"] = str(directory) + os.pathsep + os.environ.get("PATH", "")
+            path = os.environ.get("PATH", "")
+            if path.split(os.pathsep)[0] != str(directory):
+                os.environ["PATH"] = str(directory) + os.pathsep + path
             return None
-    return "ninja not found (pip install ninja)"
+    return None if shutil.which("ninja") else "ninja not found (pip install ninja)"
 
 
 def _toolchain_problem() -> str | None:
