@@ -127,6 +127,20 @@ def validate_recipe(recipe: dict[str, Any], resolved: dict[str, Any], registry: 
     """
 
 
+@hookspec
+def validate_launch(resolved: dict[str, Any], world_size: int) -> list[Problem] | None:
+    """Report what a validated recipe cannot run on ``world_size`` processes (``--nproc``), before any starts.
+
+    Every implementation runs (for the recipe and for each ``[[stages]]`` entry's resolved sections) and all
+    problems are reported together, with exit code 2. A strategy checks the same again when its ranks set up (a
+    ``torchrun`` launch never passes here).
+
+    :param resolved: the recipe (or one stage) with every slot replaced by a :class:`dsk.api.ResolvedSlot`.
+    :param world_size: the number of processes the run would start.
+    :returns: a list of :class:`dsk.api.Problem` (each with a dotted key path), or None.
+    """
+
+
 # --------------------------------------------------------------------------------------------------
 # Run time: step boundaries only, never per layer or per micro-batch.
 # --------------------------------------------------------------------------------------------------

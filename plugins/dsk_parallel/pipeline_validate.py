@@ -87,6 +87,50 @@ def pipeline_recipe_problems(resolved: dict[str, Any]) -> list[Any]:
     return problems
 
 
+def pipeline_launch_problems(resolved: dict[str, Any], world_size: int) -> list[Any]:
+    """What a pipeline table cannot run on ``world_size`` processes: a world that is not pp x DP, DP ranks with no
+    strategy for them, an expert-parallel group that does not divide DP, and (``pp`` left to its default, every
+    rank) the shapes of :func:`pipeline_recipe_problems` at that pp."""
+    from dsk.api import Problem
+
+    problems = []
+    parallel = resolved.get("parallel") or {}
+    model = resolved.get("model")
+    for key, slot in parallel.items():
+        cfg = getattr(slot, "config", None)
+        if not isinstance(cfg, PipelineConfig):
+            continue
+        pp = cfg.pp if cfg.pp is not None else world_size
+        where = f"parallel.{key}.pp"
+        if world_size % pp:
+            problems.append(Problem(where, f"{where} = {pp} does not divide --nproc {world_size}: the processes are "
+                                    "pp x the data-parallel ranks", f"run --nproc {pp} or a multiple of it"))  # fmt: skip
+            continue
+        dp = world_size // pp
+        others = {k: s for k, s in parallel.items() if k != key}
+        if dp > 1 and not others:
+            problems.append(Problem(where, f"--nproc {world_size} at {where} = {pp} leaves {dp} data-parallel ranks, "
+                                    "and the recipe has no data-parallel table for them",
+                                    f'add [parallel.data] type = "zero1", or run --nproc {pp}'))  # fmt: skip
+        for other, oslot in others.items():
+            ep = getattr(getattr(oslot, "config", None), "ep", None)
+            if getattr(oslot, "name", None) == "node_limited" and ep is not None and dp % ep:
+                problems.append(Problem(f"parallel.{other}.ep", f"parallel.{other}.ep = {ep} must divide the {dp} "
+                                        f"data-parallel ranks of each pipeline rank (--nproc {world_size} / pp {pp})",
+                                        "the expert-parallel group lies inside a pipeline stage's data ranks"))  # fmt: skip
+        if cfg.pp is None:
+            n_layers = getattr(model, "n_layers", None)
+            for path, message in pipeline_problems(slot.name, key, pp, cfg.chunks, cfg.layers_per_stage, n_layers):
+                problems.append(Problem(path, f"{message} (pp = --nproc {world_size})"))
+    return problems
+
+
+@hookimpl(specname="validate_launch")
+def validate_pipeline_launch(resolved, world_size):
+    """``--nproc N`` with a pipeline table: the world must be pp x DP and hold the schedule's shapes."""
+    return pipeline_launch_problems(resolved, world_size)
+
+
 @hookimpl(specname="validate_recipe")
 def validate_pipeline(resolved):
     """``[parallel.*] type = "1f1b" | "dualpipev" | "dualpipe"``: shapes the schedule can run, and what it runs with."""

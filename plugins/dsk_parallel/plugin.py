@@ -7,7 +7,7 @@ from dsk_parallel.data_config import FSDPConfig, ReplicateConfig, Zero1Config
 from dsk_parallel.expert_config import NodeLimitedConfig
 from dsk_parallel.expert_validate import validate_node_limited  # noqa: F401  (a validate_recipe hookimpl)
 from dsk_parallel.pipeline_config import PipelineConfig
-from dsk_parallel.pipeline_validate import validate_pipeline  # noqa: F401  (a validate_recipe hookimpl)
+from dsk_parallel.pipeline_validate import validate_pipeline, validate_pipeline_launch  # noqa: F401  (hookimpls)
 
 
 @hookimpl

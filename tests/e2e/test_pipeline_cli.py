@@ -1,0 +1,169 @@
+"""``dsk train recipes/dualpipe.toml --nproc 2`` end to end: DualPipe, DualPipeV and 1F1B give the losses of the
+pipeline-off single process at each of 20 steps, a SIGKILLed pipelined run resumes (DualPipe bit for bit), the
+checkpoint loads into one process for ``dsk eval`` and ``dsk generate``, and shapes the schedule cannot run are
+exit 2 before any rank starts.
+
+Each launch costs a few seconds of start-up; the killed-and-resumed runs double as the loss comparison of DualPipeV
+and 1F1B, so there are seven launches in all.
+
+The reference. Rows are packed (every row seq_len tokens, so a 64-row batch and four 16-row batches hold the same
+rows). In float32, two single processes that compute the same step in other orders (one 64-row micro-batch, or four
+16-row micro-batches accumulated) drift apart: MoE top-k routing turns 1e-7 differences into flipped expert choices,
+and by step 20 their losses differ by up to 4e-5 relative. So each schedule is compared with the one-process run whose
+gradient sums it reproduces: DualPipeV and 1F1B accumulate the chunks one after the other, as four accumulated 16-row
+micro-batches do (DualPipe's own check, ``ref_step``, runs micro-batch by micro-batch); DualPipe adds the two
+directions' sums, which agrees with the single 64-row micro-batch. Exactness is the float64 tests' business
+(tests/unit/plugins/dsk_parallel/test_pipeline.py, 1e-12).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.distributed.harness import GROUP
+from tests.e2e.test_distributed_cli import _alive, _dsk, _env, _losses, _train_rows
+
+pytestmark = pytest.mark.xdist_group(GROUP)
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = str(ROOT / "recipes" / "dualpipe.toml")
+STEPS = 20
+SHORT = [
+    "--set", f"trainer.steps={STEPS}", "--set", "trainer.eval_every=0", "--set", "trainer.eval_samples=4",
+    "--set", "trainer.eval_max_new_tokens=8", "--set", "checkpoint.every=5", "--set", "checkpoint.keep=5",
+    "--set", "trainer.packing=true",
+]  # fmt: skip
+OFF = ["--set", "parallel.pipeline.enabled=false"]
+TYPES = {"dualpipe": [], "dualpipev": ["--set", 'parallel.pipeline.type="dualpipev"'],
+         "1f1b": ["--set", 'parallel.pipeline.type="1f1b"']}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def one_process(tmp_path_factory) -> Path:
+    """The recipe with the pipeline off, in one process: each step's 64 rows in one micro-batch."""
+    run = tmp_path_factory.mktemp("pp-off") / "run"
+    done = _dsk("train", RECIPE, *SHORT, *OFF, "--run-dir", str(run))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run
+
+
+@pytest.fixture(scope="session")
+def one_process_chunked(tmp_path_factory) -> Path:
+    """The same, each step's rows as four accumulated 16-row micro-batches: the pipeline's chunks."""
+    run = tmp_path_factory.mktemp("pp-off-chunked") / "run"
+    accumulate = ["--set", "trainer.batch_size=16", "--set", "trainer.grad_accum=4"]
+    done = _dsk("train", RECIPE, *SHORT, *OFF, *accumulate, "--run-dir", str(run))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run
+
+
+@pytest.fixture(scope="session")
+def dualpipe(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("dualpipe") / "run"
+    done = _dsk("train", RECIPE, "--nproc", "2", *SHORT, "--run-dir", str(run))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run
+
+
+def _close_to(reference: list[float], losses: list[float], what: str) -> None:
+    assert len(reference) == len(losses) == STEPS, (len(reference), len(losses))
+    for step, (a, b) in enumerate(zip(reference, losses, strict=True), start=1):
+        assert abs(a - b) <= 1e-5 * abs(a), f"{what} step {step}: one process {a}, pipeline {b}"
+
+
+def _kill_and_resume(run: Path, extra: list[str]) -> None:
+    """Start a 2-rank run, SIGKILL its launcher after step 7 (past the step-5 checkpoint), check nothing runs or
+    writes after it, then --resume it to the end."""
+    args = [sys.executable, "-m", "dsk", "train", RECIPE, "--nproc", "2", *SHORT, *extra, "--run-dir", str(run)]
+    launcher = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=ROOT)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if (run / "metrics.jsonl").exists() and len(_train_rows(run)) >= 7:
+            break
+        time.sleep(0.05)
+    else:
+        launcher.kill()
+        pytest.fail("the run did not reach step 7")
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait(timeout=10)
+    gone_by = time.monotonic() + 10
+    while _alive(str(run)) and time.monotonic() < gone_by:
+        time.sleep(0.05)
+    assert not _alive(str(run)), "workers outlived their SIGKILLed launcher"
+    assert len(_train_rows(run)) < STEPS
+    resumed = _dsk("train", RECIPE, "--nproc", "2", *SHORT, *extra, "--run-dir", str(run), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout
+    assert [r["step"] for r in _train_rows(run)] == list(range(1, STEPS + 1))
+
+
+def test_dualpipe_gives_the_one_process_losses_and_its_checkpoint_serves_one_process(one_process, dualpipe):
+    _close_to(_losses(one_process), _losses(dualpipe), "dualpipe")
+    summary = json.loads((dualpipe / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    ckpt = summary["checkpoint"]
+    ev = _dsk("eval", ckpt, "--samples", "4", "--max-new-tokens", "8", "--json")
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert 0.0 <= json.loads(ev.stdout)["eval/accuracy"] <= 1.0
+    gen = _dsk("generate", ckpt, "--prompt", "12+34=", "--max-new-tokens", "8")
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    assert gen.stdout.strip()
+    # the pipelined run's weights are the one process's, to float32 rounding over 20 steps (which Adam's
+    # m / sqrt(v) enlarges for entries whose gradients are near zero: compare whole tensors, not entries)
+    from safetensors.torch import load_file
+
+    step = f"step-{STEPS}"
+    a = load_file(str(next((dualpipe / "checkpoints" / step).glob("model*.safetensors"))))
+    b = load_file(str(next((one_process / "checkpoints" / step).glob("model*.safetensors"))))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert float((a[key] - b[key]).norm()) <= 1e-2 * float(b[key].norm()) + 1e-6, key
+
+
+def test_a_killed_dualpipe_run_resumes_bit_for_bit(tmp_path, dualpipe):
+    run = tmp_path / "run"
+    _kill_and_resume(run, TYPES["dualpipe"])
+    assert _losses(run) == _losses(dualpipe)
+
+
+@pytest.mark.parametrize("kind", ["dualpipev", "1f1b"])
+def test_torch_schedules_killed_and_resumed_give_the_one_process_losses(tmp_path, one_process_chunked, kind):
+    run = tmp_path / "run"
+    _kill_and_resume(run, TYPES[kind])
+    _close_to(_losses(one_process_chunked), _losses(run), kind)
+
+
+def test_shapes_the_pipeline_cannot_run_are_exit_2_before_any_rank_starts(tmp_path):
+    cases = [
+        (["--nproc", "3"], "parallel.pipeline.pp = 2 does not divide --nproc 3"),
+        (["--nproc", "2", "--set", "parallel.pipeline.pp=3"], "DualPipe runs on an even number"),
+        (["--nproc", "2", "--set", "parallel.pipeline.chunks=2"], "needs at least 4 micro-batches"),
+        (["--nproc", "2", "--set", "parallel.pipeline.chunks=6", "--set", "trainer.batch_size=64"],
+         "trainer.batch_size = 64 does not cut into parallel.pipeline.chunks = 6"),
+        (["--nproc", "2", "--set", "parallel.pipeline.layers_per_stage=[3, 3]"], "sums to 6, but model.n_layers = 8"),
+        (["--nproc", "4", "--set", "parallel.pipeline.pp=2"], "leaves 2 data-parallel ranks"),
+        (["--nproc", "4", "--set", "parallel.pipeline.pp=2", "--set", 'parallel.data.type="zero1"',
+          "--set", 'parallel.expert.type="node_limited"', "--set", "parallel.expert.ep=4",
+          "--set", "parallel.expert.ranks_per_node=2"],
+         "parallel.expert.ep = 4 must divide the 2 data-parallel ranks"),
+        (["--nproc", "2", "--set", 'parallel.pipeline.type="dualpipev"', "--set", "model.n_layers=3"],
+         "model.n_layers = 3 cannot be cut into the 4 stages of dualpipev"),
+        (["--nproc", "2", "--set", 'parallel.pipeline.type="dualpipev"', "--set", 'features.compile.type="compile"'],
+         "which it refuses for compiled stages"),
+        (["--set", "parallel.pipeline.pp=2"], "needs torch.distributed ranks: run with --nproc"),
+    ]  # fmt: skip
+    for i, (args, expected) in enumerate(cases):
+        run = tmp_path / f"run{i}"
+        done = _dsk("train", RECIPE, *args, "--set", "trainer.steps=2", "--run-dir", str(run), timeout=60)
+        err = " ".join(done.stderr.split())
+        assert done.returncode == 2, (args, done.returncode, done.stderr[-2000:])
+        assert expected in err, (args, err[-2000:])
+        assert "Traceback" not in done.stderr
+        assert "rank 0" not in err and "rank 1" not in err, f"{args}: a rank started"
