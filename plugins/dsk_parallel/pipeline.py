@@ -144,7 +144,10 @@ class _StageRunner(nn.Module):
         aux = None
         losses = [a for a in (m.aux_loss() for m in self.aux_sources) if a is not None]
         if losses and torch.is_grad_enabled():
-            aux = torch.stack([a.float() for a in losses]).sum() * chunk["aux_weight"]
+            # in the losses' dtype, at least float32 (as BuiltRun.forward_backward adds them): a float32 product
+            # would round the chunk's weight (1/3, 1/6, ...) in the gradient of every balance loss
+            dtype = torch.promote_types(losses[0].dtype, torch.float32)
+            aux = torch.stack([a.to(dtype) for a in losses]).sum() * chunk["aux_weight"]
             self._add("aux_loss", aux)
             self._add("loss", aux)
         if self.last:
@@ -509,20 +512,14 @@ class Pipeline(RankLayout):
             return
         flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
         self.all_reduce(flat, "sum")
-        shared = {id(t) for qs, _ in self._shared for t in self._shared_stats(qs)}
-        for qs, group in self._shared:
-            mine = [t for t in tensors if id(t) in {id(x) for x in self._shared_stats(qs)}]
+        self._scatter_back(tensors, flat)  # every load summed over the stage's data-parallel ranks first
+        for qs, group in self._shared:  # then the shared layers' over the pipeline ranks holding them
+            ids = {id(x) for x in self._shared_stats(qs)}
+            mine = [t for t in tensors if id(t) in ids]
             if mine:
                 part = torch.cat([t.reshape(-1).to(torch.float64) for t in mine])
                 dist.all_reduce(part, group=group)
                 self._scatter_back(mine, part)
-        rest = [t for t in tensors if id(t) not in shared]
-        offset = 0
-        for t in tensors:  # the data-parallel sums of the rest; the shared ones already hold both reductions
-            if id(t) not in shared:
-                t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
-        del rest
 
     def _shared_stats(self, qs: tuple[int, ...]) -> list[torch.Tensor]:
         if self._model is None:
