@@ -44,38 +44,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from bench.lm_run import lm_run
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class _Quiet:
-    is_terminal = False
-
-    def print(self, *args: Any, **kwargs: Any) -> None:
-        pass
 
 
 def _quickstart_run(tmp: Path, overrides: list[str] = ()) -> Any:
     """A set-up ``pretrain`` run of the quickstart recipe (with ``--set`` overrides) writing into ``tmp``."""
-    from dsk_trainers.lm import _Run
-
-    from dsk.plugins import make_plugin_manager
-    from dsk.recipe import load_recipe, validate_recipe
-    from dsk.registry import build_registry
-    from dsk.train.context import RunContext
-    from dsk.train.metrics import MetricsWriter
-    from dsk.train.progress import Reporter
-
-    pm = make_plugin_manager()
-    registry = build_registry(pm)
-    recipe = load_recipe(str(ROOT / "recipes" / "quickstart.toml"), overrides=[("set", o) for o in overrides])
-    sections = validate_recipe(recipe, registry, pm, check=True).resolved
-    ctx = RunContext(
-        run_dir=tmp, sections=sections, registry=registry, pm=pm, metrics=MetricsWriter(tmp / "metrics.jsonl"),
-        reporter=Reporter(_Quiet(), False), seed=sections["dsk"].seed,
-    )  # fmt: skip
-    run = _Run(sections["trainer"].build(), ctx)
-    run.setup()
-    torch.set_num_threads(sections["trainer"].config.cpu_threads or 1)
+    run = lm_run("quickstart.toml", tmp, [("set", o) for o in overrides])
+    torch.set_num_threads(run.cfg.cpu_threads or 1)
     return run
 
 

@@ -23,43 +23,20 @@ from typing import Any
 
 import torch
 
+from bench.lm_run import lm_run
+
 ROOT = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH, SEQ, WORLD = 64, 40, 2
-
-
-class _Quiet:
-    is_terminal = False
-
-    def print(self, *args: Any, **kwargs: Any) -> None:
-        pass
 
 
 def _quickstart_run(tmp: Path, kind: str | None) -> Any:
     """A set-up ``pretrain`` run (``dsk_trainers.lm._Run``) of the quickstart recipe: the global batch of 64 rows
     over ``WORLD`` ranks of data-parallel strategy ``kind``, or in one process (None)."""
-    from dsk_trainers.lm import _Run
-
-    from dsk.plugins import make_plugin_manager
-    from dsk.recipe import load_recipe, validate_recipe
-    from dsk.registry import build_registry
-    from dsk.train.context import RunContext
-    from dsk.train.metrics import MetricsWriter
-    from dsk.train.progress import Reporter
-
-    pm = make_plugin_manager()
-    registry = build_registry(pm)
     per_rank = GLOBAL_BATCH // WORLD if kind is not None else GLOBAL_BATCH
     sets = [f"trainer.batch_size={per_rank}", f"trainer.seq_len={SEQ}", 'trainer.device="cpu"']
     if kind is not None:
         sets.append(f'parallel.data.type="{kind}"')
-    recipe = load_recipe(str(ROOT / "recipes" / "quickstart.toml"), sets=sets)
-    sections = validate_recipe(recipe, registry, pm, check=True).resolved
-    ctx = RunContext(
-        run_dir=tmp, sections=sections, registry=registry, pm=pm, metrics=MetricsWriter(tmp / "metrics.jsonl"),
-        reporter=Reporter(_Quiet(), False), seed=sections["dsk"].seed,
-    )  # fmt: skip
-    run = _Run(sections["trainer"].build(), ctx)
-    run.setup()
+    run = lm_run("quickstart.toml", tmp, [("set", x) for x in sets])
     return run
 
 

@@ -74,6 +74,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from bench.lm_run import lm_run
+
 ROOT = Path(__file__).resolve().parents[1]
 BATCH, SEQ, PP, LAYERS = 64, 40, 2, 8
 KINDS = ("1f1b", "dualpipev", "dualpipe")
@@ -84,39 +86,14 @@ Action = tuple[str, int, int, int]  # (kind F | B | I | W, chain, stage along th
 
 
 # -- the run -------------------------------------------------------------------------------------------------------
-class _Quiet:
-    is_terminal = False
-
-    def print(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
 def _build(tmp: Path, kind: str, chunks: int) -> Any:
     """A set-up ``pretrain`` run of ``recipes/dualpipe.toml`` at PP 2 under schedule ``kind`` with ``chunks``."""
-    from dsk_trainers.lm import _Run
-
-    from dsk.plugins import make_plugin_manager
-    from dsk.recipe import load_recipe, validate_recipe
-    from dsk.registry import build_registry
-    from dsk.train.context import RunContext
-    from dsk.train.metrics import MetricsWriter
-    from dsk.train.progress import Reporter
-
-    pm = make_plugin_manager()
-    registry = build_registry(pm)
     sets = [  # type first: setting it drops the table's other keys
         f'parallel.pipeline.type="{kind}"', f"parallel.pipeline.pp={PP}", f"parallel.pipeline.chunks={chunks}",
         "parallel.pipeline.zero_bubble=true", f"trainer.batch_size={BATCH}", f"trainer.seq_len={SEQ}",
         'trainer.device="cpu"',
     ]  # fmt: skip
-    recipe = load_recipe(str(ROOT / "recipes" / "dualpipe.toml"), sets=sets)
-    sections = validate_recipe(recipe, registry, pm, check=True).resolved
-    ctx = RunContext(
-        run_dir=tmp, sections=sections, registry=registry, pm=pm, metrics=MetricsWriter(tmp / "metrics.jsonl"),
-        reporter=Reporter(_Quiet(), False), seed=sections["dsk"].seed,
-    )  # fmt: skip
-    run = _Run(sections["trainer"].build(), ctx)
-    run.setup()
+    run = lm_run("dualpipe.toml", tmp, [("set", x) for x in sets])
     return run
 
 

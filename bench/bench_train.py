@@ -24,38 +24,15 @@ from typing import Any
 
 import torch
 
+from bench.lm_run import lm_run
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class _Quiet:
-    is_terminal = False
-
-    def print(self, *args: Any, **kwargs: Any) -> None:
-        pass
 
 
 def _quickstart_run(tmp: Path, without_mtp: bool):
     """A set-up ``pretrain`` run of the quickstart recipe (``dsk_trainers.lm._Run``) writing into ``tmp``."""
-    from dsk_trainers.lm import _Run
-
-    from dsk.plugins import make_plugin_manager
-    from dsk.recipe import load_recipe, validate_recipe
-    from dsk.registry import build_registry
-    from dsk.train.context import RunContext
-    from dsk.train.metrics import MetricsWriter
-    from dsk.train.progress import Reporter
-
-    pm = make_plugin_manager()
-    registry = build_registry(pm)
     overrides = [("unset", "model.mtp")] if without_mtp else []
-    recipe = load_recipe(str(ROOT / "recipes" / "quickstart.toml"), overrides=overrides)
-    sections = validate_recipe(recipe, registry, pm, check=True).resolved
-    ctx = RunContext(
-        run_dir=tmp, sections=sections, registry=registry, pm=pm, metrics=MetricsWriter(tmp / "metrics.jsonl"),
-        reporter=Reporter(_Quiet(), False), seed=sections["dsk"].seed,
-    )  # fmt: skip
-    run = _Run(sections["trainer"].build(), ctx)
-    run.setup()
+    run = lm_run("quickstart.toml", tmp, overrides)
     return run
 
 
