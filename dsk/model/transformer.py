@@ -230,11 +230,23 @@ class ModelStage(nn.Module):
         self, x: torch.Tensor, input_ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None = None
     ) -> Any:
         model: DSKModel = self._model  # type: ignore[assignment]
-        h = model.embed(x) if self.first else x
-        h = model.run_layers(h, pos, mask, None, self.start, self.end)
-        if not self.last:
-            return h
-        return model.finish(h, input_ids, pos, mask, with_mtp=True)
+        # Each stage's forward is framed by the whole model's forward hooks, as the model's own forward would be:
+        # a feature's region entered by a pre-hook on the model (BF16 autocast) then covers every stage. The hooks
+        # see this stage's input and output.
+        args = (x,)
+        for key, hook in list(model._forward_pre_hooks.items()):
+            hook(model, args, {}) if key in model._forward_pre_hooks_with_kwargs else hook(model, args)
+        out: Any = None
+        try:
+            h = model.embed(x) if self.first else x
+            h = model.run_layers(h, pos, mask, None, self.start, self.end)
+            out = h if not self.last else model.finish(h, input_ids, pos, mask, with_mtp=True)
+        finally:
+            for key, hook in list(model._forward_hooks.items()):
+                if out is None and key not in model._forward_hooks_always_called:
+                    continue
+                hook(model, args, {}, out) if key in model._forward_hooks_with_kwargs else hook(model, args, out)
+        return out
 
 
 def split_layers(n_layers: int, n_stages: int, layers_per_stage: Sequence[int] | None = None) -> list[tuple[int, int]]:

@@ -55,14 +55,21 @@ def pipeline_recipe_problems(resolved: dict[str, Any]) -> list[Any]:
                     )
                 )
         for fkey, fslot in (resolved.get("features") or {}).items():
-            if getattr(fslot, "name", None) == "compile" and kind == "dualpipev":
+            splits = kind == "dualpipev" or (kind == "dualpipe" and cfg.zero_bubble)
+            if getattr(fslot, "name", None) == "compile" and splits:
+                if kind == "dualpipev":
+                    what = ("torch's ScheduleDualPipeV splits each backward into input and weight gradients, which "
+                            "it refuses for compiled stages")  # fmt: skip
+                    fix = 'or use type = "1f1b"'
+                else:
+                    what = ("its zero-bubble chunks split the backward into input and weight gradients with torch's "
+                            "stage_backward_input / _weight, which torch does not support for compiled code")  # fmt: skip
+                    fix = f"or set parallel.{key}.zero_bubble = false"
                 problems.append(
                     Problem(
                         f"features.{fkey}",
-                        f'features.{fkey} (torch.compile) cannot run with parallel.{key} type = "dualpipev": '
-                        "torch's ScheduleDualPipeV splits each backward into input and weight gradients, which it "
-                        "refuses for compiled stages",
-                        f'turn the feature off (--set features.{fkey}.enabled=false) or use type = "1f1b"',
+                        f'features.{fkey} (torch.compile) cannot run with parallel.{key} type = "{kind}": {what}',
+                        f"turn the feature off (--set features.{fkey}.enabled=false) {fix}",
                     )
                 )
             if getattr(fslot, "name", None) == "ema":
