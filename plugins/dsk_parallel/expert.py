@@ -397,7 +397,9 @@ class NodeLimitedExperts(RankLayout):
 
         tables = (run.section("parallel") if run is not None else None) or {}
         # the dense gradients are this strategy's unless a data-parallel table owns them (a pipeline does not)
-        others = [k for k, slot in tables.items() if k != key and not isinstance(slot.config, PipelineConfig)]
+        others = [
+            k for k, s in tables.items() if k != key and not isinstance(getattr(s, "config", None), PipelineConfig)
+        ]
         self.owns_dense = not others
         if W == 1:
             return
