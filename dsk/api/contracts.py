@@ -26,6 +26,7 @@ them and zeroes the step statistics. ``Feature.state_dict`` goes into every chec
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -36,6 +37,8 @@ __all__ = [
     "FEATURE_STAGES",
     "AfterOptimizerStep",
     "AuxLossSource",
+    "Cost",
+    "CostModel",
     "ExpertShardable",
     "Feature",
     "LinearLayers",
@@ -422,3 +425,56 @@ class LinearShapes(Protocol):
 
     def linear_in_features(self, dim: int) -> dict[str, int]:
         """``{config key: K}`` for each linear layer's K that this config sets (D excluded)."""
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What one component costs per token, analytically (the cost protocol, :class:`CostModel`).
+
+    A component states only what it holds and computes itself, never what its child modules that are themselves
+    :class:`CostModel` state (an MTP module reports its projection and norms; the attention and FFN of its block
+    report themselves), so the core sums every cost-reporting module of a model once
+    (:func:`dsk.model.cost.model_cost`) and names no technique. FLOPs are those of the matrix products (2 per
+    multiply-add), the convention of model FLOP utilisation: norms, activations, softmax and RoPE are left out.
+
+    Attributes:
+        params: parameters this component holds (its own, not its cost-reporting children's); after expert
+            parallelism sharded it, this rank's share.
+        active_params: of those, the ones one token's forward passes through (MoE: the router, the shared experts
+            and ``top_k`` routed experts).
+        flops_per_token: forward FLOPs per token at context length ``seq_len``, the attention's score and value
+            products included (causal: averaged over positions, ``seq_len / 2`` keys per query).
+        activation_bytes_per_token: bytes a training forward saves for the backward per token (no recomputation),
+            at ``act_bytes`` per value.
+        kv_bytes_per_token: inference KV-cache bytes per token, at ``act_bytes`` per value.
+        comm_bytes_per_token: bytes sent per token by a parallel strategy (0 for model components).
+        head_calls_per_token: times per token this component runs the model's shared output head (an MTP module:
+            once per depth). The head is the core's: the core adds its FLOPs and saved logits for each call, which
+            a component cannot state (it does not hold the head, nor know the vocabulary).
+    """
+
+    params: int = 0
+    active_params: int = 0
+    flops_per_token: float = 0.0
+    activation_bytes_per_token: float = 0.0
+    kv_bytes_per_token: float = 0.0
+    comm_bytes_per_token: float = 0.0
+    head_calls_per_token: float = 0.0
+
+    def __add__(self, other: Cost) -> Cost:
+        """The field-wise sum."""
+        if not isinstance(other, Cost):
+            return NotImplemented
+        return Cost(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
+
+@runtime_checkable
+class CostModel(Protocol):
+    """A model component (or strategy) that states its own :class:`Cost` per token, analytically (no forward).
+
+    It must work on a model built on the meta device (``with torch.device("meta"): build_model(...)``): sizes
+    come from the component's configuration and parameter shapes, never from parameter values.
+    """
+
+    def cost(self, seq_len: int, act_bytes: int = 2) -> Cost:
+        """This component's own cost per token at context length ``seq_len``, ``act_bytes`` per activation."""

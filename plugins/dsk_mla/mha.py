@@ -9,7 +9,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from dsk.api import ModelContext
+from dsk.api import Cost, ModelContext
 from dsk.api.runtime import PLAIN_LINEAR, LinearSite
 from dsk_mla.attention import KVCache, attend, attention_bias
 from dsk_mla.config import MHAConfig
@@ -101,3 +101,21 @@ class MHA(nn.Module):
     def cache_values_per_token(self) -> int:
         """Values cached per token per layer: ``2 * H * d``."""
         return 2 * self.n_heads * self.head_dim
+
+    def cost(self, seq_len: int, act_bytes: int = 2) -> Cost:
+        """This layer's parameters, forward FLOPs, saved activations and K/V-cache bytes per token
+        (:class:`dsk.api.CostModel`), from its sizes alone (works on the meta device).
+
+        FLOPs: 2 per multiply-add of the four projections, and of the score and value products, ``2 * H * d``
+        multiply-adds per key over ``seq_len / 2`` keys on average (causal). Saved activations: x, q, k, v, the
+        attention output and the softmax's per-head row statistics. KV cache: ``2 * H * d`` values per token.
+        """
+        D, inner = self.dim, self.n_heads * self.head_dim
+        weights = 4 * D * inner
+        return Cost(
+            params=weights,
+            active_params=weights,
+            flops_per_token=2.0 * weights + 2.0 * (seq_len / 2) * 2 * inner,
+            activation_bytes_per_token=float((D + 4 * inner + self.n_heads) * act_bytes),
+            kv_bytes_per_token=float(self.cache_values_per_token() * act_bytes),
+        )

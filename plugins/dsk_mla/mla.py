@@ -13,7 +13,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from dsk.api import ModelContext
+from dsk.api import Cost, ModelContext
 from dsk.api.runtime import PLAIN_LINEAR, LinearSite, RMSNorm, cpu_kernel_supports, recomputable
 from dsk_mla import kernels
 from dsk_mla.attention import PAD_V_MIN_SCORES, KVCache, attend, attention_bias
@@ -277,3 +277,37 @@ class MLA(nn.Module):
         if (layout or self.cfg.decode_cache) == "latent":
             return self.kv_lora_rank + self.qk_rope_head_dim
         return self.n_heads * (self.qk_head_dim + self.v_head_dim)
+
+    def cost(self, seq_len: int, act_bytes: int = 2) -> Cost:
+        """This layer's parameters, forward FLOPs, saved activations and latent-cache bytes per token
+        (:class:`dsk.api.CostModel`), from its sizes alone (works on the meta device).
+
+        FLOPs: 2 per multiply-add of the projections (q_a, q_b | q_proj, kv_a, kv_b, o), and the score and value
+        products over ``seq_len / 2`` keys on average (causal) of the naive path training runs:
+        ``H * (dn + dr)`` and ``H * dv`` multiply-adds per key. Saved activations, as the naive path with the fused
+        SDPA kernel keeps them (no recomputation): x, the joint down-projection's output, each latent norm's
+        normalised value (and its float32 statistic), the up-projections' inputs, the per-head q and k, v and the
+        kernel's output padded to ``dn + dr`` columns when ``dv`` is smaller, the output projection's input and
+        the kernel's float32 log-sum-exp per head. KV cache: ``decode_cache``'s values per token (``c + dr``
+        latent, or ``H * (dn + dr + dv)`` full).
+        """
+        D, H, c, dr = self.dim, self.n_heads, self.kv_lora_rank, self.qk_rope_head_dim
+        dn, dv, dk = self.qk_nope_head_dim, self.v_head_dim, self.qk_head_dim
+        q = self.q_lora_rank
+        q_weights = D * H * dk if q is None else D * q + q * H * dk
+        weights = q_weights + D * (c + dr) + c * H * (dn + dv) + H * dv * D
+        params = weights + c + (0 if q is None else q)  # + the latents' RMSNorm weights
+        flops = 2.0 * weights + 2.0 * (seq_len / 2) * H * (dk + dv)
+        q_out = H * dk if q is None else q
+        saved = D + (q_out + c + dr)  # x, the joint down-projection's output
+        saved += 0 if q is None else 2 * q  # the query latent's norm: normalised value, q_b_proj's input
+        saved += c + (c + dr)  # the KV latent's norm, kv_b_proj's input (latent and rope key)
+        saved += 2 * H * dk + 2 * H * max(dv, dk) + H * dv  # q, k, v and output (padded), o_proj's input
+        fp32 = (0 if q is None else 1) + 1 + H  # the norms' statistics, the log-sum-exp
+        return Cost(
+            params=params,
+            active_params=params,
+            flops_per_token=flops,
+            activation_bytes_per_token=float(saved * act_bytes + 4 * fp32),
+            kv_bytes_per_token=float(self.cache_values_per_token() * act_bytes),
+        )

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsk.api import SHARDED_PARAM, ModelContext
+from dsk.api import SHARDED_PARAM, Cost, ModelContext
 from dsk.api.runtime import PLAIN_LINEAR, LinearSite, cpu_kernel_supports, recomputable
 
 from . import kernels
@@ -112,6 +112,18 @@ class Dense(SwiGLU):
     def __init__(self, cfg: DenseConfig, ctx: ModelContext):
         super().__init__(ctx.dim, cfg.hidden_dim, ctx.init_std)
         self.cfg = cfg
+
+    def cost(self, seq_len: int, act_bytes: int = 2) -> Cost:
+        """Parameters, forward FLOPs and saved activations per token (:class:`dsk.api.CostModel`): three GEMMs of
+        D x hidden (6 * D * hidden FLOPs); the backward keeps x, gate, up and the activation (D + 3 * hidden
+        values). ``seq_len`` does not matter to a position-wise layer."""
+        D, H = self.dim, self.hidden_dim
+        return Cost(
+            params=3 * D * H,
+            active_params=3 * D * H,
+            flops_per_token=6.0 * D * H,
+            activation_bytes_per_token=float((D + 3 * H) * act_bytes),
+        )
 
 
 def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor, dtype: torch.dtype | None = None) -> bool:

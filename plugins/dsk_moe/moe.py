@@ -28,7 +28,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from dsk.api import ModelContext
+from dsk.api import Cost, ModelContext
 from dsk.api.runtime import recomputable
 
 from . import kernels
@@ -143,6 +143,33 @@ class MoE(nn.Module):
         if n_groups <= 1:
             return (1, 1)
         return (n_groups, int(self.gate.cfg.topk_groups))
+
+    # -- analytic cost (dsk.api.CostModel) ---------------------------------------------------------------
+
+    def cost(self, seq_len: int, act_bytes: int = 2) -> Cost:
+        """The whole layer's parameters (router, routed experts held, shared experts), the ones a token passes
+        through, forward FLOPs and saved activations per token, from its sizes alone (works on the meta device).
+
+        Active: the router's ``E * D``, the shared experts and ``top_k`` routed experts (3 matrices of
+        ``D x expert_hidden_dim`` each). FLOPs: the router GEMM ``2 * D * E`` plus ``6 * D * hidden`` per active
+        expert; they do not depend on the balance (every token runs exactly ``top_k`` routed experts: no
+        capacity, no dropping). Saved activations (the grouped-GEMM path): x, the router's float32 affinities and
+        normaliser, the K routing weights, the shared experts' gate, up and activation, and per routed slot the
+        gathered row, gate, up, activation, routing weight and output (the combine keeps it).
+        After :meth:`shard_experts` the routed parameters are this rank's share; the FLOPs stay a token's.
+        """
+        D, E, K = self.experts.dim, self.n_routed_experts, self.top_k
+        H = self.cfg.expert_hidden_dim
+        H_shared = self.cfg.n_shared_experts * H
+        expert = 3 * D * H
+        router, shared = E * D, 3 * D * H_shared
+        saved = D + K + 3 * H_shared + K * (2 * D + 3 * H + 1)
+        return Cost(
+            params=router + self.experts.n_experts * expert + shared,
+            active_params=router + K * expert + shared,
+            flops_per_token=2.0 * (router + K * expert + shared),
+            activation_bytes_per_token=float(saved * act_bytes + 4 * (E + 2)),
+        )
 
     # -- ffn side channels (contract in docs/plugins.md) ------------------------------------------------
 

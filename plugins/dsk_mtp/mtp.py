@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from dsk.api import ModelContext
+from dsk.api import Cost, ModelContext
 from dsk.api.runtime import IGNORE_INDEX, RMSNorm
 from dsk_mtp.config import MTPConfig
 
@@ -141,6 +141,31 @@ class MTP(nn.Module):
             depth_losses.append(ce / n_main.to(ce.dtype))
         total = torch.stack(depth_losses).sum() * (self.loss_weight / self.depth)
         return (total, depth_losses) if per_depth else total
+
+    # -- analytic cost (dsk.api.CostModel) ---------------------------------------------------------
+    def cost(self, seq_len: int, act_bytes: int = 2) -> Cost:
+        """The modules' own parts per token (:class:`dsk.api.CostModel`): per depth the norms ``enorm``,
+        ``hnorm`` and ``shared_head.norm`` and the projection M_k (2D -> D, ``4 * D * D`` FLOPs). Each block's
+        attention and FFN report themselves; the shared embedding and head are the main model's, so the head's
+        FLOPs and logits are the core's, once per depth (``head_calls_per_token``).
+
+        Per main-model token: depth k runs on ``seq_len - k`` of the ``seq_len`` positions, and this counts it on
+        all of them (a ``k / seq_len`` overestimate, as its blocks' own costs are).
+        """
+        n = len(self.layers)
+        if n == 0:
+            return Cost()
+        D = self.layers[0].eh_proj.weight.shape[1] // 2
+        per_depth = 3 * D + 2 * D * D
+        # saved per depth: each of the three norms' input and normalised value (2D, and a float32 statistic), the
+        # projection's input (2D)
+        return Cost(
+            params=n * per_depth,
+            active_params=n * per_depth,
+            flops_per_token=n * 4.0 * D * D,
+            activation_bytes_per_token=float(n * (8 * D * act_bytes + 3 * 4)),
+            head_calls_per_token=float(n),
+        )
 
     # -- speculative decoding ----------------------------------------------------------------------
     def make_drafter(self, model: nn.Module, max_len: int) -> Any:
