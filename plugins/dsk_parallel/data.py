@@ -101,12 +101,16 @@ class _DataParallel(RankLayout):
 
     def reduce_step_statistics(self, tensors: list[torch.Tensor]) -> None:
         """Sum the router loads (and any step statistics) over the data ranks: one all-reduce per dtype and device."""
+        self._all_reduce_flat(tensors, "sum")
+
+    def _all_reduce_flat(self, tensors: list[torch.Tensor], op: str) -> None:
+        """Reduce ``tensors`` in place over the data ranks: one flat all-reduce per dtype and device."""
         by_kind: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
         for t in tensors:
             by_kind.setdefault((t.dtype, t.device), []).append(t)
         for group in by_kind.values():
             flat = torch.cat([t.reshape(-1) for t in group])
-            self.all_reduce(flat, "sum")
+            self.all_reduce(flat, op)
             offset = 0
             for t in group:
                 t.copy_(flat[offset : offset + t.numel()].view_as(t))
@@ -206,18 +210,10 @@ class Replicate(_DataParallel):
         if self._world == 1 or self.pp == 1:
             return
         params = [p for p in model.parameters() if p.requires_grad and not _sharded_elsewhere(p)]
-        by_dtype: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)  # a rank whose chunks never reached it still takes part
-            by_dtype.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
-        for grads in by_dtype.values():
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            self.all_reduce(flat, "mean")
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
+        self._all_reduce_flat([p.grad for p in params], "mean")
 
 
 def _broadcast_dense(model: nn.Module, group: Any) -> None:

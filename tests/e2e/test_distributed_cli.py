@@ -61,6 +61,27 @@ def _alive(marker: str) -> list[int]:
     return [int(p) for p in out if int(p) != os.getpid()]
 
 
+def kill_launcher_after(args: list[str], run: Path, step: int) -> None:
+    """Start the launcher ``args`` writing ``run``, SIGKILL it once ``step`` train rows are in ``metrics.jsonl``,
+    and check that its workers went with it."""
+    launcher = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=ROOT)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if (run / "metrics.jsonl").exists() and len(_train_rows(run)) >= step:
+            break
+        time.sleep(0.05)
+    else:
+        launcher.kill()
+        pytest.fail(f"the run did not reach step {step}")
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait(timeout=10)
+    marker = str(run)
+    gone_by = time.monotonic() + 10
+    while _alive(marker) and time.monotonic() < gone_by:
+        time.sleep(0.05)
+    assert not _alive(marker), "workers outlived their SIGKILLed launcher"
+
+
 @pytest.fixture(scope="session")  # once per test process: xdist may interleave other modules
 def one_process(tmp_path_factory) -> Path:
     """The quickstart recipe in one process with the global batch of the 2-rank runs."""
@@ -108,22 +129,7 @@ def test_a_killed_launcher_takes_its_workers_and_resume_continues_exactly(tmp_pa
         sys.executable, "-m", "dsk", "train", QUICKSTART, "--nproc", "2", *SHORT, *EP,
         "--set", f"trainer.batch_size={PER_RANK}", "--run-dir", str(run),
     ]  # fmt: skip
-    launcher = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=ROOT)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:  # past the step-5 checkpoint, before the end
-        if (run / "metrics.jsonl").exists() and len(_train_rows(run)) >= 7:
-            break
-        time.sleep(0.05)
-    else:
-        launcher.kill()
-        pytest.fail("the run did not reach step 7")
-    launcher.send_signal(signal.SIGKILL)
-    launcher.wait(timeout=10)
-    marker = str(run)
-    gone_by = time.monotonic() + 10
-    while _alive(marker) and time.monotonic() < gone_by:
-        time.sleep(0.05)
-    assert not _alive(marker), "workers outlived their SIGKILLed launcher"
+    kill_launcher_after(args, run, 7)  # past the step-5 checkpoint, before the end
     written = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
     rows_then = len(_train_rows(run))
     time.sleep(1.0)

@@ -21,16 +21,13 @@ directions' sums, which agrees with the single 64-row micro-batch. Exactness is 
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.distributed.harness import GROUP
-from tests.e2e.test_distributed_cli import _alive, _dsk, _env, _losses, _train_rows
+from tests.e2e.test_distributed_cli import _dsk, _losses, _train_rows, kill_launcher_after
 
 pytestmark = pytest.mark.xdist_group(GROUP)
 
@@ -73,24 +70,10 @@ def _close_to(reference: list[float], losses: list[float], what: str) -> None:
 
 
 def _kill_and_resume(run: Path, extra: list[str]) -> None:
-    """Start a 2-rank run, SIGKILL its launcher after step 7 (past the step-5 checkpoint), check nothing runs or
-    writes after it, then --resume it to the end."""
+    """Start a 2-rank run, SIGKILL its launcher after step 7 (past the step-5 checkpoint), check its workers went
+    with it, then --resume it to the end."""
     args = [sys.executable, "-m", "dsk", "train", RECIPE, "--nproc", "2", *SHORT, *extra, "--run-dir", str(run)]
-    launcher = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=ROOT)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if (run / "metrics.jsonl").exists() and len(_train_rows(run)) >= 7:
-            break
-        time.sleep(0.05)
-    else:
-        launcher.kill()
-        pytest.fail("the run did not reach step 7")
-    launcher.send_signal(signal.SIGKILL)
-    launcher.wait(timeout=10)
-    gone_by = time.monotonic() + 10
-    while _alive(str(run)) and time.monotonic() < gone_by:
-        time.sleep(0.05)
-    assert not _alive(str(run)), "workers outlived their SIGKILLed launcher"
+    kill_launcher_after(args, run, 7)
     assert len(_train_rows(run)) < STEPS
     resumed = _dsk("train", RECIPE, "--nproc", "2", *SHORT, *extra, "--run-dir", str(run), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
