@@ -21,14 +21,19 @@ class ModelConfig(BaseConfig):
     """
 
     vocab_size: int | None = Field(
-        None, ge=1, description="vocabulary size; leave unset to take it from the tokenizer when the model is built"
+        None,
+        ge=1,
+        le=2**24,
+        description="vocabulary size; leave unset to take it from the tokenizer when the model is built",
     )
-    dim: int = Field(128, ge=1, description="hidden size D")
-    n_layers: int = Field(4, ge=1, description="number of transformer layers (MTP blocks not counted)")
+    dim: int = Field(128, ge=1, le=2**18, description="hidden size D (at most 262144: V3 is 7168)")
+    n_layers: int = Field(4, ge=1, le=4096, description="number of transformer layers (MTP blocks not counted)")
     first_k_dense: int = Field(
         1, ge=0, description="the first k layers use dense_ffn instead of ffn (DeepSeek-V3: 3, first_k_dense_replace)"
     )
-    max_seq_len: int = Field(512, ge=1, description="longest sequence (prompt + generated) the model supports")
+    max_seq_len: int = Field(
+        512, ge=1, le=2**24, description="longest sequence (prompt + generated) the model supports"
+    )
     norm_eps: float = Field(1e-6, gt=0, description="epsilon of every RMSNorm")
     init_std: float = Field(
         0.02, gt=0, description="std of the normal init of linear and embedding weights (paper: 0.006, HF: 0.02)"

@@ -64,16 +64,16 @@ class YarnConfig(BaseConfig):
 class MLAConfig(BaseConfig):
     """Multi-head Latent Attention (spec §1.6, report eqs 1-11)."""
 
-    n_heads: int = Field(128, ge=1, description="attention heads H")
+    n_heads: int = Field(128, ge=1, le=4096, description="attention heads H")
     q_lora_rank: int | None = Field(
-        1536, ge=1, description="rank of the query compression c_Q; None = plain q_proj (DeepSeek-V2-Lite)"
+        1536, ge=1, le=2**16, description="rank of the query compression c_Q; None = plain q_proj (DeepSeek-V2-Lite)"
     )
-    kv_lora_rank: int = Field(512, ge=1, description="rank of the joint KV latent c_KV (the cached vector)")
-    qk_nope_head_dim: int = Field(128, ge=1, description="per-head query/key dims without RoPE")
+    kv_lora_rank: int = Field(512, ge=1, le=2**16, description="rank of the joint KV latent c_KV (the cached vector)")
+    qk_nope_head_dim: int = Field(128, ge=1, le=2**14, description="per-head query/key dims without RoPE")
     qk_rope_head_dim: int = Field(
-        64, ge=2, description="per-head query dims with RoPE; the rope key is shared by heads"
+        64, ge=2, le=2**14, description="per-head query dims with RoPE; the rope key is shared by heads"
     )
-    v_head_dim: int = Field(128, ge=1, description="per-head value dims")
+    v_head_dim: int = Field(128, ge=1, le=2**14, description="per-head value dims")
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base")
     rope_scaling: YarnConfig | None = Field(None, description="optional YaRN table (HF rope_scaling semantics)")
     decode_cache: Literal["latent", "full"] = Field(
@@ -103,9 +103,12 @@ class MLAConfig(BaseConfig):
 class MHAConfig(BaseConfig):
     """Standard multi-head attention with RoPE on the whole head and a full K/V cache (the baseline)."""
 
-    n_heads: int = Field(16, ge=1, description="attention heads H (one K/V head per query head)")
+    n_heads: int = Field(16, ge=1, le=4096, description="attention heads H (one K/V head per query head)")
     head_dim: int | None = Field(
-        None, ge=2, description="per-head dims; None = model dim // n_heads (the model dim must then be divisible)"
+        None,
+        ge=2,
+        le=2**14,
+        description="per-head dims; None = model dim // n_heads (the model dim must then be divisible)",
     )
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base")
 

@@ -39,7 +39,7 @@ ScoreFunc = Literal["sigmoid", "softmax"]
 class DenseConfig(BaseConfig):
     """Dense SwiGLU FFN (the first ``first_k_dense`` layers of DeepSeek-V3)."""
 
-    hidden_dim: int = Field(1024, ge=1, description="SwiGLU hidden width (HF intermediate_size; V3: 18432)")
+    hidden_dim: int = Field(1024, ge=1, le=2**20, description="SwiGLU hidden width (HF intermediate_size; V3: 18432)")
 
     def linear_in_features(self, dim: int) -> dict[str, int]:
         """The Ks besides D (:class:`dsk.api.LinearShapes`): down_proj's, the hidden width."""
@@ -133,12 +133,15 @@ def router_fit_problems(router: Any, n_experts: int, prefix: str = "router.") ->
 class MoEConfig(BaseConfig):
     """DeepSeekMoE layer: shared experts plus routed experts chosen by a router slot."""
 
-    n_routed_experts: int = Field(16, ge=1, description="routed experts N_r (HF n_routed_experts; V3: 256)")
+    n_routed_experts: int = Field(16, ge=1, le=2**16, description="routed experts N_r (HF n_routed_experts; V3: 256)")
     n_shared_experts: int = Field(
-        1, ge=0, description="shared experts N_s, fused into one SwiGLU of n_shared * expert_hidden_dim (V3: 1)"
+        1,
+        ge=0,
+        le=2**10,
+        description="shared experts N_s, fused into one SwiGLU of n_shared * expert_hidden_dim (V3: 1)",
     )
     expert_hidden_dim: int = Field(
-        256, ge=1, description="hidden width of one expert (HF moe_intermediate_size; V3: 2048)"
+        256, ge=1, le=2**20, description="hidden width of one expert (HF moe_intermediate_size; V3: 2048)"
     )
     router: Annotated[ResolvedSlot, Slot("router")] = SlotField(
         "router", default="noaux_tc", description="router choosing top_k routed experts per token"

@@ -133,3 +133,23 @@ def test_light_commands_never_import_torch(args):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
     assert "NO_TORCH" in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().endswith(" 0"), proc.stderr[-2000:]
+
+
+def test_absurd_model_sizes_are_recipe_errors_with_their_key_paths():
+    """A size no machine could build is refused by the recipe check, with its key path, never at build time by the
+    allocator (``model.dim`` was once taken up to 10**30)."""
+    from dsk.plugins import make_plugin_manager
+
+    quickstart = str(Path(__file__).resolve().parents[3] / "recipes" / "quickstart.toml")
+    sets = ["model.dim=1000000000000000000000000000000", "model.ffn.expert_hidden_dim=10000000000",
+            "model.attention.n_heads=100000", "model.n_layers=1000000"]  # fmt: skip
+    args = ["recipe", "validate", quickstart]
+    for value in sets:
+        args += ["--set", value]
+    result = run_dsk(args, pm=make_plugin_manager())
+    assert result.exit_code == 2
+    err = " ".join(result.stderr.split())
+    assert "has 4 problems" in err, err
+    for value in sets:
+        assert value.replace("=", " = ") in err
+    assert "less than or equal to 262144" in err and "Traceback" not in result.output
