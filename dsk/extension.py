@@ -283,6 +283,18 @@ def _headers_digest(include_dirs: Sequence[str]) -> str:
     return digest.hexdigest()[:16]
 
 
+def load_declared() -> None:
+    """Build (or load from the cache) every extension declared so far, unless kernels are disabled.
+
+    A multi-process run calls it once its model exists, on every rank: a build then happens while the ranks wait
+    on torch's build lock, not inside a collective or a pipeline's receive that times out while one rank compiles.
+    """
+    if kernels_disabled():
+        return
+    for ext in list(_declared.values()):
+        ext.load()
+
+
 def extension_status(name: str) -> str:
     """``status()`` of the extension declared under ``name`` (builds it if needed)."""
     ext = _declared.get(name)

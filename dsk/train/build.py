@@ -540,6 +540,10 @@ def build_run(
     ctx.features = features
     torch.manual_seed(ctx.seed)  # the model's initial weights are a function of the seed
     model = ctx.build_model(tokenizer.vocab_size)
+    if parallel.world_size > 1:  # the C++ kernels the model declared, built now rather than in a step's collective
+        from dsk.extension import load_declared
+
+        load_declared()
     model = _apply(features, "transform_model", model, ctx)
     source = init_from if init_from is not None else ctx.init_from
     if source is not None:

@@ -194,3 +194,17 @@ def test_a_build_lock_left_by_a_killed_build_does_not_block_forever(tmp_build, c
         worker.join(timeout=120)
     assert result == [None], "load() waited on the stale lock"
     assert any("compiled after the stale lock was cleared" in n for n in notices(caplog))
+
+
+def test_load_declared_builds_every_declared_extension_up_front(tmp_build):
+    """What a multi-process run calls once its model exists: each declared extension has tried its build (this
+    one's source does not compile, so it reports why and the PyTorch path stands in)."""
+    from dsk.extension import load_declared
+
+    source = tmp_build / "declared.cpp"
+    source.write_text('#error "built by load_declared"\n')
+    ext = CppExtension(fresh_name(), [source])
+    assert not ext._tried
+    load_declared()
+    assert ext._tried and ext.load() is None
+    assert "built by load_declared" in ext.status()
