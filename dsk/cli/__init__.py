@@ -20,6 +20,7 @@ from dsk.errors import InputError
 LAZY_COMMANDS: dict[str, str] = {
     "train": "dsk.cli.run_cmd:train",
     "profile": "dsk.cli.run_cmd:profile",
+    "plan": "dsk.cli.plan_cmd:plan",
     "generate": "dsk.cli.model_cmd:generate_cmd",
     "convert": "dsk.cli.model_cmd:convert_cmd",
     "plugins": "dsk.cli.plugins_cmd:plugins",
@@ -31,6 +32,7 @@ LAZY_COMMANDS: dict[str, str] = {
 SHORT_HELP: dict[str, str] = {
     "train": "Train from a recipe (one stage or a [[stages]] pipeline).",
     "profile": "Measure time, memory, FLOPs and expert load of recipes.",
+    "plan": "Estimate a full-scale run of a recipe: parameters, FLOPs, GPU-hours.",
     "generate": "Sample from a checkpoint (KV cache, MTP speculation).",
     "convert": "Convert checkpoints between HF and dsk formats.",
     "plugins": "List loaded plugins, their versions, components and failures.",

@@ -110,25 +110,25 @@ def pipeline_launch_problems(resolved: dict[str, Any], world_size: int) -> list[
         pp = cfg.pp if cfg.pp is not None else world_size
         where = f"parallel.{key}.pp"
         if world_size % pp:
-            problems.append(Problem(where, f"{where} = {pp} does not divide --nproc {world_size}: the processes are "
-                                    "pp x the data-parallel ranks", f"run --nproc {pp} or a multiple of it"))  # fmt: skip
+            problems.append(Problem(where, f"{where} = {pp} does not divide the {world_size} processes: they are "
+                                    "pp x the data-parallel ranks", f"run on {pp} processes or a multiple of it"))  # fmt: skip
             continue
         dp = world_size // pp
         others = {k: s for k, s in parallel.items() if k != key}
         if dp > 1 and not others:
-            problems.append(Problem(where, f"--nproc {world_size} at {where} = {pp} leaves {dp} data-parallel ranks, "
+            problems.append(Problem(where, f"{world_size} processes at {where} = {pp} leave {dp} data-parallel ranks, "
                                     "and the recipe has no data-parallel table for them",
-                                    f'add [parallel.data] type = "zero1", or run --nproc {pp}'))  # fmt: skip
+                                    f'add [parallel.data] type = "zero1", or run on {pp} processes'))  # fmt: skip
         for other, oslot in others.items():
             ep = getattr(getattr(oslot, "config", None), "ep", None)
             if getattr(oslot, "name", None) == "node_limited" and ep is not None and dp % ep:
                 problems.append(Problem(f"parallel.{other}.ep", f"parallel.{other}.ep = {ep} must divide the {dp} "
-                                        f"data-parallel ranks of each pipeline rank (--nproc {world_size} / pp {pp})",
+                                        f"data-parallel ranks of each pipeline rank ({world_size} processes / pp {pp})",
                                         "the expert-parallel group lies inside a pipeline stage's data ranks"))  # fmt: skip
         if cfg.pp is None:
             n_layers = getattr(model, "n_layers", None)
             for path, message in pipeline_problems(slot.name, key, pp, cfg.chunks, cfg.layers_per_stage, n_layers):
-                problems.append(Problem(path, f"{message} (pp = --nproc {world_size})"))
+                problems.append(Problem(path, f"{message} (pp = the {world_size} processes)"))
     return problems
 
 

@@ -115,13 +115,13 @@ def test_torch_schedules_killed_and_resumed_give_the_one_process_losses(tmp_path
 
 def test_shapes_the_pipeline_cannot_run_are_exit_2_before_any_rank_starts(tmp_path):
     cases = [
-        (["--nproc", "3"], "parallel.pipeline.pp = 2 does not divide --nproc 3"),
+        (["--nproc", "3"], "parallel.pipeline.pp = 2 does not divide the 3 processes"),
         (["--nproc", "2", "--set", "parallel.pipeline.pp=3"], "DualPipe runs on an even number"),
         (["--nproc", "2", "--set", "parallel.pipeline.chunks=2"], "needs at least 4 micro-batches"),
         (["--nproc", "2", "--set", "parallel.pipeline.chunks=6", "--set", "trainer.batch_size=64"],
          "trainer.batch_size = 64 does not cut into parallel.pipeline.chunks = 6"),
         (["--nproc", "2", "--set", "parallel.pipeline.layers_per_stage=[3, 3]"], "sums to 6, but model.n_layers = 8"),
-        (["--nproc", "4", "--set", "parallel.pipeline.pp=2"], "leaves 2 data-parallel ranks"),
+        (["--nproc", "4", "--set", "parallel.pipeline.pp=2"], "leave 2 data-parallel ranks"),
         (["--nproc", "4", "--set", "parallel.pipeline.pp=2", "--set", 'parallel.data.type="zero1"',
           "--set", 'parallel.expert.type="node_limited"', "--set", "parallel.expert.ep=4",
           "--set", "parallel.expert.ranks_per_node=2"],

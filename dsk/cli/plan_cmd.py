@@ -1,0 +1,161 @@
+"""``dsk plan``: size a full-scale run from a recipe without instantiating it.
+
+The model is built on the meta device (DeepSeek-V3 in a few seconds), and the components' analytic costs
+(:class:`dsk.api.CostModel`, summed by :func:`dsk.model.cost.model_cost`) give parameters, activated parameters and
+FLOPs per token. From those and the GPU count, peak and MFU come the GPU-hours, days and cost of ``--tokens``, or,
+given ``--gpu-hours``, the MFU a reported run implies. The recipe's parallel layout is checked against ``--gpus``
+with the same ``validate_launch`` hook that ``dsk train --nproc`` runs: a layout the GPUs cannot hold is exit 2
+with the reason.
+
+Not estimated yet (issue 13): per-GPU memory of the layout, all-to-all bytes per token, and the pipeline bubble.
+They need the strategies' and features' share of the cost.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from dsk.cli.common import DskUsageError, echo_json, load_and_validate, recipe_options, stdout_console
+
+#: H800 / H100 SXM dense BF16 peak, TFLOPS (DeepSeek-V3 trained on H800s; its MFU is usually quoted against BF16)
+DEFAULT_PEAK_TFLOPS = 989.4
+#: USD per GPU-hour, the rental price DeepSeek-V3's report assumes for its cost
+DEFAULT_PRICE = 2.0
+
+
+def plan_numbers(cost: dict[str, Any], gpus: int, peak_tflops: float, mfu: float | None, tokens: float | None,
+                 gpu_hours: float | None, price: float) -> dict[str, Any]:  # fmt: skip
+    """The plan's numbers from :func:`dsk.model.cost.model_cost`'s ``cost`` (pure arithmetic, no torch).
+
+    Training FLOPs per token are 3x the forward's (the backward costs two forwards). With ``tokens``: the run's
+    FLOPs, and at ``mfu`` of ``gpus`` x ``peak_tflops`` its GPU-hours, days and cost; with ``gpu_hours`` too, the MFU
+    those hours imply (the number to compare with a reported run).
+    """
+    per_token = float(cost["training_flops_per_token"])
+    out: dict[str, Any] = {
+        "gpus": gpus,
+        "peak_tflops": peak_tflops,
+        "params_total": cost["params_total"],
+        "params_without_mtp": cost["params_without_mtp"],
+        "params_mtp": cost["params_mtp"],
+        "active_params_with_embeddings": cost["active_params_with_embeddings"],
+        "active_params_without_embeddings": cost["active_params_without_embeddings"],
+        "forward_flops_per_token": cost["flops_per_token"],
+        "training_flops_per_token": per_token,
+        "kv_bytes_per_token": cost["kv_bytes_per_token"],
+        "seq_len": cost["seq_len"],
+    }
+    if tokens is not None:
+        total = per_token * tokens
+        out.update({"tokens": tokens, "training_flops": total})
+        if gpu_hours is not None:
+            out["gpu_hours"] = gpu_hours
+            out["implied_mfu"] = total / (gpu_hours * 3600.0 * peak_tflops * 1e12)
+        elif mfu is not None:
+            out["mfu"] = mfu
+            out["gpu_hours"] = total / (mfu * peak_tflops * 1e12) / 3600.0
+        if "gpu_hours" in out:
+            out["days"] = out["gpu_hours"] / gpus / 24.0
+            out["cost_usd"] = out["gpu_hours"] * price
+    return out
+
+
+@click.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--gpus", type=click.IntRange(min=1), required=True, help="GPUs of the run (its world size).")
+@click.option("--gpu-peak-tflops", "peak", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_PEAK_TFLOPS,
+              show_default=True, help="Peak TFLOPS of one GPU (default: H800 dense BF16).")  # fmt: skip
+@click.option("--mfu", type=click.FloatRange(min=0, max=1, min_open=True), default=0.4, show_default=True,
+              help="Model FLOP utilisation to assume for the GPU-hours.")  # fmt: skip
+@click.option("--tokens", type=click.FloatRange(min=0, min_open=True), help="Training tokens (e.g. 14.8e12).")
+@click.option("--gpu-hours", type=click.FloatRange(min=0, min_open=True),
+              help="Reported GPU-hours of the run: print the MFU they imply instead of assuming one.")  # fmt: skip
+@click.option("--price", type=click.FloatRange(min=0), default=DEFAULT_PRICE, show_default=True,
+              help="USD per GPU-hour.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print the numbers as one JSON object.")
+@recipe_options
+@click.pass_context
+def plan(ctx, recipe, gpus, peak, mfu, tokens, gpu_hours, price, as_json, configs, sets, unsets) -> None:
+    """Estimate a full-scale run of RECIPE on --gpus GPUs without building it: parameters, FLOPs, GPU-hours.
+
+    \b
+      dsk plan recipes/deepseek-v3-671b.toml --gpus 2048 --tokens 14.8e12
+      dsk plan recipes/deepseek-v3-671b.toml --gpus 2048 --tokens 14.8e12 --gpu-hours 2.664e6
+    """
+    result = load_and_validate(ctx, recipe, configs, sets, unsets, require=("model",))
+    app = ctx.find_root().obj
+    problems = []
+    for resolved in [result.resolved, *(r for _, r in result.stages)]:
+        for found in app.plugin_manager().hook.validate_launch(resolved=resolved, world_size=gpus):
+            problems += [p for p in found or [] if p not in problems]
+    if problems:
+        raise DskUsageError(f"the recipe's layout cannot run on --gpus {gpus}", problems, result.recipe)
+    cost = _meta_cost(result.resolved)
+    numbers = plan_numbers(cost, gpus, peak, mfu, tokens, gpu_hours, price)
+    if as_json:
+        echo_json({"recipe": recipe, **numbers})
+        return
+    _print(numbers)
+
+
+def _meta_cost(resolved: dict[str, Any]) -> dict[str, Any]:
+    """The model of ``[model]`` built on the meta device (no memory), costed at the trainer's sequence length."""
+    import torch
+
+    from dsk.model import build_model
+    from dsk.model.cost import model_cost
+
+    cfg = resolved["model"]
+    vocab = cfg.vocab_size
+    if vocab is None:  # the tokenizer's, as dsk train takes it
+        tokenizer = resolved.get("tokenizer")
+        if tokenizer is None:
+            from dsk.data.tokenizers import load_tokenizer
+
+            vocab = load_tokenizer("char").vocab_size
+        else:
+            vocab = tokenizer.build().vocab_size
+    trainer = getattr(resolved.get("trainer"), "config", None)
+    seq_len = int(getattr(trainer, "seq_len", None) or cfg.max_seq_len)
+    with torch.device("meta"):
+        model = build_model(cfg, vocab)
+    return model_cost(model, seq_len, act_bytes=2)
+
+
+def _print(n: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"dsk plan: {n['gpus']} GPUs at {n['peak_tflops']:g} TFLOPS peak", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    rows = [
+        ("parameters, without MTP", f"{n['params_without_mtp'] / 1e9:.2f} B"),
+        ("parameters, with MTP", f"{n['params_total'] / 1e9:.2f} B"),
+        ("activated per token (embedding and head included)", f"{n['active_params_with_embeddings'] / 1e9:.2f} B"),
+        ("activated per token (without embedding and head)", f"{n['active_params_without_embeddings'] / 1e9:.2f} B"),
+        (f"forward FLOPs per token at {n['seq_len']}", f"{n['forward_flops_per_token'] / 1e9:.1f} G"),
+        ("training FLOPs per token (3 x forward)", f"{n['training_flops_per_token'] / 1e9:.1f} G"),
+        ("KV cache per token", f"{n['kv_bytes_per_token']:,.0f} B"),
+    ]
+    if "tokens" in n:
+        rows.append(("training tokens", f"{n['tokens']:.4g}"))
+        rows.append(("training FLOPs", f"{n['training_flops']:.3e}"))
+    if "implied_mfu" in n:
+        rows.append(("MFU implied by the GPU-hours", f"{100 * n['implied_mfu']:.1f}%"))
+    elif "mfu" in n:
+        rows.append(("MFU assumed", f"{100 * n['mfu']:.0f}%"))
+    if "gpu_hours" in n:
+        rows += [
+            ("GPU-hours", f"{n['gpu_hours'] / 1e6:.3f} M"),
+            ("days", f"{n['days']:.1f}"),
+            ("cost", f"${n['cost_usd'] / 1e6:.2f} M"),
+        ]
+    for what, value in rows:
+        table.add_row(what, value)
+    console = stdout_console()
+    console.print(table)
+    console.print(
+        "[dim]not estimated yet: per-GPU memory of the layout, all-to-all bytes per token, the pipeline bubble[/]"
+    )
