@@ -192,56 +192,12 @@ def _memory_step(run: Any, strategy: Any) -> dict[str, Any]:
     }
 
 
-def _entry(rank: int, world: int, port: int, args: tuple, queue: Any) -> None:
-    """A spawned rank (as ``tests.distributed.harness.run_ranks``, but with a gloo timeout of 15 minutes: a rank
-    whose first step compiles a C++ kernel, because another process rebuilt it meanwhile, must not time the other
-    out)."""
-    import traceback
-    from datetime import timedelta
-
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    os.environ.update(
-        {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
-         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    )  # fmt: skip
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(minutes=15))
-        try:
-            queue.put((rank, True, _rank(rank, world, *args)))
-        finally:
-            dist.destroy_process_group()
-    except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
-        queue.put((rank, False, traceback.format_exc()))
-
-
 def _spawn(world: int, *args: Any) -> list[Any]:
-    """``[_rank(rank, world, *args) for each rank]``, each in its own spawned gloo rank, one thread each."""
-    import torch.multiprocessing as mp
+    """``[_rank(rank, world, *args) for each rank]``, each in its own spawned gloo rank, one thread each, with a
+    collective timeout of 15 minutes (the traced steps of every case run between two collectives)."""
+    from tests.distributed.harness import run_ranks
 
-    from tests.distributed.harness import free_port
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, args, queue), daemon=True) for r in range(world)]
-    for p in procs:
-        p.start()
-    results: dict[int, Any] = {}
-    try:
-        for _ in range(world):
-            rank, ok, value = queue.get(timeout=1800)
-            if not ok:
-                raise RuntimeError(f"rank {rank} of {world} failed:\n{value}")
-            results[rank] = value
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    return [results[r] for r in range(world)]
+    return run_ranks(_rank, world, *args, timeout=1800, threads=1, pg_timeout_s=900)
 
 
 def _rank(rank: int, world: int, cases: list[tuple[str, int]], warmup: int, steps: int) -> list[dict[str, Any]]:

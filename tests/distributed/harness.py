@@ -29,7 +29,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world_size: int, port: int, fn: Any, args: tuple, queue: Any, threads: int) -> None:
+def _entry(
+    rank: int, world_size: int, port: int, fn: Any, args: tuple, queue: Any, threads: int, pg_timeout_s: float = 60.0
+) -> None:
     import torch
     import torch.distributed as dist
 
@@ -39,7 +41,7 @@ def _entry(rank: int, world_size: int, port: int, fn: Any, args: tuple, queue: A
          "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     )  # fmt: skip
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout_s))
         try:
             queue.put((rank, True, fn(rank, world_size, *args)))
         finally:
@@ -48,15 +50,18 @@ def _entry(rank: int, world_size: int, port: int, fn: Any, args: tuple, queue: A
         queue.put((rank, False, traceback.format_exc()))
 
 
-def run_ranks(fn: Any, world_size: int, *args: Any, timeout: float = 240.0, threads: int = 1) -> list[Any]:
-    """``[fn(rank, world_size, *args) for each rank]``, each run in its own gloo rank (see the module docstring)."""
+def run_ranks(
+    fn: Any, world_size: int, *args: Any, timeout: float = 240.0, threads: int = 1, pg_timeout_s: float = 60.0
+) -> list[Any]:
+    """``[fn(rank, world_size, *args) for each rank]``, each run in its own gloo rank (see the module docstring);
+    ``timeout``: seconds to wait for the ranks, ``pg_timeout_s``: the process group's collective timeout."""
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue, threads), daemon=True)
+        ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue, threads, pg_timeout_s), daemon=True)
         for r in range(world_size)
     ]
     for p in procs:
