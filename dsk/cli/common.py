@@ -209,6 +209,18 @@ def load_and_validate(
     return result
 
 
+def check_launch(ctx: click.Context, result: Any, world_size: int, what: str) -> None:
+    """Raise :class:`DskUsageError` (exit 2) with every problem the ``validate_launch`` hook finds in the recipe
+    and each of its stages on ``world_size`` processes; ``what`` names them in the headline (``--nproc 4``)."""
+    pm = ctx.find_root().obj.plugin_manager()
+    problems: list[Problem] = []
+    for resolved in [result.resolved, *(r for _, r in result.stages)]:
+        for found in pm.hook.validate_launch(resolved=resolved, world_size=world_size):
+            problems += [p for p in found or [] if p not in problems]
+    if problems:
+        raise DskUsageError(f"the recipe cannot run on {what}", problems, result.recipe)
+
+
 def load_recipe_data(
     ctx: click.Context,
     path: str | None,

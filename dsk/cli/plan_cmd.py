@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from dsk.cli.common import DskUsageError, echo_json, load_and_validate, recipe_options, stdout_console
+from dsk.cli.common import check_launch, echo_json, load_and_validate, recipe_options, stdout_console
 
 #: H800 / H100 SXM dense BF16 peak, TFLOPS (DeepSeek-V3 trained on H800s; its MFU is usually quoted against BF16)
 DEFAULT_PEAK_TFLOPS = 989.4
@@ -85,13 +85,7 @@ def plan(ctx, recipe, gpus, peak, mfu, tokens, gpu_hours, price, as_json, config
       dsk plan recipes/deepseek-v3-671b.toml --gpus 2048 --tokens 14.8e12 --gpu-hours 2.664e6
     """
     result = load_and_validate(ctx, recipe, configs, sets, unsets, require=("model",))
-    app = ctx.find_root().obj
-    problems = []
-    for resolved in [result.resolved, *(r for _, r in result.stages)]:
-        for found in app.plugin_manager().hook.validate_launch(resolved=resolved, world_size=gpus):
-            problems += [p for p in found or [] if p not in problems]
-    if problems:
-        raise DskUsageError(f"the recipe's layout cannot run on --gpus {gpus}", problems, result.recipe)
+    check_launch(ctx, result, gpus, f"--gpus {gpus}")
     cost = _meta_cost(result.resolved)
     numbers = plan_numbers(cost, gpus, peak, mfu, tokens, gpu_hours, price)
     if as_json:

@@ -129,13 +129,8 @@ def _launch(ctx: click.Context, result: Any, run_path: Path, resume: bool, stage
     from dsk.train.distributed import launch
     from dsk.train.runner import RESOLVED, prepare_run_dir
 
-    problems = []
-    pm = ctx.find_root().obj.plugin_manager()
-    for resolved in [result.resolved, *(r for _, r in result.stages)]:
-        for found in pm.hook.validate_launch(resolved=resolved, world_size=nproc):
-            problems += [p for p in found or [] if p not in problems]
-    if problems:  # a layout the process count cannot hold fails here, with exit 2, before any process starts
-        raise DskUsageError(f"the recipe cannot run on --nproc {nproc}", problems, result.recipe)
+    # a layout the process count cannot hold fails here, with exit 2, before any process starts
+    common.check_launch(ctx, result, nproc, f"--nproc {nproc}")
     if not (resume and not (run_path / RESOLVED).exists()):
         try:  # bad options fail here, with exit 2, before any process starts
             prepare_run_dir(result, run_path, resume=resume, stage=stage, write=False)

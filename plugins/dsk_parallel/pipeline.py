@@ -44,6 +44,7 @@ one-process copy on the writer (``holds_part_of_model``).
 
 from __future__ import annotations
 
+import abc
 import time
 from collections.abc import Callable
 from typing import Any
@@ -176,7 +177,7 @@ def _chunks(batch: dict[str, Any], n: int, aux_weight: float) -> list[dict[str, 
     return out
 
 
-class Pipeline(RankLayout):
+class Pipeline(RankLayout, abc.ABC):
     """The pipeline strategy (module docstring); the subclasses set the schedule."""
 
     kind = ""
@@ -197,6 +198,8 @@ class Pipeline(RankLayout):
         self._shared: list[tuple[tuple[int, ...], Any]] = []  # (pp ranks holding some parts, their group)
         self._schedules: dict[Any, Any] = {}
         self._model: nn.Module | None = None
+        self._copies_of: dict[int, int] | None = None  # id(parameter) -> ranks holding its gradient (clip)
+        self._stats_of: dict[Any, set[int]] | None = None  # holders -> ids of their parts' step statistics
         self.ep = 1
         #: the benchmark sets it: each executed compute action goes into :attr:`timeline` as
         #: ``(kind "F" | "B" | "W", model stage, chunk, t_start, t_end)`` (perf_counter seconds)
@@ -273,9 +276,9 @@ class Pipeline(RankLayout):
         return pp_rank * self.dp + (self.dp_rank if dp_rank is None else dp_rank)
 
     # -- which stages where ------------------------------------------------------------------------------------
+    @abc.abstractmethod
     def local_stages(self, pp_rank: int) -> list[int]:
         """The model stages pipeline rank ``pp_rank`` runs, in the order the schedule takes them."""
-        raise NotImplementedError
 
     def n_stages(self) -> int:
         return self.pp * STAGES_PER_RANK[self.kind]
@@ -378,67 +381,14 @@ class Pipeline(RankLayout):
         dist.all_reduce(work, group=self.pp_group)
         t.copy_(work.cpu())
 
+    @abc.abstractmethod
     def run_schedule(self, input_ids: torch.Tensor, feed: list[dict[str, Any]], loss_fn: Any) -> None:
         """One micro-batch's chunks (``feed``) through the schedule; the first stage reads ``input_ids``."""
-        raise NotImplementedError
-
-    def _torch_schedule(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Any:
-        """torch's schedule over this rank's stages, one per activation shape (torch infers the P2P shapes once)."""
-        from torch.distributed.pipelining import PipelineStage
-
-        key = (shape, dtype, device)
-        if key not in self._schedules:
-            # static shapes (torch's dynamic inference would run an extra forward, and the runners count them):
-            # ids [b, T] into the first stage, hidden states [b, T, D] between stages, a scalar loss out of the last
-            b, T = shape
-            hidden = torch.empty(b, T, self._model.config.dim, dtype=dtype, device=device, requires_grad=True)
-            ids = torch.zeros(b, T, dtype=torch.long, device=device)
-            stages = [
-                PipelineStage(
-                    r,
-                    r.index,
-                    self.n_stages(),
-                    device,
-                    group=self.pp_group,
-                    input_args=ids if r.first else hidden,
-                    output_args=torch.empty((), dtype=torch.float32, device=device) if r.last else hidden,
-                )  # fmt: skip
-                for r in self.runners
-            ]
-            for stage in stages:
-                self._record_actions(stage)
-            self._schedules[key] = self._make_schedule(stages)
-        return self._schedules[key]
-
-    def _record_actions(self, stage: Any) -> None:
-        """Time the stage's forward, backward and weight-gradient actions into :attr:`timeline` while
-        :attr:`trace` is on (the benchmark's measure of the bubble; off, the wrappers only test a flag)."""
-        kinds = (("forward_one_chunk", "F"), ("backward_one_chunk", "B"), ("backward_weight_one_chunk", "W"))
-        for method, kind in kinds:
-            inner = getattr(stage, method)
-
-            def timed(chunk: int, *args: Any, _inner: Any = inner, _kind: str = kind, **kwargs: Any) -> Any:
-                if not self.trace:
-                    return _inner(chunk, *args, **kwargs)
-                t0 = time.perf_counter()
-                out = _inner(chunk, *args, **kwargs)
-                self.timeline.append((_kind, stage.stage_index, chunk, t0, time.perf_counter()))
-                return out
-
-            setattr(stage, method, timed)
-
-    def _make_schedule(self, stages: list[Any]) -> Any:
-        raise NotImplementedError
 
     def _activation_dtype(self) -> torch.dtype:
         """The dtype of the hidden states between stages: the model's floating parameters' (autocast computes in
         BF16 inside the blocks, but the residual stream stays in the parameters' dtype)."""
         return next(p.dtype for p in self._model.parameters() if p.is_floating_point())
-
-    @staticmethod
-    def _loss(output: torch.Tensor, target: Any) -> torch.Tensor:
-        """torch's ``loss_fn``: the last stage's runner already returns the chunk's loss."""
-        return output
 
     # -- gradients, norms, statistics ----------------------------------------------------------------------------
     def sync_gradients(self, model: nn.Module) -> None:
@@ -471,14 +421,15 @@ class Pipeline(RankLayout):
         """Clip by the whole model's gradient norm: each rank adds its gradients' squares divided by the number of
         ranks holding the same gradient (pipeline copies, data-parallel replicas, expert-slice replicas), summed
         over every rank."""
-        model = self._model
-        names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
+        if self._copies_of is None:  # the parameters are fixed once the run is built: look their names up once
+            names = {id(p): n for n, p in self._model.named_parameters()} if self._model is not None else {}
+            self._copies_of = {id(p): self._copies(names.get(id(p), ""), p) for p in params}
         grads = [p for p in params if p.grad is not None]
         dtype = torch.float64 if any(p.grad.dtype == torch.float64 for p in grads) else torch.float32
         device = grads[0].grad.device if grads else torch.device("cpu")
         sq = torch.zeros((), dtype=dtype, device=device)
         for p in grads:
-            sq = sq + p.grad.detach().to(dtype).pow(2).sum() / self._copies(names.get(id(p), ""), p)
+            sq = sq + p.grad.detach().to(dtype).pow(2).sum() / self._copies_of[id(p)]
         if self._world > 1:
             dist.all_reduce(sq)
         total = sq.sqrt()
@@ -514,18 +465,22 @@ class Pipeline(RankLayout):
         self.all_reduce(flat, "sum")
         self._scatter_back(tensors, flat)  # every load summed over the stage's data-parallel ranks first
         for qs, group in self._shared:  # then the shared layers' over the pipeline ranks holding them
-            ids = {id(x) for x in self._shared_stats(qs)}
+            ids = self._shared_stats(qs)
             mine = [t for t in tensors if id(t) in ids]
             if mine:
                 part = torch.cat([t.reshape(-1).to(torch.float64) for t in mine])
                 dist.all_reduce(part, group=group)
                 self._scatter_back(mine, part)
 
-    def _shared_stats(self, qs: tuple[int, ...]) -> list[torch.Tensor]:
-        if self._model is None:
-            return []
-        side = collect_side_channels(self._model)
-        return [t for name, m in side.stats if self.part_owners.get(part_of(name)) == qs for t in m.step_stat_tensors()]
+    def _shared_stats(self, qs: tuple[int, ...]) -> set[int]:
+        """The ids of the step-statistics tensors of the parts the pipeline ranks ``qs`` hold (found once)."""
+        if self._stats_of is None:
+            side = collect_side_channels(self._model) if self._model is not None else None
+            self._stats_of = {}
+            for name, m in side.stats if side is not None else []:
+                owners = self.part_owners.get(part_of(name))
+                self._stats_of.setdefault(owners, set()).update(id(t) for t in m.step_stat_tensors())
+        return self._stats_of.get(qs, set())
 
     @staticmethod
     def _scatter_back(tensors: list[torch.Tensor], flat: torch.Tensor) -> None:
@@ -680,7 +635,75 @@ def _is_pipeline(slot: Any) -> bool:
     return isinstance(getattr(slot, "config", None), PipelineConfig)
 
 
-class OneFOneB(Pipeline):
+class _TorchPipeline(Pipeline):
+    """A schedule of torch.distributed.pipelining over this rank's stage runners (``1f1b``, ``dualpipev``)."""
+
+    def run_schedule(self, input_ids: torch.Tensor, feed: list[dict[str, Any]], loss_fn: Any) -> None:
+        for r in self.runners:
+            r.start(feed, loss_fn)
+        rows, T = input_ids.shape
+        shape = (rows // self.chunks, T)
+        schedule = self._torch_schedule(shape, self._activation_dtype(), input_ids.device)
+        args = (input_ids,) if any(r.first for r in self.runners) else ()
+        target = torch.zeros(self.chunks) if any(r.last for r in self.runners) else None
+        schedule.step(*args, target=target, return_outputs=False)
+
+    def _torch_schedule(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Any:
+        """torch's schedule over this rank's stages, one per activation shape (torch infers the P2P shapes once)."""
+        from torch.distributed.pipelining import PipelineStage
+
+        key = (shape, dtype, device)
+        if key not in self._schedules:
+            # static shapes (torch's dynamic inference would run an extra forward, and the runners count them):
+            # ids [b, T] into the first stage, hidden states [b, T, D] between stages, a scalar loss out of the last
+            b, T = shape
+            hidden = torch.empty(b, T, self._model.config.dim, dtype=dtype, device=device, requires_grad=True)
+            ids = torch.zeros(b, T, dtype=torch.long, device=device)
+            stages = [
+                PipelineStage(
+                    r,
+                    r.index,
+                    self.n_stages(),
+                    device,
+                    group=self.pp_group,
+                    input_args=ids if r.first else hidden,
+                    output_args=torch.empty((), dtype=torch.float32, device=device) if r.last else hidden,
+                )  # fmt: skip
+                for r in self.runners
+            ]
+            for stage in stages:
+                self._record_actions(stage)
+            self._schedules[key] = self._make_schedule(stages)
+        return self._schedules[key]
+
+    def _record_actions(self, stage: Any) -> None:
+        """Time the stage's forward, backward and weight-gradient actions into :attr:`timeline` while
+        :attr:`trace` is on (the benchmark's measure of the bubble; off, the wrappers only test a flag)."""
+        kinds = (("forward_one_chunk", "F"), ("backward_one_chunk", "B"), ("backward_weight_one_chunk", "W"))
+        for method, kind in kinds:
+            inner = getattr(stage, method)
+
+            def timed(chunk: int, *args: Any, _inner: Any = inner, _kind: str = kind, **kwargs: Any) -> Any:
+                if not self.trace:
+                    return _inner(chunk, *args, **kwargs)
+                t0 = time.perf_counter()
+                out = _inner(chunk, *args, **kwargs)
+                self.timeline.append((_kind, stage.stage_index, chunk, t0, time.perf_counter()))
+                return out
+
+            setattr(stage, method, timed)
+
+    @abc.abstractmethod
+    def _make_schedule(self, stages: list[Any]) -> Any:
+        """torch's schedule object over this rank's ``PipelineStage`` list."""
+
+    @staticmethod
+    def _loss(output: torch.Tensor, target: Any) -> torch.Tensor:
+        """torch's ``loss_fn``: the last stage's runner already returns the chunk's loss."""
+        return output
+
+
+class OneFOneB(_TorchPipeline):
     """``type = "1f1b"``: torch's ``Schedule1F1B``, stage r on rank r (the baseline)."""
 
     kind = "1f1b"
@@ -693,21 +716,8 @@ class OneFOneB(Pipeline):
 
         return Schedule1F1B(stages[0], self.chunks, loss_fn=self._loss, scale_grads=False)
 
-    def run_schedule(self, input_ids: torch.Tensor, feed: list[dict[str, Any]], loss_fn: Any) -> None:
-        for r in self.runners:
-            r.start(feed, loss_fn)
-        self._run_torch(input_ids)
 
-    def _run_torch(self, input_ids: torch.Tensor) -> None:
-        rows, T = input_ids.shape
-        shape = (rows // self.chunks, T)
-        schedule = self._torch_schedule(shape, self._activation_dtype(), input_ids.device)
-        args = (input_ids,) if any(r.first for r in self.runners) else ()
-        target = torch.zeros(self.chunks) if any(r.last for r in self.runners) else None
-        schedule.step(*args, target=target, return_outputs=False)
-
-
-class DualPipeV(OneFOneB):
+class DualPipeV(_TorchPipeline):
     """``type = "dualpipev"``: torch's ``ScheduleDualPipeV``, stages r and 2 PP - 1 - r on rank r."""
 
     kind = "dualpipev"
