@@ -42,6 +42,7 @@ from dsk.api.contracts import (
     LinearLayers,
     LinearShapes,
     ParallelStrategy,
+    Profiled,
     StepStatistics,
 )
 from dsk.errors import InputError
@@ -53,6 +54,7 @@ __all__ = [
     "AuxLossSource",
     "Cost",
     "CostModel",
+    "Profiled",
     "Feature",
     "InputError",
     "ExpertShardable",
@@ -335,3 +337,20 @@ __all__ += ["HFAdapter", "HFCheckpoint", "HFLayout"]
 from dsk.api.generation import AttentionCache, Drafter, DrafterProvider  # noqa: E402 - kept in its own section
 
 __all__ += ["AttentionCache", "Drafter", "DrafterProvider"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cost shares: the run's memory and communication estimate and the protocol config models fill it in with
+# (dsk/api/estimate.py)
+# ---------------------------------------------------------------------------------------------------------------
+from dsk.api.estimate import (  # noqa: E402 - kept in its own section
+    ActivationBytes,
+    PartEstimate,
+    RankMemory,
+    RankStages,
+    RunEstimate,
+    SharesCost,
+    StageLoad,
+)
+
+__all__ += ["ActivationBytes", "PartEstimate", "RankMemory", "RankStages", "RunEstimate", "SharesCost", "StageLoad"]

@@ -26,7 +26,7 @@ them and zeroes the step statistics. ``Feature.state_dict`` goes into every chec
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,6 +39,7 @@ __all__ = [
     "AuxLossSource",
     "Cost",
     "CostModel",
+    "Profiled",
     "ExpertShardable",
     "Feature",
     "LinearLayers",
@@ -451,6 +452,13 @@ class Cost:
         head_calls_per_token: times per token this component runs the model's shared output head (an MTP module:
             once per depth). The head is the core's: the core adds its FLOPs and saved logits for each call, which
             a component cannot state (it does not hold the head, nor know the vocabulary).
+        expert_params: of ``params``, the routed experts' stacked parameters (what expert parallelism shards over
+            its ranks; 0 for a component without routed experts).
+        recomputable_bytes_per_token: per recomputable region name (the names the component passes to
+            ``dsk.api.runtime.recomputable``: ``"norm"``, ``"attention.up_projection"``, ``"ffn.activation"``,
+            ``"ffn.dispatch"``), the part of ``activation_bytes_per_token`` that recomputing the region frees: what
+            its ops keep beyond the region's inputs, and the copies of its outputs that the ops after it save.
+            Regions whose recomputation frees nothing may be left out.
     """
 
     params: int = 0
@@ -460,12 +468,21 @@ class Cost:
     kv_bytes_per_token: float = 0.0
     comm_bytes_per_token: float = 0.0
     head_calls_per_token: float = 0.0
+    expert_params: int = 0
+    recomputable_bytes_per_token: dict[str, float] = field(default_factory=dict)
 
     def __add__(self, other: Cost) -> Cost:
-        """The field-wise sum."""
+        """The field-wise sum (the per-region bytes summed region by region)."""
         if not isinstance(other, Cost):
             return NotImplemented
-        return Cost(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(a, dict):
+                out[f.name] = {k: a.get(k, 0.0) + b.get(k, 0.0) for k in (*a, *(k for k in b if k not in a))}
+            else:
+                out[f.name] = a + b
+        return Cost(**out)
 
 
 @runtime_checkable
@@ -478,3 +495,30 @@ class CostModel(Protocol):
 
     def cost(self, seq_len: int, act_bytes: int = 2) -> Cost:
         """This component's own cost per token at context length ``seq_len``, ``act_bytes`` per activation."""
+
+
+@runtime_checkable
+class Profiled(Protocol):
+    """A feature or parallel strategy with measurements of its own for ``dsk profile`` (optional).
+
+    ``dsk profile`` calls :meth:`profile_start` on every feature and strategy that has it once the warm-up steps are
+    done, runs the measured steps, then calls :meth:`profile_report` and puts what it returns into its report under
+    the recipe name of the feature (or ``"parallel"`` for the strategy) and into ``--json``. Between the two calls
+    the component records what only it can see (an FP8 feature its per-layer quantisation error, a pipeline its
+    executed schedule); outside them it records nothing and costs nothing.
+
+    Two keys of the report are drawn by ``dsk profile`` when present:
+
+    * ``"timeline"``: a list of ``{"rank", "kind", "stage", "chunk", "start", "end"}`` (seconds from the first
+      measured step's start on that rank), one per executed compute action: the timeline plot;
+    * ``"bubble"``: a list of floats, the idle fraction of each rank over the measured steps.
+
+    Every value is JSON-ready (numbers, strings, lists, dicts). Under several ranks each rank reports its own
+    recordings; the report of the writing rank is printed, so a strategy gathers what the other ranks saw.
+    """
+
+    def profile_start(self) -> None:
+        """Begin recording (called after the warm-up, before the first measured step)."""
+
+    def profile_report(self) -> dict[str, Any]:
+        """What was recorded since :meth:`profile_start` (JSON-ready); recording stops."""

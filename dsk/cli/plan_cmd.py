@@ -7,8 +7,10 @@ given ``--gpu-hours``, the MFU a reported run implies. The recipe's parallel lay
 with the same ``validate_launch`` hook that ``dsk train --nproc`` runs: a layout the GPUs cannot hold is exit 2
 with the reason.
 
-Not estimated yet (issue 13): per-GPU memory of the layout, all-to-all bytes per token, and the pipeline bubble.
-They need the strategies' and features' share of the cost.
+The per-GPU memory, the all-to-all bytes per token and the pipeline bubble come from the run estimate
+(:func:`dsk.train.fit.estimate_run`): the model's parts, and the share every feature, optimizer and strategy of the
+recipe states on it (:class:`dsk.api.SharesCost`), summed per pipeline rank. ``dsk train`` refuses a run with the
+same estimate when it cannot fit the device.
 """
 
 from __future__ import annotations
@@ -78,7 +80,8 @@ def plan_numbers(cost: dict[str, Any], gpus: int, peak_tflops: float, mfu: float
 @recipe_options
 @click.pass_context
 def plan(ctx, recipe, gpus, peak, mfu, tokens, gpu_hours, price, as_json, configs, sets, unsets) -> None:
-    """Estimate a full-scale run of RECIPE on --gpus GPUs without building it: parameters, FLOPs, GPU-hours.
+    """Estimate a full-scale run of RECIPE on --gpus GPUs without building it: parameters, FLOPs, memory per
+    GPU, all-to-all bytes, pipeline bubble, GPU-hours.
 
     \b
       dsk plan recipes/deepseek-v3-671b.toml --gpus 2048 --tokens 14.8e12
@@ -86,36 +89,55 @@ def plan(ctx, recipe, gpus, peak, mfu, tokens, gpu_hours, price, as_json, config
     """
     result = load_and_validate(ctx, recipe, configs, sets, unsets, require=("model",))
     check_launch(ctx, result, gpus, f"--gpus {gpus}")
-    cost = _meta_cost(result.resolved)
+    cost, estimate = _meta_cost(result.resolved, gpus)
     numbers = plan_numbers(cost, gpus, peak, mfu, tokens, gpu_hours, price)
+    numbers.update(memory_numbers(estimate))
     if as_json:
         echo_json({"recipe": recipe, **numbers})
         return
     _print(numbers)
 
 
-def _meta_cost(resolved: dict[str, Any]) -> dict[str, Any]:
-    """The model of ``[model]`` built on the meta device (no memory), costed at the trainer's sequence length."""
-    import torch
-
-    from dsk.model import build_model
+def _meta_cost(resolved: dict[str, Any], gpus: int) -> tuple[dict[str, Any], Any]:
+    """The model of ``[model]`` built on the meta device (no memory), costed at the trainer's sequence length, and
+    the run's estimate on ``gpus`` ranks from the same model."""
     from dsk.model.cost import model_cost
+    from dsk.train.fit import estimate_run, meta_model, seq_len_of
 
-    cfg = resolved["model"]
-    vocab = cfg.vocab_size
-    if vocab is None:  # the tokenizer's, as dsk train takes it
-        tokenizer = resolved.get("tokenizer")
-        if tokenizer is None:
-            from dsk.data.tokenizers import load_tokenizer
+    model = meta_model(resolved)
+    return model_cost(model, seq_len_of(resolved), act_bytes=2), estimate_run(resolved, gpus, model=model)
 
-            vocab = load_tokenizer("char").vocab_size
-        else:
-            vocab = tokenizer.build().vocab_size
-    trainer = getattr(resolved.get("trainer"), "config", None)
-    seq_len = int(getattr(trainer, "seq_len", None) or cfg.max_seq_len)
-    with torch.device("meta"):
-        model = build_model(cfg, vocab)
-    return model_cost(model, seq_len, act_bytes=2)
+
+def memory_numbers(estimate: Any) -> dict[str, Any]:
+    """The plan's memory, communication and bubble keys from a :class:`dsk.api.RunEstimate` (bytes).
+
+    ``memory``: the most loaded pipeline rank under the recipe's choices, with its optimizer state under each
+    alternative optimizer the recipe's states (``optimizer_bytes_alternatives``) and its activations without
+    recomputation, with every recomputable region recomputed (``selective``) and with full recomputation;
+    ``memory_per_pipeline_rank``: every rank under the recipe's choices; ``all_to_all``: the strategies' bytes per
+    token and how they were counted; ``bubble``: the schedule's idle fraction (None without a pipeline).
+    """
+    top = estimate.most_loaded()
+    memory = top.as_dict()
+    memory.pop("parts")
+    memory["recompute"] = estimate.recompute
+    memory["optimizer_bytes_alternatives"] = {
+        name: estimate.rank_memory(optimizer_bytes_per_param=per)[top.rank].optimizer
+        for name, per in estimate.optimizer_alternatives.items()
+    }
+    for key, mode in (("without_recompute", None), ("selective_recompute", "selective"), ("full_recompute", "full")):
+        memory[f"activations_bytes_{key}"] = estimate.rank_memory(recompute=mode, regions=None)[top.rank].activations
+    return {
+        "memory": memory,
+        "memory_per_pipeline_rank": [m.as_dict() for m in estimate.rank_memory()],
+        "tokens_per_micro_batch": estimate.tokens_per_micro_batch,
+        "chunks": estimate.chunks,
+        "tokens_per_chunk": estimate.tokens_per_chunk,
+        "act_bytes": estimate.act_bytes,
+        "all_to_all": {**estimate.comm_bytes_per_token, **estimate.details.get("all_to_all", {})},
+        "bubble": estimate.bubble,
+        "estimate_notes": dict(estimate.notes),
+    }
 
 
 def _print(n: dict[str, Any]) -> None:
@@ -146,10 +168,62 @@ def _print(n: dict[str, Any]) -> None:
             ("days", f"{n['days']:.1f}"),
             ("cost", f"${n['cost_usd'] / 1e6:.2f} M"),
         ]
+    rows += _memory_rows(n)
     for what, value in rows:
         table.add_row(what, value)
     console = stdout_console()
     console.print(table)
+    for note in n["estimate_notes"].values():
+        console.print(f"[dim]{note}[/]")
     console.print(
-        "[dim]not estimated yet: per-GPU memory of the layout, all-to-all bytes per token, the pipeline bubble[/]"
+        "[dim]memory: lower bounds (no allocator rounding, workspaces, collective buffers or CUDA context)[/]"
     )
+
+
+def _gib(x: float) -> str:
+    return f"{x / 1024**3:,.2f} GiB"
+
+
+def _memory_rows(n: dict[str, Any]) -> list[tuple[str, str]]:
+    m = n["memory"]
+    ranks = len(n["memory_per_pipeline_rank"])
+    who = f"pipeline rank {m['pipeline_rank']} of {ranks}" if ranks > 1 else "each GPU"
+    act = f"{n['act_bytes']:g} B"
+    rows = [
+        (f"memory per GPU ({who}): parameters", _gib(m["params_bytes"])),
+        ("  gradients", _gib(m["grads_bytes"])),
+        ("  optimizer states", _gib(m["optimizer_bytes"])),
+    ]
+    rows += [(f"  optimizer states with {name}", _gib(v)) for name, v in m["optimizer_bytes_alternatives"].items()]
+    rows += [
+        (f"  activations as run ({m['recompute'] or 'no'} recompute, {act} values)", _gib(m["activations_bytes"])),
+        ("  activations without recompute", _gib(m["activations_bytes_without_recompute"])),
+        ("  activations with selective recompute", _gib(m["activations_bytes_selective_recompute"])),
+        ("  activations with full recompute", _gib(m["activations_bytes_full_recompute"])),
+        ("  total on the GPU", _gib(m["total_bytes"])),
+    ]
+    if m["cpu_bytes"]:
+        rows.append(("  in CPU memory", _gib(m["cpu_bytes"])))
+    rows.append(
+        ("tokens per micro-batch / per chunk", f"{n['tokens_per_micro_batch']:,} / {n['tokens_per_chunk']:,.0f}")
+    )
+    a2a = n["all_to_all"]
+    if "all_to_all_per_moe_layer" in a2a:
+        c = a2a["copies"]
+        rows += [
+            (f"all-to-all per token per MoE layer, <= {c['node_limited']:g} nodes",
+             f"{a2a['all_to_all_per_moe_layer']:,.0f} B"),
+            (f"  without the node limit ({c['without_node_limit']:.2f} nodes expected)",
+             f"{a2a['all_to_all_per_moe_layer_without_node_limit']:,.0f} B"),
+            (f"  without the node limit, at most ({c['without_node_limit_bound']:g} nodes)",
+             f"{a2a['all_to_all_per_moe_layer_without_node_limit_bound']:,.0f} B"),
+            (f"  per training token, {a2a['moe_layers']} MoE layers forward + backward",
+             f"{a2a['all_to_all_training'] / 1e6:,.1f} MB"),
+            ("  per training token, without the node limit",
+             f"{a2a['all_to_all_training_without_node_limit'] / 1e6:,.1f} MB"),
+        ]  # fmt: skip
+    b = n["bubble"]
+    if b:
+        rows.append((f"pipeline bubble ({b['schedule']}, pp {b['pp']}, {b['chunks']} chunks, {b['formula']})",
+                     f"{100 * b['fraction']:.1f}%"))  # fmt: skip
+    return rows

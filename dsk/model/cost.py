@@ -13,10 +13,10 @@ from collections import defaultdict
 from dataclasses import asdict
 from typing import Any
 
-from dsk.api import Cost, CostModel
+from dsk.api import ActivationBytes, Cost, CostModel, PartEstimate
 from dsk.model.transformer import Block, DSKModel
 
-__all__ = ["CONVENTIONS", "model_cost"]
+__all__ = ["CONVENTIONS", "model_cost", "part_costs"]
 
 #: how the numbers of :func:`model_cost` are counted (printed next to them by the reports)
 CONVENTIONS: dict[str, str] = {
@@ -53,9 +53,18 @@ def _slot_of(path: str, first_k_dense: int) -> str:
 
 
 def _norm(module: Any, act_bytes: int) -> Cost:
-    """An RMSNorm of the core: its weight; it saves its input and normalised value, and a float32 statistic."""
+    """An RMSNorm of the core: its weight; it saves its input and normalised value, and a float32 statistic.
+
+    Recomputing its region (``"norm"``) keeps the input and frees the normalised value, the statistic and the copy
+    of its output that the layer after it saves as its input (the attention, the FFN, the head each save theirs).
+    """
     n = int(module.weight.numel())
-    return Cost(params=n, active_params=n, activation_bytes_per_token=float(2 * n * act_bytes + 4))
+    return Cost(
+        params=n,
+        active_params=n,
+        activation_bytes_per_token=float(2 * n * act_bytes + 4),
+        recomputable_bytes_per_token={"norm": float(2 * n * act_bytes + 4)},
+    )
 
 
 def model_cost(model: DSKModel, seq_len: int, act_bytes: int = 2) -> dict[str, Any]:
@@ -130,3 +139,85 @@ def model_cost(model: DSKModel, seq_len: int, act_bytes: int = 2) -> dict[str, A
         "act_bytes": act_bytes,
         "by_component": {k: asdict(c) for k, c in sorted(parts.items())},
     }
+
+
+def _part_of(path: str) -> str:
+    """The model part a module at ``path`` belongs to, named as a pipeline cuts the model: ``layers.<i>``, else the
+    first component (``embed_tokens``, ``norm``, ``lm_head``, ``mtp``)."""
+    head, _, rest = path.partition(".")
+    return f"layers.{rest.partition('.')[0]}" if head == "layers" else head
+
+
+def part_costs(model: DSKModel, seq_len: int) -> list[PartEstimate]:
+    """The model's parts in order (embedding, each layer, final norm, head, the MTP modules) with the parameters,
+    routed-expert parameters and saved-activation bytes per token their components state, for the run estimate
+    (:class:`dsk.api.RunEstimate`).
+
+    The activation bytes come as :class:`dsk.api.ActivationBytes`, from each component's cost at 2 and at 4 bytes
+    per value (what follows the activation dtype, and the float32 statistics that do not). What lies inside a
+    transformer block (its norms, attention and FFN) is kept apart with its recomputable regions: recomputation
+    wraps blocks, so a norm outside one (the final norm, the MTP modules' own) is never recomputed. The output
+    head's call (its input and the loss's float32 log-probabilities) is the head's part; the MTP depths' calls are
+    the MTP part's.
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len = {seq_len}: must be >= 1")
+    blocks = [path for path, m in model.named_modules() if isinstance(m, Block)]
+    order = ["embed_tokens", *(f"layers.{i}" for i in range(len(model.layers))), "norm", "lm_head"]
+    if model.mtp is not None:
+        order.append("mtp")
+    costs: dict[str, list[Cost]] = {name: [Cost(), Cost()] for name in order}  # at 2 and at 4 bytes per value
+    inside: dict[str, list[Cost]] = {name: [Cost(), Cost()] for name in order}
+    n_blocks: dict[str, int] = dict.fromkeys(order, 0)
+
+    def add(path: str, pair: tuple[Cost, Cost]) -> None:
+        part = _part_of(path)
+        in_block = any(path == b or path.startswith(b + ".") for b in blocks)
+        for i in (0, 1):
+            costs[part][i] += pair[i]
+            if in_block:
+                inside[part][i] += pair[i]
+
+    for path, module in model.named_modules():
+        if module is not model and isinstance(module, CostModel):
+            add(path, (module.cost(seq_len, 2), module.cost(seq_len, 4)))
+        if isinstance(module, Block):
+            n_blocks[_part_of(path)] += 1
+            for norm in (module.input_layernorm, module.post_attention_layernorm):
+                add(path + ".norm", (_norm(norm, 2), _norm(norm, 4)))
+    add("norm", (_norm(model.norm, 2), _norm(model.norm, 4)))
+    emb = int(model.embed_tokens.weight.numel())
+    costs["embed_tokens"][0] += Cost(params=emb)
+    costs["embed_tokens"][1] += Cost(params=emb)
+    dim, vocab = model.config.dim, model.vocab_size
+    tied = model.lm_head.weight is model.embed_tokens.weight
+    head_params = 0 if tied else int(model.lm_head.weight.numel())
+    calls = costs["mtp"][0].head_calls_per_token if "mtp" in costs else 0.0
+    for i, ab in ((0, 2), (1, 4)):
+        head_call = float(dim * ab + 4 * vocab)  # its input and the loss's float32 log-probabilities
+        costs["lm_head"][i] += Cost(params=head_params, activation_bytes_per_token=head_call)
+        if calls:
+            costs["mtp"][i] += Cost(activation_bytes_per_token=head_call * calls)
+
+    out = []
+    for name in order:
+        two, four = costs[name]
+        in2, in4 = inside[name]
+        regions = {
+            r: ActivationBytes.from_two(in2.recomputable_bytes_per_token.get(r, 0.0), b)
+            for r, b in in4.recomputable_bytes_per_token.items()
+        }
+        out.append(
+            PartEstimate(
+                name=name,
+                params=four.params,
+                expert_params=four.expert_params,
+                activations=ActivationBytes.from_two(two.activation_bytes_per_token, four.activation_bytes_per_token),
+                block_activations=ActivationBytes.from_two(
+                    in2.activation_bytes_per_token, in4.activation_bytes_per_token
+                ),
+                block_inputs=ActivationBytes(values=float(n_blocks[name] * dim)),
+                recomputable=regions,
+            )
+        )
+    return out

@@ -14,9 +14,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from pydantic import Field, model_validator
 
 from dsk.api import BaseConfig, OptimizerConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dsk.api import RunEstimate
 
 __all__ = ["AdamWBF16Config", "EMAConfig", "OffloadConfig"]
 
@@ -32,6 +37,11 @@ class EMAConfig(BaseConfig):
         "decay is applied per update, so the average spans about N / (1 - decay) steps",
     )
 
+    def share_cost(self, estimate: RunEstimate, resolved: dict[str, Any]) -> None:
+        """An FP32 copy of the rank's parameters in CPU memory; nothing on the device (:class:`dsk.api.SharesCost`)."""
+        estimate.cpu_bytes_per_param["ema"] = 4.0
+        estimate.notes["ema"] = "ema: an FP32 copy of the rank's parameters in CPU memory (4 B per parameter)"
+
 
 class OffloadConfig(BaseConfig):
     """Optimizer state in CPU memory: FP32 master weights and the [optimizer]'s state live there, and so does the
@@ -42,6 +52,15 @@ class OffloadConfig(BaseConfig):
         description="on a GPU, stage the copies in pinned (page-locked) CPU buffers so they run asynchronously "
         "(no effect on a CPU run)",
     )
+
+    def share_cost(self, estimate: RunEstimate, resolved: dict[str, Any]) -> None:
+        """The optimizer state and FP32 master copies of the parameters move to CPU memory; the device keeps the
+        working parameters and their gradients (:class:`dsk.api.SharesCost`)."""
+        estimate.optimizer_on_cpu = True
+        estimate.cpu_bytes_per_param["offload master weights"] = 4.0
+        estimate.notes["offload"] = (
+            "offload: the optimizer state and FP32 master weights (4 B per parameter) in CPU memory"
+        )
 
 
 class AdamWBF16Config(OptimizerConfig):
@@ -59,3 +78,12 @@ class AdamWBF16Config(OptimizerConfig):
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas = {list(self.betas)}: each must be in [0, 1)")
         return self
+
+    def share_cost(self, estimate: RunEstimate, resolved: dict[str, Any]) -> None:
+        """Two BF16 moments per parameter (4 bytes; the FP32 parameters are the master weights). The
+        alternative, ``adamw``'s FP32 moments, is 8 bytes (:class:`dsk.api.SharesCost`)."""
+        estimate.optimizer_bytes_per_param = 4.0
+        estimate.optimizer_alternatives["adamw"] = 8.0
+        estimate.notes["optimizer"] = (
+            "adamw_bf16: two BF16 moments, 4 B per parameter; the FP32 parameters are the master weights"
+        )

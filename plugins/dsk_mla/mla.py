@@ -290,6 +290,11 @@ class MLA(nn.Module):
         kernel's output padded to ``dn + dr`` columns when ``dv`` is smaller, the output projection's input and
         the kernel's float32 log-sum-exp per head. KV cache: ``decode_cache``'s values per token (``c + dr``
         latent, or ``H * (dn + dr + dv)`` full).
+
+        Recomputable (measured with ``dsk.profile.activations`` on the naive path): the ``"norm"`` region of the
+        latents frees each norm's normalised value and statistic, and the query latent's copy that ``q_b_proj``
+        saves; ``"attention.up_projection"`` frees nothing here, since its GEMMs keep only their inputs (the latents)
+        and its outputs reach SDPA through new tensors (the RoPE'd, concatenated q and k), which SDPA saves.
         """
         D, H, c, dr = self.dim, self.n_heads, self.kv_lora_rank, self.qk_rope_head_dim
         dn, dv, dk = self.qk_nope_head_dim, self.v_head_dim, self.qk_head_dim
@@ -304,10 +309,12 @@ class MLA(nn.Module):
         saved += c + (c + dr)  # the KV latent's norm, kv_b_proj's input (latent and rope key)
         saved += 2 * H * dk + 2 * H * max(dv, dk) + H * dv  # q, k, v and output (padded), o_proj's input
         fp32 = (0 if q is None else 1) + 1 + H  # the norms' statistics, the log-sum-exp
+        norms = c * act_bytes + 4 + (0 if q is None else 2 * q * act_bytes + 4)
         return Cost(
             params=params,
             active_params=params,
             flops_per_token=flops,
             activation_bytes_per_token=float(saved * act_bytes + 4 * fp32),
             kv_bytes_per_token=float(self.cache_values_per_token() * act_bytes),
+            recomputable_bytes_per_token={"norm": float(norms)},
         )

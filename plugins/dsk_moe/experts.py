@@ -116,13 +116,15 @@ class Dense(SwiGLU):
     def cost(self, seq_len: int, act_bytes: int = 2) -> Cost:
         """Parameters, forward FLOPs and saved activations per token (:class:`dsk.api.CostModel`): three GEMMs of
         D x hidden (6 * D * hidden FLOPs); the backward keeps x, gate, up and the activation (D + 3 * hidden
-        values). ``seq_len`` does not matter to a position-wise layer."""
+        values). ``seq_len`` does not matter to a position-wise layer. Recomputing ``"ffn.activation"`` frees the
+        activation (``down_proj``'s input); its inputs, gate and up, stay."""
         D, H = self.dim, self.hidden_dim
         return Cost(
             params=3 * D * H,
             active_params=3 * D * H,
             flops_per_token=6.0 * D * H,
             activation_bytes_per_token=float((D + 3 * H) * act_bytes),
+            recomputable_bytes_per_token={"ffn.activation": float(H * act_bytes)},
         )
 
 

@@ -151,6 +151,10 @@ class MTP(nn.Module):
 
         Per main-model token: depth k runs on ``seq_len - k`` of the ``seq_len`` positions, and this counts it on
         all of them (a ``k / seq_len`` overestimate, as its blocks' own costs are).
+
+        Recomputable ``"norm"`` bytes: each norm's normalised value and statistic, and ``shared_head.norm``'s output,
+        which the head saves as its input (the ``enorm`` and ``hnorm`` outputs are concatenated into a new tensor).
+        These norms run outside the transformer blocks that recomputation wraps, so it leaves them alone.
         """
         n = len(self.layers)
         if n == 0:
@@ -165,6 +169,7 @@ class MTP(nn.Module):
             flops_per_token=n * 4.0 * D * D,
             activation_bytes_per_token=float(n * (8 * D * act_bytes + 3 * 4)),
             head_calls_per_token=float(n),
+            recomputable_bytes_per_token={"norm": float(n * (4 * D * act_bytes + 3 * 4))},
         )
 
     # -- speculative decoding ----------------------------------------------------------------------

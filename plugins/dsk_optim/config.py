@@ -12,11 +12,14 @@ ones every optimizer has (:class:`dsk.api.OptimizerConfig`)::
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
 from dsk.api import OptimizerConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dsk.api import RunEstimate
 
 __all__ = ["AdamWConfig"]
 
@@ -40,3 +43,12 @@ class AdamWConfig(OptimizerConfig):
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas = {list(self.betas)}: each must be in [0, 1)")
         return self
+
+    def share_cost(self, estimate: RunEstimate, resolved: dict[str, Any]) -> None:
+        """Two FP32 moments per parameter (8 bytes); dsk's parameters are FP32, so they are the master weights
+        (no extra copy). The alternative, ``adamw_bf16``'s BF16 moments, is 4 bytes (:class:`dsk.api.SharesCost`)."""
+        estimate.optimizer_bytes_per_param = 8.0
+        estimate.optimizer_alternatives["adamw_bf16"] = 4.0
+        estimate.notes["optimizer"] = (
+            "adamw: two FP32 moments, 8 B per parameter; the FP32 parameters are the master weights"
+        )

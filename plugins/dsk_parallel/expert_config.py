@@ -16,9 +16,15 @@ on 8 nodes, n_groups 8, topk_groups 4), so the router's group-limited selection 
 
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING, Any
+
 from pydantic import Field, model_validator
 
 from dsk.api import BaseConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dsk.api import RunEstimate
 
 
 class NodeLimitedConfig(BaseConfig):
@@ -60,6 +66,86 @@ class NodeLimitedConfig(BaseConfig):
                     f"ep / ranks_per_node = {self.ep} / {self.ranks_per_node} = {nodes}"
                 )
         return self
+
+    def share_cost(self, estimate: RunEstimate, resolved: dict[str, Any]) -> None:
+        """The routed experts spread over ``ep`` ranks, and the all-to-all bytes per token with and without the
+        node limit (:func:`all_to_all_share`; :class:`dsk.api.SharesCost`)."""
+        ffn = getattr(getattr(resolved.get("model"), "ffn", None), "config", None)
+        router = getattr(getattr(ffn, "router", None), "config", None)
+        n_experts, top_k = getattr(ffn, "n_routed_experts", None), getattr(router, "top_k", None)
+        if n_experts is None or top_k is None:
+            return
+        ep = self.ep if self.ep is not None else estimate.data_ranks
+        estimate.expert_shards = ep
+        n_groups = int(getattr(router, "n_groups", 1))
+        limit = self.max_nodes if self.max_nodes is not None else int(getattr(router, "topk_groups", 1))
+        nodes = max(1, ep // self.ranks_per_node)
+        if n_groups <= 1 and self.max_nodes is None:
+            limit = nodes  # a router without groups: no node limit
+        all_to_all_share(estimate, n_experts, top_k, nodes, min(limit, nodes), self.fp8_dispatch, self.fp8_block)
+        estimate.notes["expert"] = f"node_limited: routed experts / {ep} ranks on {nodes} nodes, tokens to <= {limit}"
+
+
+def expected_nodes(n_experts: int, n_nodes: int, top_k: int, nodes_allowed: int | None = None) -> float:
+    """The expected distinct nodes among ``top_k`` distinct experts drawn uniformly from the experts of
+    ``nodes_allowed`` of the ``n_nodes`` nodes (all of them by default), each node holding ``n_experts / n_nodes``.
+
+    A node is missed when every pick falls elsewhere: with ``e = n_experts / n_nodes`` and ``m = nodes_allowed``,
+    ``E[nodes] = m * (1 - C(m e - e, top_k) / C(m e, top_k))``.
+    """
+    m = n_nodes if nodes_allowed is None else nodes_allowed
+    per_node = n_experts // n_nodes
+    pool = m * per_node
+    k = min(top_k, pool)
+    return m * (1.0 - math.comb(pool - per_node, k) / math.comb(pool, k))
+
+
+def all_to_all_share(
+    estimate: RunEstimate, n_experts: int, top_k: int, n_nodes: int, max_nodes: int, fp8: bool, fp8_block: int
+) -> None:
+    """The all-to-all bytes per token of one MoE layer's forward, and of a training step's every MoE layer.
+
+    A token is sent once to each node it reaches (its own included: an upper bound of the cross-node traffic) and
+    each copy comes back: dispatch ``copies * dim * (1 + 4 / fp8_block)`` bytes with the FP8 dispatch (E4M3 values
+    and a float32 scale per tile) or ``copies * dim * act_bytes``; combine ``copies * dim * act_bytes``. The
+    backward moves the same copies both ways in the activations' dtype. Copies: with the node limit at most
+    ``max_nodes`` (the figure; the expected count within the allowed nodes is in ``details``); without it the
+    expected distinct nodes of ``top_k`` experts chosen uniformly (:func:`expected_nodes`), and ``min(top_k,
+    nodes)`` at most.
+    """
+    dim, ab = estimate.dim, estimate.act_bytes
+    dispatch_bytes = (1.0 + 4.0 / fp8_block) if fp8 else ab
+    unlimited = expected_nodes(n_experts, n_nodes, top_k)
+    copies = {
+        "node_limited": float(max_nodes),
+        "node_limited_expected": expected_nodes(n_experts, n_nodes, top_k, max_nodes),
+        "without_node_limit": unlimited,
+        "without_node_limit_bound": float(min(top_k, n_nodes)),
+    }
+
+    def forward(c: float) -> float:
+        return c * dim * (dispatch_bytes + ab)
+
+    def training(c: float) -> float:
+        return estimate.moe_layers * (forward(c) + 2.0 * c * dim * ab)
+
+    comm = estimate.comm_bytes_per_token
+    comm["all_to_all_per_moe_layer"] = forward(copies["node_limited"])
+    comm["all_to_all_per_moe_layer_without_node_limit"] = forward(unlimited)
+    comm["all_to_all_per_moe_layer_without_node_limit_bound"] = forward(copies["without_node_limit_bound"])
+    comm["all_to_all_training"] = training(copies["node_limited"])
+    comm["all_to_all_training_without_node_limit"] = training(unlimited)
+    estimate.details["all_to_all"] = {
+        "copies": copies,
+        "nodes": n_nodes,
+        "max_nodes": max_nodes,
+        "top_k": top_k,
+        "moe_layers": estimate.moe_layers,
+        "dispatch_bytes_per_value": dispatch_bytes,
+        "combine_bytes_per_value": ab,
+        "formula": "per MoE layer forward: copies x dim x (dispatch + combine bytes per value); training adds the "
+        "backward's 2 x copies x dim x act_bytes; copies without the limit: m (1 - C(m e - e, k) / C(m e, k))",
+    }
 
 
 def node_limit_problems(

@@ -15,9 +15,14 @@ expert-parallel groups are consecutive ranks, as DeepSeek-V3 lays them out.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, ClassVar
+
 from pydantic import Field
 
 from dsk.api import BaseConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dsk.api import RunEstimate
 
 #: model stages per pipeline rank of each schedule
 STAGES_PER_RANK = {"1f1b": 1, "dualpipe": 1, "dualpipev": 2}
@@ -47,6 +52,20 @@ class PipelineConfig(BaseConfig):
         description="dualpipe: defer the weight gradients of the backward chunks the schedule marks (the "
         "zero-bubble W steps); dualpipev always splits them (torch's schedule), 1f1b never does",
     )
+
+    #: the layout (pipeline ranks, stages per rank) is read by the other shares (the data ranks): set it first
+    cost_share_phase: ClassVar[int] = -1
+
+    def share_cost(self, estimate: RunEstimate, resolved: dict[str, Any]) -> None:
+        """The stages each pipeline rank holds, the chunks' activations it keeps at its peak and the schedule's
+        bubble (:class:`dsk.api.SharesCost`; see :func:`pipeline_share`)."""
+        kind = next(
+            (s.name for s in (resolved.get("parallel") or {}).values() if getattr(s, "config", None) is self), None
+        )
+        if kind not in STAGES_PER_RANK:
+            return
+        model = resolved.get("model")
+        pipeline_share(estimate, kind, self, tied=bool(getattr(model, "tie_embeddings", False)))
 
 
 def min_chunks(kind: str, pp: int) -> int:
@@ -96,3 +115,101 @@ def pipeline_problems(
         out.append(("model.n_layers", f"model.n_layers = {n_layers} cannot be cut into the {stages} stages of "
                     f"{kind} at {where}.pp = {pp} (one layer at least per stage)"))  # fmt: skip
     return out
+
+
+#: the per-chunk costs the bubble is computed with, in units of one stage's forward of one chunk
+BUBBLE_COSTS = {"F": 1.0, "B": 2.0, "W": 1.0}
+
+
+def even_split(n_layers: int, n_stages: int, layers_per_stage: list[int] | None = None) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` of each stage: ``layers_per_stage``, else as even as possible with the earlier stages
+    one layer longer (the split :func:`dsk.model.transformer.split_layers` makes when the pipeline cuts a model)."""
+    sizes = list(layers_per_stage) if layers_per_stage is not None else [
+        n_layers // n_stages + (1 if i < n_layers % n_stages else 0) for i in range(n_stages)
+    ]  # fmt: skip
+    out, start = [], 0
+    for size in sizes:
+        out.append((start, start + size))
+        start += size
+    return out
+
+
+def schedule_bubble(kind: str, pp: int, chunks: int, zero_bubble: bool = True) -> dict[str, Any]:
+    """The idle fraction of a pipeline rank over one step, by the DualPipe paper's formulas (spec §3.8).
+
+    Every stage costs the same, and per chunk F = 1 (a stage's forward), B = 2 (its full backward: input and
+    weight gradients, two forwards' worth), W = 1 (the weight-gradient half, deferred by the zero-bubble steps;
+    0 when nothing is deferred), F&B = F + B (an overlapped pair costs its two parts: dsk runs them one after the
+    other). Idle time: 1F1B ``(PP - 1)(F + B)``; DualPipe and DualPipeV ``(S/2 - 1)(F&B + B - 3W)`` with S the
+    model stages (PP for DualPipe, 2 PP for DualPipeV). Busy time: each chunk's F + B on each of the rank's
+    stages it passes (one stage for 1F1B and DualPipe, two for DualPipeV). Fraction = idle / (idle + busy).
+    """
+    F, B, W = BUBBLE_COSTS["F"], BUBBLE_COSTS["B"], BUBBLE_COSTS["W"]
+    if kind == "1f1b":
+        idle, formula, w = (pp - 1) * (F + B), "(PP-1)(F+B)", 0.0
+        busy = chunks * (F + B)
+    else:
+        stages = pp * STAGES_PER_RANK[kind]
+        w = W if (zero_bubble or kind == "dualpipev") else 0.0
+        idle = max(0.0, (stages / 2 - 1) * ((F + B) + B - 3 * w))
+        formula = "(PP/2-1)(F&B+B-3W)" + (", PP = 2 x pp stages" if kind == "dualpipev" else "")
+        busy = chunks * (F + B) * STAGES_PER_RANK[kind]
+    return {
+        "schedule": kind,
+        "pp": pp,
+        "chunks": chunks,
+        "formula": formula,
+        "costs": {"F": F, "B": B, "W": w, "F&B": F + B},
+        "idle": idle,
+        "busy": busy,
+        "fraction": idle / (idle + busy),
+    }
+
+
+def pipeline_share(estimate: RunEstimate, kind: str, cfg: PipelineConfig, tied: bool = False) -> None:
+    """Lay the model's parts out over the pipeline ranks as :class:`dsk_parallel.pipeline.Pipeline` does, with the
+    chunks' activations each rank holds at the schedule's peak (the spec's §3.8 table, measured in
+    ``bench/reference/pipeline-cpu.txt``), in units of one chunk's forward of one stage:
+
+    * ``1f1b``: rank r runs stage r and holds ``pp - r`` chunks (measured: 2 and 1 at pp 2);
+    * ``dualpipe``: rank r runs stages r and pp-1-r (every stage on two ranks, two copies of the parameters) and
+      holds pp + 1 chunks, half of them on each stage (measured 2.87 at pp 2);
+    * ``dualpipev``: rank r runs stages r and 2 pp-1-r of the 2 pp and holds 2 pp + 1 chunks of a stage, half on
+      each (measured 4.6 and 5.0 at pp 2).
+
+    Stage 0 holds the embedding; the last stage the final norm, the head and the MTP modules, with the embedding
+    again when MTP or tied embeddings need it.
+    """
+    from dsk.api import RankStages, StageLoad
+
+    pp = cfg.pp if cfg.pp is not None else estimate.world_size
+    chunks = cfg.chunks if cfg.chunks is not None else min_chunks(kind, pp)
+    layers = [p.name for p in estimate.parts if p.name.startswith("layers.")]
+    n_stages = pp * STAGES_PER_RANK[kind]
+    spans = even_split(len(layers), n_stages, cfg.layers_per_stage)
+    names = {p.name for p in estimate.parts}
+
+    def parts(s: int) -> list[str]:
+        out = ["embed_tokens"] if s == 0 else []
+        out += layers[spans[s][0] : spans[s][1]]
+        if s == n_stages - 1:
+            out += [n for n in ("norm", "lm_head", "mtp") if n in names]
+            if ("mtp" in names or tied) and "embed_tokens" not in out:
+                out.append("embed_tokens")
+        return out
+
+    ranks = []
+    for r in range(pp):
+        if kind == "1f1b":
+            ranks.append(RankStages([StageLoad(parts(r), float(min(pp - r, chunks)))]))
+        else:
+            held = (pp + 1) / 2 if kind == "dualpipe" else (2 * pp + 1) / 2
+            mirror = (pp if kind == "dualpipe" else 2 * pp) - 1 - r
+            ranks.append(RankStages([StageLoad(parts(r), held), StageLoad(parts(mirror), held)]))
+    estimate.pipeline_ranks, estimate.chunks, estimate.ranks = pp, chunks, ranks
+    estimate.bubble = schedule_bubble(kind, pp, chunks, cfg.zero_bubble)
+    estimate.notes["pipeline"] = (
+        f"{kind}: pp {pp}, {chunks} chunks of {estimate.tokens_per_chunk:g} tokens; activations of "
+        + {"1f1b": "pp - r chunks on rank r", "dualpipe": "pp + 1 chunks (two stages per rank)",
+           "dualpipev": "2 pp + 1 chunks of a half stage (two per rank)"}[kind]
+    )  # fmt: skip

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field
 
 from dsk.api import BaseConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dsk.api import RunEstimate
 
 __all__ = ["BF16Config", "CompileConfig"]
 
@@ -24,6 +27,18 @@ class BF16Config(BaseConfig):
         description="autocast keeps each weight's BF16 copy for the whole forward (cast once, not once per use); "
         "false saves that memory at the cost of recasting",
     )
+
+    #: the activation dtype is read by the other shares (a strategy's message sizes): set it first
+    cost_share_phase: ClassVar[int] = -1
+
+    def share_cost(self, estimate: RunEstimate, resolved: dict[str, Any]) -> None:
+        """Activations at 2 bytes (BF16) instead of FP32's 4; parameters, gradients and the optimizer stay FP32
+        (:class:`dsk.api.SharesCost`)."""
+        estimate.act_bytes = 2.0
+        estimate.notes["bf16"] = (
+            "bf16: saved activations at 2 B per value (float32 statistics stay 4 B); FP32 parameters and gradients"
+            + ("; autocast's cached BF16 weight copies are not counted" if self.cache_casts else "")
+        )
 
 
 class CompileConfig(BaseConfig):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from dsk.api import BaseConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dsk.api import RunEstimate
 
 __all__ = ["DEFAULT_REGIONS", "RecomputeConfig"]
 
@@ -62,3 +65,12 @@ class RecomputeConfig(BaseConfig):
     def recompute_regions(self) -> tuple[str, ...]:
         """The regions selective mode recomputes."""
         return tuple(self.regions) if self.regions is not None else DEFAULT_REGIONS
+
+    def share_cost(self, estimate: RunEstimate, resolved: dict[str, Any]) -> None:
+        """Selective: every transformer block drops what its recomputed regions free; full: each block keeps its
+        input only (:class:`dsk.api.SharesCost`). The one block whose forward the backward reruns at a time is not
+        counted (a transient of the backward)."""
+        estimate.recompute = self.mode
+        estimate.recomputed_regions = frozenset(self.recompute_regions()) if self.mode == "selective" else None
+        what = f"regions {', '.join(self.recompute_regions())}" if self.mode == "selective" else "block inputs kept"
+        estimate.notes["recompute"] = f"recompute: {self.mode} ({what})"

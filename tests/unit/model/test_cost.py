@@ -308,3 +308,20 @@ def test_saved_activation_bytes_match_what_the_forward_saves(monkeypatch, part):
     else:
         analytic = module.cost(T, act_bytes=4).activation_bytes_per_token
     assert measured == pytest.approx(analytic, rel=0.02)
+
+
+def test_cost_sums_recomputable_bytes_region_by_region_and_components_report_them():
+    a = Cost(recomputable_bytes_per_token={"norm": 1.0, "ffn.activation": 2.0}, expert_params=3)
+    b = Cost(recomputable_bytes_per_token={"norm": 10.0, "ffn.dispatch": 5.0}, expert_params=4)
+    total = a + b
+    assert total.recomputable_bytes_per_token == {"norm": 11.0, "ffn.activation": 2.0, "ffn.dispatch": 5.0}
+    assert total.expert_params == 7
+    model = build_model(tiny_config())
+    moe = model.layers[1].mlp
+    # TINY's MoE: 4 experts of 16 wide, 1 shared, top-2, D 32, at 4 bytes per value
+    cost = moe.cost(16, act_bytes=4)
+    assert cost.expert_params == moe.experts.w_gate.numel() * 3 == 4 * 3 * 32 * 16
+    assert cost.recomputable_bytes_per_token == {"ffn.activation": (16 + 2 * 16) * 4.0, "ffn.dispatch": 2 * 32 * 4.0}
+    assert model.layers[0].mlp.cost(16, 4).recomputable_bytes_per_token == {"ffn.activation": 48 * 4.0}
+    # MLA: the latents' norms (q 16, c 16): normalised values, statistics and q_b_proj's copy of the query latent
+    assert model.layers[0].self_attn.cost(16, 4).recomputable_bytes_per_token == {"norm": 16 * 4 + 4 + 2 * 16 * 4 + 4}
