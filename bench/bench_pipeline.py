@@ -11,9 +11,9 @@ other processes on the shared cores hits every case alike:
 * the timeline: with ``strategy.trace = True`` every executed compute action is logged as (kind F | B | W, model
   stage, chunk, t0, t1) (:mod:`dsk_parallel.pipeline`). A step's *span* runs from the first rank's start of the
   schedule (``run_schedule``) to the last rank's end (``perf_counter`` is the same clock in every process);
-  ``bubble`` per rank = (span - the rank's summed compute actions) / span, and ``bubble`` is the mean over the
-  ranks, the median over the timed steps. It counts everything but compute: idle waiting, P2P, the schedules'
-  Python bookkeeping. ``step_s`` is the median wall time of the trainer's whole step (the slowest rank), optimizer
+  ``bubble`` per rank = (span - the rank's summed compute actions) / span (``dsk_parallel.pipeline.step_bubble``,
+  which ``dsk profile`` reports too), and ``bubble`` is the mean over the ranks, the median over the timed steps.
+  It counts everything but compute: idle waiting, P2P, the schedules' Python bookkeeping. ``step_s`` is the median wall time of the trainer's whole step (the slowest rank), optimizer
   step included.
 * F, B, I, W: the measured duration per chunk of a forward, a full backward, an input-gradient-only backward (a B
   whose W follows) and a weight-gradient step: the median per model stage over the steps (robust to another
@@ -389,13 +389,14 @@ def _mean_kind(costs: dict[tuple[str, int], float], kind: str, skip_first: bool 
 
 def _summarise(kind: str, chunks: int, ranks: list[dict[str, Any]]) -> dict[str, Any]:
     """One PP 2 case from both ranks' results: bubble, step time, F/B/I/W, formula, simulation, memory."""
+    from dsk_parallel.pipeline import step_bubble  # the bubble's definition, shared with dsk profile
+
     n = len(ranks[0]["records"])
     bubbles, spans, steps = [], [], []
     per_rank: list[list[float]] = [[] for _ in ranks]
     for i in range(n):
         recs = [r["records"][i] for r in ranks]
-        span = max(rec["span"][1] for rec in recs) - min(rec["span"][0] for rec in recs)
-        fr = [(span - sum(t1 - t0 for *_, t0, t1 in rec["timeline"])) / span for rec in recs]
+        span, _, fr = step_bubble([rec["span"] for rec in recs], [rec["timeline"] for rec in recs])
         for q, f in enumerate(fr):
             per_rank[q].append(f)
         bubbles.append(statistics.mean(fr))

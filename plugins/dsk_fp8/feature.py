@@ -8,22 +8,29 @@ embedding, the output head, the router gate, the norms and the MTP projection ``
 ``after_step`` reports how many GEMMs ran in FP8 during the step (``fp8_gemms``; three per site and micro-batch:
 forward, dgrad, wgrad) and per kind of module (``fp8_gemms/attention``, ``/dense_ffn``, ``/shared_experts``,
 ``/routed_experts``), then resets the count: the proof of coverage in ``metrics.jsonl``.
+
+For ``dsk profile`` (:class:`dsk.api.Profiled`): between ``profile_start`` and ``profile_report`` every training
+forward GEMM records its quantisation error (:class:`dsk_fp8.linear.QuantErrors`), and the report gives, per site,
+the mean over the measured calls of the output's relative error against the same product in the input's dtype and
+of the weight's E4M3 round-trip error, and per layer the largest of its sites'.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Any
 
+import torch
 from torch import nn
 
 from dsk.api import Feature, LinearLayers
 from dsk.api.runtime import RunSetupError
 
 from .config import FP8Config
-from .linear import FP8Linear
+from .linear import FP8Linear, QuantErrors
 
-__all__ = ["FP8Feature", "module_group"]
+__all__ = ["FP8Feature", "layer_of", "module_group"]
 
 # the last component of a module's qualified name -> its group in the metrics
 _GROUPS = {
@@ -40,6 +47,16 @@ def module_group(qualified_name: str) -> str:
     return _GROUPS.get(last, last)
 
 
+_LAYER = re.compile(r"^(.*?\.\d+)(?:\.|$)")
+
+
+def layer_of(site: str) -> str:
+    """The layer a site belongs to: its name up to the first index (``layers.1.mlp.experts.w_down`` ->
+    ``layers.1``, ``mtp.layers.0.block.self_attn.o_proj`` -> ``mtp.layers.0``), else its module's name."""
+    m = _LAYER.match(site)
+    return m.group(1) if m else site.rsplit(".", 1)[0]
+
+
 class FP8Feature(Feature):
     """Installs FP8 GEMMs in every linear-layer site and counts them per step."""
 
@@ -52,11 +69,16 @@ class FP8Feature(Feature):
         self.groups: dict[str, str] = {}
         #: qualified site names (``<module>.<site>``) that run in FP8
         self.sites: list[str] = []
+        #: the quantisation errors recorded between profile_start and profile_report
+        self.errors = QuantErrors()
+        self._run: Any = None  # the run context (its ``parallel`` gathers the ranks' errors)
 
     def transform_model(self, model: nn.Module, run: Any) -> None:
         """Set ``linear_impl`` on every LinearLayers module, after checking that the block size divides its Ks."""
         cfg = self.config
         B, key = cfg.block_size, self.name or "fp8"
+        if run is not None:
+            self._run = run
         for name, module in model.named_modules():
             if not isinstance(module, LinearLayers):
                 continue
@@ -70,7 +92,7 @@ class FP8Feature(Feature):
                 self.sites.append(f"{name}.{site.name}")
                 self.counts[f"{name}.{site.name}"] = 0
             module.linear_impl = FP8Linear(
-                name, B, cfg.scaling, cfg.pow2_scales, cfg.gemm, counts=self.counts, module=module
+                name, B, cfg.scaling, cfg.pow2_scales, cfg.gemm, counts=self.counts, module=module, errors=self.errors
             )
             self.groups[name] = module_group(name)
         return None
@@ -91,3 +113,45 @@ class FP8Feature(Feature):
         for site in self.counts:
             self.counts[site] = 0
         return metrics
+
+    # -- dsk profile ---------------------------------------------------------------------------------------------
+    def profile_start(self) -> None:
+        """Record every training forward GEMM's quantisation error from now on."""
+        self.errors.clear()
+        self.errors.on = True
+
+    def profile_report(self) -> dict[str, Any]:
+        """The errors recorded since :meth:`profile_start` (then recording stops), over every rank's calls.
+
+        ``quant_error``: ``{site: {"output_rel_error", "weight_rel_error", "calls"}}``, each error the mean over the
+        recorded calls (``||y_fp8 - y_ref||_F / ||y_ref||_F`` with ``y_ref`` the product in the input's dtype;
+        ``||dequant(quant(W)) - W||_F / ||W||_F``); ``by_layer``: ``{layer: {"output_rel_error",
+        "weight_rel_error"}}``, the largest over the layer's sites. Collective where the run has several ranks:
+        each rank's sums go to every rank (:meth:`~dsk.api.ParallelStrategy.broadcast_object` from each in turn),
+        so a pipeline's writer reports the sites of every stage, and data-parallel ranks' calls are pooled.
+        """
+        self.errors.on = False
+        sums = self.errors.sums
+        values = torch.stack([torch.stack(v[:2]) for v in sums.values()]).tolist() if sums else []  # one host sync
+        local = {k: (o, w, v[2]) for (k, v), (o, w) in zip(sums.items(), values, strict=True)}
+        self.errors.clear()
+        parallel = getattr(self._run, "parallel", None)
+        ranks = [local]
+        if parallel is not None and parallel.world_size > 1:
+            ranks = [parallel.broadcast_object(local, src) for src in range(parallel.world_size)]
+        pooled: dict[str, list[float]] = {}
+        for part in ranks:
+            for site, (o, w, n) in part.items():
+                acc = pooled.setdefault(site, [0.0, 0.0, 0])
+                acc[0], acc[1], acc[2] = acc[0] + o, acc[1] + w, acc[2] + n
+        order = {s: i for i, s in enumerate(self.sites)}
+        quant_error = {
+            site: {"output_rel_error": o / n, "weight_rel_error": w / n, "calls": n}
+            for site, (o, w, n) in sorted(pooled.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))
+        }
+        by_layer: dict[str, dict[str, float]] = {}
+        for site, e in quant_error.items():
+            layer = by_layer.setdefault(layer_of(site), {"output_rel_error": 0.0, "weight_rel_error": 0.0})
+            layer["output_rel_error"] = max(layer["output_rel_error"], e["output_rel_error"])
+            layer["weight_rel_error"] = max(layer["weight_rel_error"], e["weight_rel_error"])
+        return {"quant_error": quant_error, "by_layer": by_layer}

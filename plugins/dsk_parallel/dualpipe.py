@@ -265,7 +265,8 @@ class DualPipeSchedule:
     ``group`` is the pipeline process group and ``peers[i]`` the global rank of pipeline rank i.
 
     Set ``record = True`` to fill :attr:`trace` with ``(kind, direction, micro_batch, t_start, t_end)`` for every
-    compute action and ``("comm", -1, -1, t0, t1)`` for every wait on communication (``time.perf_counter``).
+    compute action and ``("comm", -1, -1, t0, t1)`` for every wait on communication (``time.perf_counter``; on a
+    GPU each compute action is synchronised before and after, so that its times are its execution's).
     """
 
     def __init__(
@@ -385,6 +386,9 @@ class DualPipeSchedule:
         elif op.kind == "commit":
             self._commit()
         else:
+            synced = self.record and self.device.type == "cuda"  # traced on a GPU: time the work, not its launch
+            if synced:
+                torch.cuda.synchronize(self.device)
             t0 = time.perf_counter()
             if op.kind == "F":
                 self._forward(d, mb)
@@ -395,6 +399,8 @@ class DualPipeSchedule:
             else:
                 return  # W without zero bubble: nothing was deferred (the commit before it already ran)
             if self.record:
+                if synced:
+                    torch.cuda.synchronize(self.device)
                 self.trace.append((op.kind, d, mb, t0, time.perf_counter()))
 
     def _commit(self) -> None:

@@ -36,6 +36,11 @@ P2P of an overlapped F&B pair together. On NCCL the sends and receives run on NC
 overlaps compute; overlapping one chunk's forward with another's backward inside a pair (DeepSeek-V3's Fig. 4)
 needs an ``overlapped_forward_backward`` with CUDA streams, which dsk does not have.
 
+Profiling (:class:`dsk.api.Profiled`). ``profile_start`` aligns the pipeline ranks on a barrier (the common time
+origin) and turns the timeline on; each step's span and executed compute actions are recorded until
+``profile_report``, which gathers every pipeline rank's to every rank and gives the timeline and each rank's bubble
+(:func:`step_bubble`, the definition ``bench/bench_pipeline.py`` measures with).
+
 Evaluation and checkpoints. The checkpoint is the one-process format: the writer gathers every pipeline rank's
 parts (:meth:`Pipeline.model_state_dict`; in a chain with the data and expert strategies, :meth:`gather_tensors`
 last), and a resumed rank keeps the entries of its parts (:meth:`shard_tensors` first). Evaluation runs on a
@@ -61,12 +66,13 @@ from dsk.api.runtime import (
     load_optimizer_state,
     model_state_for_saving,
     optimizer_state_to_tensors,
+    profile_part,
     split_layers,
 )
 from dsk_parallel.layout import RankLayout, local_rank
 from dsk_parallel.pipeline_config import STAGES_PER_RANK, min_chunks, pipeline_problems
 
-__all__ = ["DualPipe", "DualPipeV", "OneFOneB", "Pipeline", "part_of"]
+__all__ = ["DualPipe", "DualPipeV", "OneFOneB", "Pipeline", "part_of", "step_bubble"]
 
 #: the loss parts a step reports, in the order they are all-reduced
 _PARTS = ("loss", "lm_loss", "mtp_loss", "aux_loss")
@@ -79,6 +85,21 @@ def part_of(name: str) -> str:
     if head == "layers":
         return f"layers.{rest.partition('.')[0]}"
     return head
+
+
+def step_bubble(
+    spans: list[tuple[float, float]], timelines: list[list[tuple]]
+) -> tuple[float, list[float], list[float]]:
+    """One step's bubble: ``(span, busy per rank, idle fraction per rank)``.
+
+    ``spans[q]`` is rank q's ``(start, end)`` of the step's schedule and ``timelines[q]`` its executed compute
+    actions, tuples ending in ``(..., t_start, t_end)``, on a clock the ranks share. The span runs from the first
+    rank's start to the last rank's end; a rank's idle fraction is ``(span - busy) / span`` with busy the sum of
+    its actions' durations: everything but compute counts as idle (waiting, P2P, the schedule's bookkeeping).
+    """
+    span = max(t1 for _, t1 in spans) - min(t0 for t0, _ in spans)
+    busy = [sum(t1 - t0 for *_, t0, t1 in timeline) for timeline in timelines]
+    return span, busy, [(span - b) / span for b in busy]
 
 
 class _Elsewhere(nn.Module):
@@ -205,6 +226,10 @@ class Pipeline(RankLayout, abc.ABC):
         #: ``(kind "F" | "B" | "W", model stage, chunk, t_start, t_end)`` (perf_counter seconds)
         self.trace = False
         self.timeline: list[tuple[str, int, int, float, float]] = []
+        # dsk profile: on between profile_start and profile_report; each step's (first timeline index, t0, t1)
+        self._profiling = False
+        self._profile_steps: list[tuple[int, float, float]] = []
+        self._origin = 0.0
 
     # -- process layout ----------------------------------------------------------------------------------------
     @property
@@ -362,9 +387,16 @@ class Pipeline(RankLayout, abc.ABC):
     ) -> dict[str, torch.Tensor]:
         """Each micro-batch through the schedule in ``chunks`` chunks; the loss parts summed over the pipeline."""
         device = batches[0]["input_ids"].device
+        if self._profiling:
+            first, t0 = len(self.timeline), self._now()
         for batch in batches:
             feed = _chunks(batch, self.chunks, aux_weight)
-            self.run_schedule(batch["input_ids"], feed, loss_fn)
+            # in dsk profile, the schedule's own time (waiting for the other ranks, and driving the actions) is
+            # the part "pipeline idle"; the stages' compute is the model's parts, the P2P ops communication
+            with profile_part("pipeline idle"):
+                self.run_schedule(batch["input_ids"], feed, loss_fn)
+        if self._profiling:
+            self._profile_steps.append((first, t0, self._now()))
         sums = torch.zeros(2 * len(_PARTS), dtype=torch.float64)
         for runner in self.runners:
             for i, key in enumerate(_PARTS):
@@ -389,6 +421,76 @@ class Pipeline(RankLayout, abc.ABC):
         """The dtype of the hidden states between stages: the model's floating parameters' (autocast computes in
         BF16 inside the blocks, but the residual stream stays in the parameters' dtype)."""
         return next(p.dtype for p in self._model.parameters() if p.is_floating_point())
+
+    # -- dsk profile: the executed schedule and its bubble ---------------------------------------------------------
+    def _now(self) -> float:
+        """``time.perf_counter()``, after the GPU's queued work where the ranks compute on one (so that an action's
+        end is when it ran, not when it was launched; only while tracing)."""
+        if self._cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def profile_start(self) -> None:
+        """Clear the timeline, align the pipeline ranks on a barrier (the time origin) and record from now on;
+        collective over the pipeline ranks."""
+        self.timeline, self._profile_steps = [], []
+        if self.pp > 1:
+            dist.barrier(group=self.pp_group)
+        self._origin = self._now()
+        self.trace = self._profiling = True
+
+    def profile_report(self) -> dict[str, Any]:
+        """Every pipeline rank's executed schedule since :meth:`profile_start` and its bubble (then recording
+        stops); collective over the pipeline ranks, and the same on each of them.
+
+        Keys: ``schedule``, ``pp``, ``dp``, ``chunks``, ``steps`` (the measured steps); ``timeline``: one entry per
+        executed compute action, ``{"rank" (pipeline rank), "kind", "stage" (model stage), "chunk", "step",
+        "start", "end"}``, with times in seconds from the barrier that ends in :meth:`profile_start` on every
+        rank (just before the first measured step) and kind ``F``, ``B`` or ``W`` as the schedule names them (a
+        ``B`` followed by a ``W`` of the same stage and chunk computed the input gradient only); ``bubble``:
+        per pipeline rank, its idle fraction :func:`step_bubble` of each measured step, averaged over the steps;
+        ``busy_s``: per pipeline rank, its compute seconds per step (mean); ``span_s``: each measured step's span
+        (first rank's start to last rank's end). A step's span is its schedule's (the micro-batches'
+        ``run_schedule`` calls, without the loss all-reduce). Under data parallelism each pipeline replica reports
+        its own (the writer's: replica 0). On GPUs every traced action is synchronised (its true duration).
+        """
+        self.trace = self._profiling = False
+        origin, steps = self._origin, self._profile_steps
+        bounds = [first for first, _, _ in steps] + [len(self.timeline)]
+        mine = {
+            "steps": [(t0 - origin, t1 - origin) for _, t0, t1 in steps],
+            "actions": [
+                [(k, stage, chunk, t0 - origin, t1 - origin) for k, stage, chunk, t0, t1 in self.timeline[a:b]]
+                for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+            ],
+        }
+        self.timeline, self._profile_steps = [], []
+        ranks: list[Any] = [mine]
+        if self.pp > 1:
+            ranks = [None] * self.pp
+            dist.all_gather_object(ranks, mine, group=self.pp_group)
+        n = min(len(r["steps"]) for r in ranks)
+        timeline: list[dict[str, Any]] = []
+        for q, r in enumerate(ranks):
+            for i, actions in enumerate(r["actions"][:n]):
+                for kind, stage, chunk, t0, t1 in actions:
+                    timeline.append(
+                        {"rank": q, "kind": kind, "stage": stage, "chunk": chunk, "step": i, "start": t0, "end": t1}
+                    )  # fmt: skip
+        span_s, busy, idle = [], [[] for _ in ranks], [[] for _ in ranks]
+        for i in range(n):
+            span, b, f = step_bubble([r["steps"][i] for r in ranks], [r["actions"][i] for r in ranks])
+            span_s.append(span)
+            for q in range(len(ranks)):
+                busy[q].append(b[q])
+                idle[q].append(f[q])
+        return {
+            "schedule": self.kind, "pp": self.pp, "dp": self.dp, "chunks": self.chunks, "steps": n,
+            "timeline": timeline,
+            "bubble": [sum(v) / n for v in idle] if n else [],
+            "busy_s": [sum(v) / n for v in busy] if n else [],
+            "span_s": span_s,
+        }  # fmt: skip
 
     # -- gradients, norms, statistics ----------------------------------------------------------------------------
     def sync_gradients(self, model: nn.Module) -> None:
@@ -686,9 +788,9 @@ class _TorchPipeline(Pipeline):
             def timed(chunk: int, *args: Any, _inner: Any = inner, _kind: str = kind, **kwargs: Any) -> Any:
                 if not self.trace:
                     return _inner(chunk, *args, **kwargs)
-                t0 = time.perf_counter()
+                t0 = self._now()
                 out = _inner(chunk, *args, **kwargs)
-                self.timeline.append((_kind, stage.stage_index, chunk, t0, time.perf_counter()))
+                self.timeline.append((_kind, stage.stage_index, chunk, t0, self._now()))
                 return out
 
             setattr(stage, method, timed)
