@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# the CPU wheel of torch first: an unpinned torch would pull a CUDA build of several GB
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,profile]"
 	# compile the C++ CPU kernels (~1-3 min once, cached) now rather than inside the first test or training run;
 	# where one cannot build, its PyTorch path runs (one notice line)
 	$(BIN)/python -m dsk.extension dsk.model.norm dsk_moe.kernels dsk_mla.kernels

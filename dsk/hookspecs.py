@@ -147,6 +147,30 @@ def validate_launch(resolved: dict[str, Any], world_size: int) -> list[Problem] 
 
 
 @hookspec
+def on_run_built(ctx: Any, built: Any) -> None:
+    """Called once a stage's run is built (model, features, strategy, optimizer), before its first step.
+
+    ``dsk profile`` takes the run it measures here; a trainer that builds a second run (a frozen reference) calls
+    it again with that one.
+
+    :param ctx: the run context.
+    :param built: the :class:`dsk.api.runtime.BuiltRun`.
+    """
+
+
+@hookspec
+def on_component_metrics(ctx: Any, step: int, metrics: dict[str, Any]) -> None:
+    """Called once per applied optimizer step with the components' raw step metrics, list-valued ones included
+    (each MoE layer's per-expert ``expert_load``), read before ``after_optimizer_step`` resets them (the router bias update).
+
+    :param ctx: the run context.
+    :param step: the optimizer step being applied (1-based).
+    :param metrics: ``"<module path>.<metric>"`` -> float or list of floats, plus the ``"<metric>/mean"`` and
+        ``"/max"`` aggregates (:meth:`dsk.api.runtime.SideChannels.metrics`); every rank's merged in.
+    """
+
+
+@hookspec
 def on_step_end(ctx: Any, step: int, metrics: dict[str, Any]) -> None:
     """Called once per optimizer step, after the update, with the step's metrics (loggers, sinks).
 

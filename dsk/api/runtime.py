@@ -78,6 +78,7 @@ _LAZY: dict[str, str] = {
     "recompute_scope": "dsk.model.regions",
     "recomputing": "dsk.model.regions",
     "region": "dsk.model.regions",
+    "profile_part": "dsk.model.regions",
     "region_handler": "dsk.model.regions",
     "remove_stale_temporaries": "dsk.train.checkpoint",
     "render_steps": "dsk.data.languages",

@@ -19,7 +19,7 @@ from dsk.errors import InputError
 #: built-in commands, imported lazily
 LAZY_COMMANDS: dict[str, str] = {
     "train": "dsk.cli.run_cmd:train",
-    "profile": "dsk.cli.run_cmd:profile",
+    "profile": "dsk.cli.profile_cmd:profile",
     "plan": "dsk.cli.plan_cmd:plan",
     "generate": "dsk.cli.model_cmd:generate_cmd",
     "convert": "dsk.cli.model_cmd:convert_cmd",

@@ -1,4 +1,4 @@
-"""``dsk train`` and ``dsk profile``, and :func:`execute`, which runs a validated recipe for them and for the run
+"""``dsk train``, and :func:`execute`, which runs a validated recipe for it and for the run
 commands that plugins add (see :mod:`dsk.api.cli`)."""
 
 from __future__ import annotations
@@ -22,16 +22,6 @@ from dsk.cli.common import (
     stdout_console,
 )
 from dsk.errors import InputError
-
-
-def _not_built(ctx: click.Context, command: str, recipe: str, configs, sets, unsets, as_json: bool, issue: str) -> None:
-    result = load_and_validate(ctx, recipe, configs, sets, unsets, require=("model",))
-    message = f"the recipe is valid, but `dsk {command}` is not built yet ({issue})"
-    if as_json:
-        echo_json({"recipe": recipe, "valid": True, "built": False, "message": message})
-    else:
-        stdout_console().print(f"[green]recipe ok[/] ({len(result.stages) or 1} stage(s)); {message}")
-    ctx.exit(1)
 
 
 def _save_delay() -> tuple[float, int]:
@@ -267,12 +257,3 @@ def _run(app: Any, result: Any, recipe: str, run_path: Path, resume: bool, stage
         reporter.stop()
         err.print("[yellow]Aborted[/] by a second interrupt, without saving; the previous checkpoint is intact.")
         raise SystemExit(128 + signal.SIGINT) from None
-
-
-@click.command()
-@click.argument("recipe", type=click.Path(dir_okay=False))
-@run_options
-@click.pass_context
-def profile(ctx, recipe, configs, sets, unsets, run_dir, dry_run, as_json) -> None:
-    """Measure time, memory, FLOPs and expert load of a recipe."""
-    _not_built(ctx, "profile", recipe, configs, sets, unsets, as_json, "profiling is not built yet")

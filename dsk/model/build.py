@@ -24,8 +24,11 @@ def build_block(cfg: ModelConfig, vocab_size: int, layer_idx: int) -> Block:
     """Layer ``layer_idx``: attention from ``cfg.attention``; FFN from ``cfg.dense_ffn`` below ``first_k_dense``,
     else ``cfg.ffn``. MTP blocks get indices ``n_layers, n_layers+1, ...`` and so the MoE FFN, as in V3."""
     ctx = model_context(cfg, vocab_size, layer_idx)
-    ffn = cfg.dense_ffn if layer_idx < cfg.first_k_dense else cfg.ffn
-    return Block(cfg.attention.build(ctx), ffn.build(ctx), cfg.dim, cfg.norm_eps)
+    dense = layer_idx < cfg.first_k_dense
+    ffn = cfg.dense_ffn if dense else cfg.ffn
+    block = Block(cfg.attention.build(ctx), ffn.build(ctx), cfg.dim, cfg.norm_eps)
+    block.ffn_part = "dense_ffn" if dense else "ffn"  # the [model] slot it came from, for dsk profile's table
+    return block
 
 
 def resolve_vocab_size(cfg: ModelConfig, vocab_size: int | None) -> int:

@@ -20,6 +20,7 @@ from torch import nn
 
 from dsk.api.contracts import AfterOptimizerStep, AuxLossSource, StepStatistics
 from dsk.data.batching import IGNORE_INDEX
+from dsk.model.regions import profile_part
 
 __all__ = [
     "LossOutput",
@@ -183,12 +184,14 @@ def loss_from_output(model: nn.Module, out: Any, labels: torch.Tensor, side: Sid
     ``model.mtp.loss`` scores the MTP depths; the auxiliary losses come from ``side`` (collected from ``model``
     when not given).
     """
-    main = lm_loss(out.logits, labels)
+    with profile_part("loss"):
+        main = lm_loss(out.logits, labels)
     loss = main
     mtp_loss = None
     mtp = getattr(model, "mtp", None)
     if mtp is not None and out.mtp_logits is not None:
-        mtp_loss = mtp.loss(out.mtp_logits, labels)
+        with profile_part("mtp", absorb=True):
+            mtp_loss = mtp.loss(out.mtp_logits, labels)
         loss = loss + mtp_loss
     side = side if side is not None else collect_side_channels(model)
     aux_loss = side.aux_loss(loss.dtype)

@@ -21,6 +21,7 @@ from torch import nn
 
 from dsk.model.config import ModelConfig
 from dsk.model.norm import RMSNorm
+from dsk.model.regions import profile_part
 
 
 @dataclass
@@ -39,7 +40,14 @@ class ModelOutput:
 
 
 class Block(nn.Module):
-    """One pre-norm layer: ``x + self_attn(input_layernorm(x))``, then ``x + mlp(post_attention_layernorm(x))``."""
+    """One pre-norm layer: ``x + self_attn(input_layernorm(x))``, then ``x + mlp(post_attention_layernorm(x))``.
+
+    Under ``dsk profile`` the parts run as profile parts named after their ``[model]`` slots (``attention``, and
+    ``ffn_part``: ``ffn``, or ``dense_ffn`` for the first dense layers) and ``norm``.
+    """
+
+    #: the profile part of the FFN (set by the builder from the slot the FFN came from)
+    ffn_part: str = "ffn"
 
     def __init__(self, self_attn: nn.Module, mlp: nn.Module, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -52,8 +60,14 @@ class Block(nn.Module):
         self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None = None, cache: Any = None
     ) -> torch.Tensor:
         """x [B,T,D], pos [T], mask [B,T,S] | None, cache | None -> [B,T,D]."""
-        x = x + self.self_attn(self.input_layernorm(x), pos, mask, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        with profile_part("norm"):
+            h = self.input_layernorm(x)
+        with profile_part("attention"):
+            x = x + self.self_attn(h, pos, mask, cache)
+        with profile_part("norm"):
+            h = self.post_attention_layernorm(x)
+        with profile_part(self.ffn_part):
+            return x + self.mlp(h)
 
 
 class DSKModel(nn.Module):
@@ -91,7 +105,8 @@ class DSKModel(nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, T] -> h [B, T, D] (the first stage's own part)."""
-        return self.embed_tokens(input_ids)
+        with profile_part("embedding"):
+            return self.embed_tokens(input_ids)
 
     def run_layers(
         self,
@@ -119,15 +134,19 @@ class DSKModel(nn.Module):
         with_mtp: bool = False,
     ) -> ModelOutput:
         """The last stage's own parts: final norm, output head and (``with_mtp``) the MTP heads on h [B, T, D]."""
-        h = self.norm(h)
+        with profile_part("norm"):
+            h = self.norm(h)
         if not with_mtp:
             # the [B, T, V] logits of a long prompt cost more than the rest of a small model's prefill
-            return ModelOutput(logits=self.lm_head(h[:, -keep_logits:] if keep_logits else h), hidden=h)
-        out = ModelOutput(logits=self.lm_head(h), hidden=h)
+            with profile_part("head"):
+                return ModelOutput(logits=self.lm_head(h[:, -keep_logits:] if keep_logits else h), hidden=h)
+        with profile_part("head"):
+            out = ModelOutput(logits=self.lm_head(h), hidden=h)
         if self.mtp is not None:
             # The MTP chain starts at the main model's final-norm output h^0 (spec §4.6), as the engines that run the
-            # released MTP weights do.
-            out.mtp_logits = self.mtp(h, input_ids, self.embed_tokens, self.lm_head, pos=pos, mask=mask)
+            # released MTP weights do. Its blocks, and its head calls, are profiled as the slot's.
+            with profile_part("mtp", absorb=True):
+                out.mtp_logits = self.mtp(h, input_ids, self.embed_tokens, self.lm_head, pos=pos, mask=mask)
         return out
 
     def stage(self, start: int, end: int, *, first: bool, last: bool) -> ModelStage:

@@ -30,6 +30,7 @@ from torch import nn
 
 from dsk.api.contracts import Feature, ParallelStrategy
 from dsk.model.loss import SideChannels, collect_side_channels
+from dsk.model.regions import profile_part
 from dsk.train.context import RunContext, RunSetupError
 from dsk.train.schedule import lr_at
 
@@ -443,9 +444,11 @@ class BuiltRun:
             read_metrics: maps the side channels' metrics to the row's keys (default: none reported).
         """
         cfg = self.optimizer_config
-        self.parallel.sync_gradients(self.model)
+        with profile_part("communication"):
+            self.parallel.sync_gradients(self.model)
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = self.parallel.clip_grad_norm(self.params, max_norm, foreach=foreach)
+        with profile_part("optimizer"):
+            grad_norm = self.parallel.clip_grad_norm(self.params, max_norm, foreach=foreach)
         finite = not self.parallel.any_rank(not (bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm))))
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
@@ -453,13 +456,19 @@ class BuiltRun:
             return StepUpdate(False, grad_norm)
         self.parallel.reduce_step_statistics(self.side.stat_tensors())
         for feature in self.features_in("before_step"):
-            feature.before_step(self, step)
-        self.optimizer.step()
+            with profile_part(f"feature {feature.name}"):
+                feature.before_step(self, step)
+        with profile_part("optimizer"):
+            self.optimizer.step()
         merge = self.parallel.merge_component_metrics
-        metrics = read_metrics(self.side.metrics(merge)) if read_metrics is not None else {}
+        raw = self.side.metrics(merge)
+        if self.ctx.pm is not None:  # a context built by hand (tests, benchmarks) may have no plugin manager
+            self.ctx.pm.hook.on_component_metrics(ctx=self.ctx, step=step, metrics=raw)
+        metrics = read_metrics(raw) if read_metrics is not None else {}
         self.side.after_optimizer_step()
         for feature in self.features_in("after_step"):
-            metrics.update(feature.after_step(self, step) or {})
+            with profile_part(f"feature {feature.name}"):
+                metrics.update(feature.after_step(self, step) or {})
         return StepUpdate(True, grad_norm, metrics)
 
     # -- checkpoint state of the features ----------------------------------------------------------------------
@@ -538,6 +547,10 @@ def build_run(
     task = ctx.build_task() if with_task else None
     features = _build_features(ctx)
     ctx.features = features
+    if with_optimizer:  # a run that cannot fit the device is refused before it allocates (dsk.train.fit)
+        from dsk.train.fit import check_fit
+
+        check_fit(ctx.sections, parallel.world_size, ctx.device, vocab_size=tokenizer.vocab_size)
     torch.manual_seed(ctx.seed)  # the model's initial weights are a function of the seed
     model = ctx.build_model(tokenizer.vocab_size)
     if parallel.world_size > 1:  # the C++ kernels the model declared, built now rather than in a step's collective
@@ -570,7 +583,7 @@ def build_run(
         for f in features:
             if "wrap_optimizer" in f.stages:
                 optimizer = f.wrap_optimizer(optimizer, wrapped, ctx)
-    return BuiltRun(
+    built = BuiltRun(
         ctx=ctx,
         tokenizer=tokenizer,
         task=task,
@@ -582,3 +595,6 @@ def build_run(
         parallel=parallel,
         side=collect_side_channels(base_model),
     )
+    if ctx.pm is not None:
+        ctx.pm.hook.on_run_built(ctx=ctx, built=built)
+    return built

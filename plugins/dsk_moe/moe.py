@@ -29,7 +29,7 @@ from einops import rearrange
 from torch import nn
 
 from dsk.api import Cost, ModelContext
-from dsk.api.runtime import recomputable
+from dsk.api.runtime import profile_part, recomputable
 
 from . import kernels
 from .config import MoEConfig, router_fit_problems
@@ -79,38 +79,45 @@ class MoE(nn.Module):
         B, T, _ = x_BTD.shape
         N, K = B * T, self.top_k
         x_ND = rearrange(x_BTD, "b t d -> (b t) d")
-        weights_NK, idx_NK, stats = self.gate(x_ND, seq_shape=(B, T))
+        with profile_part("router"):
+            weights_NK, idx_NK, stats = self.gate(x_ND, seq_shape=(B, T))
         if self.dispatcher is not None:  # expert parallelism: the strategy moves the tokens to their experts
-            routed_ND = self.dispatcher(x_ND, weights_NK, idx_NK, self.local_experts)
+            with profile_part("routed_experts"):  # its all-to-all is communication (dsk profile tells by op name)
+                routed_ND = self.dispatcher(x_ND, weights_NK, idx_NK, self.local_experts)
             if self.shared_experts is not None:
-                routed_ND = self.shared_experts(x_ND) + routed_ND
+                with profile_part("shared_experts"):
+                    routed_ND = self.shared_experts(x_ND) + routed_ND
             return rearrange(routed_ND, "(b t) d -> b t d", b=B)
 
         # Dispatch: sort the N*K slots (slot = n * K + k) by expert; stable, so a token's rows keep token order
         # within an expert.
-        order_R = stats.get("order")  # routers on the CPU kernel sort while selecting
-        if order_R is None:
-            order_R = torch.argsort(rearrange(idx_NK, "n k -> (n k)"), stable=True)
-        y_ND = self.shared_experts(x_ND) if self.shared_experts is not None else None
+        with profile_part("router"):
+            order_R = stats.get("order")  # routers on the CPU kernel sort while selecting
+            if order_R is None:
+                order_R = torch.argsort(rearrange(idx_NK, "n k -> (n k)"), stable=True)
+        with profile_part("shared_experts"):
+            y_ND = self.shared_experts(x_ND) if self.shared_experts is not None else None
         path = self.experts.resolve_dispatch(x_ND, self.cfg.dispatch, n_rows=N * K)
         if path == "cpu_kernel":
             # The kernel gathers each slot's token row and sums each token's K outputs itself.
             ex = self.experts
-            routed_ND = kernels.routed_experts(
-                x_ND, weights_NK, order_R, stats["load"], ex.w_gate, ex.w_up, ex.w_down, K
-            )
+            with profile_part("routed_experts"):
+                routed_ND = kernels.routed_experts(
+                    x_ND, weights_NK, order_R, stats["load"], ex.w_gate, ex.w_up, ex.w_down, K
+                )
             return rearrange(routed_ND if y_ND is None else y_ND + routed_ND, "(b t) d -> b t d", b=B)
-        token_R = order_R // K  # slot n*K + k belongs to token n
-        # the gather is a recomputable region: a copy of R x D values, as cheap to redo as to keep
-        x_RD = recomputable("ffn.dispatch", torch.index_select, x_ND, 0, token_R)
-        scale_R = rearrange(weights_NK, "n k -> (n k)").index_select(0, order_R)
-        out_RD = self.experts(x_RD, stats["load"], scale_R, path)  # the path resolved above, not "auto" again
+        with profile_part("routed_experts"):  # the gather, the experts and the combine
+            token_R = order_R // K  # slot n*K + k belongs to token n
+            # the gather is a recomputable region: a copy of R x D values, as cheap to redo as to keep
+            x_RD = recomputable("ffn.dispatch", torch.index_select, x_ND, 0, token_R)
+            scale_R = rearrange(weights_NK, "n k -> (n k)").index_select(0, order_R)
+            out_RD = self.experts(x_RD, stats["load"], scale_R, path)  # the path resolved above, not "auto" again
 
-        # Combine: add each slot's weighted output into its token's row (one pass over R x D; backward is a
-        # gather). index_add is deterministic on CPU, and on CUDA under torch.use_deterministic_algorithms.
-        if y_ND is None:
-            y_ND = torch.zeros_like(x_ND)
-        return rearrange(y_ND.index_add(0, token_R, out_RD), "(b t) d -> b t d", b=B)
+            # Combine: add each slot's weighted output into its token's row (one pass over R x D; backward is a
+            # gather). index_add is deterministic on CPU, and on CUDA under torch.use_deterministic_algorithms.
+            if y_ND is None:
+                y_ND = torch.zeros_like(x_ND)
+            return rearrange(y_ND.index_add(0, token_R, out_RD), "(b t) d -> b t d", b=B)
 
     # -- expert parallelism (dsk.api.ExpertShardable) ---------------------------------------------------
 
@@ -157,6 +164,8 @@ class MoE(nn.Module):
         normaliser, the K routing weights, the shared experts' gate, up and activation, and per routed slot the
         gathered row, gate, up, activation, routing weight and output (the combine keeps it).
         After :meth:`shard_experts` the routed parameters are this rank's share; the FLOPs stay a token's.
+        ``expert_params`` are the stacked routed experts held. Recomputable: ``"ffn.activation"`` frees the shared
+        and the K routed activations (the down projections' inputs), ``"ffn.dispatch"`` the K gathered rows.
         """
         D, E, K = self.experts.dim, self.n_routed_experts, self.top_k
         H = self.cfg.expert_hidden_dim
@@ -169,6 +178,11 @@ class MoE(nn.Module):
             active_params=router + K * expert + shared,
             flops_per_token=2.0 * (router + K * expert + shared),
             activation_bytes_per_token=float(saved * act_bytes + 4 * (E + 2)),
+            expert_params=self.experts.n_experts * expert,
+            recomputable_bytes_per_token={
+                "ffn.activation": float((H_shared + K * H) * act_bytes),
+                "ffn.dispatch": float(K * D * act_bytes),
+            },
         )
 
     # -- ffn side channels (contract in docs/plugins.md) ------------------------------------------------
