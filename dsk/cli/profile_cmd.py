@@ -66,7 +66,7 @@ def _validated(ctx: click.Context, recipe: str, configs, sets, unsets, warmup: i
 
 @click.command()
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--steps", type=click.IntRange(min=1), default=5, show_default=True,
+@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True,
               help="Measured steps (run twice: unprofiled for the times, then under torch.profiler).")  # fmt: skip
 @click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True,
               help="Steps before measuring (the last two also count saved activations and FLOPs).")  # fmt: skip
@@ -114,15 +114,13 @@ def profile(ctx, recipes, steps, warmup, out, as_json, scratch, nproc, configs, 
     reports: list[dict[str, Any]] = []
     seen: set[str] = set()
     try:
-        peak, per_event = _machine(validated[0][1])
+        peak = _peak(validated[0][1])
         for recipe, result in validated:
             label = _label(recipe, seen)
             if writer and not as_json:
                 err.print(f"[dim]profiling {label}: {warmup} warm-up + {steps} + {steps} profiled steps[/]")
             reports.append(
-                _profile_one(
-                    ctx, recipe, label, result, warmup, steps, out_dir, scratch_dir / label, peak, per_event, err
-                )
+                _profile_one(ctx, recipe, label, result, warmup, steps, out_dir, scratch_dir / label, peak, err)
             )
     finally:
         if own_scratch:
@@ -148,12 +146,10 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _machine(result: Any) -> tuple[dict[str, Any], float]:
-    """The matmul peak of this machine and the profiler's cost per recorded op, measured with the first recipe's
-    thread count and device."""
+def _peak(result: Any) -> dict[str, Any]:
+    """The matmul peak of this machine, measured with the first recipe's thread count and device."""
     import torch
 
-    from dsk.profile.attribution import profiler_cost_per_event
     from dsk.profile.peak import measure_matmul_peak
 
     trainer = result.resolved["trainer"].config
@@ -163,7 +159,7 @@ def _machine(result: Any) -> tuple[dict[str, Any], float]:
     if wanted:
         torch.set_num_threads(wanted)
     try:
-        return measure_matmul_peak(device), profiler_cost_per_event()
+        return measure_matmul_peak(device)
     finally:
         torch.set_num_threads(threads)
 
@@ -177,14 +173,14 @@ def _device(name: str) -> str:
 
 
 def _profile_one(ctx: click.Context, recipe: str, label: str, result: Any, warmup: int, steps: int, out_dir: Path,
-                 scratch: Path, peak: dict[str, Any], per_event: float, err: Any) -> dict[str, Any]:  # fmt: skip
+                 scratch: Path, peak: dict[str, Any], err: Any) -> dict[str, Any]:  # fmt: skip
     from dsk.cli.run_cmd import _run
     from dsk.profile.session import ProfileSession
 
     app = ctx.find_root().obj
     pm = app.plugin_manager()
     trace = out_dir / label / "trace.json"
-    session = ProfileSession(warmup, steps, trace, per_event)
+    session = ProfileSession(warmup, steps, trace)
     pm.register(session, name=f"dsk-profile-{label}")
     try:
         summary = _run(app, result, recipe, scratch, False, None, err, (0.0, 0), "dsk profile")
@@ -234,6 +230,7 @@ def _report(label: str, recipe: str, result: Any, session: Any, summary: dict[st
     peak_total = float(peak["flops_per_s"]) * world
     per_step = {k: v / N for k, v in sorted(session.parts.items(), key=lambda kv: -kv[1])}
     saved, positions = max(session.activation_bytes) if session.activation_bytes else (None, 0)
+    whole = not built.parallel.holds_part_of_model  # a pipeline rank's forward runs its stages only
     kv_measured = _kv_bytes_per_token(built, int(getattr(trainer, "seq_len", 0) or 0))
     loads = {path.removesuffix(".mlp").removesuffix(".ffn"): v for path, v in session.loads.items()}
     maxvio = {path.removesuffix(".mlp").removesuffix(".ffn"): _mean(v) for path, v in session.maxvio.items()}
@@ -254,8 +251,12 @@ def _report(label: str, recipe: str, result: Any, session: Any, summary: dict[st
         "components_raw_s_per_step": {k: v / N for k, v in session.attribution.raw_seconds.items()},
         "components_device_s_per_step": {k: v / N for k, v in session.attribution.device_seconds.items()},
         "profiled_events_per_step": sum(session.attribution.events.values()) / N,
+        "components_events_per_step": {k: v / N for k, v in session.attribution.events.items()},
         "profiler_cost_per_event_s": session.per_event_s,
         "components_vs_unprofiled_step": sum(per_step.values()) / step_s if step_s else None,
+        "components_raw_vs_unprofiled_step": sum(session.attribution.raw_seconds.values()) / N / step_s
+        if step_s
+        else None,
         "flops_per_token": flops_per_token,
         "forward_flops_per_token": cost["flops_per_token"],
         "flops_convention": "analytic, matrix products only, training = 3 x forward (dsk.model.cost.CONVENTIONS)",
@@ -273,7 +274,7 @@ def _report(label: str, recipe: str, result: Any, session: Any, summary: dict[st
             "saved_activation_bytes": saved,
             "saved_activation_positions": positions,
             "saved_activation_bytes_analytic": cost["activation_bytes_per_token_with_features"] * positions
-            if positions
+            if positions and whole
             else None,
             "kv_cache_bytes_per_token": kv_measured,
             "kv_cache_bytes_per_token_analytic": cost["kv_bytes_per_token"],
@@ -392,23 +393,27 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         ("step time under the profiler", _fmt_s(r["step_s_profiled"])),
         ("profiler overhead", _pct(r["profiler_overhead"])),
         (
-            "profiler cost per op (taken out of the parts)",
+            "profiler cost per op",
             f"{r['profiler_cost_per_event_s'] * 1e6:.2f} us x {r['profiled_events_per_step']:,.0f} ops",
         ),  # fmt: skip
     ]
     total = r["components_sum_s"] or 0.0
+    raw = r.get("components_raw_s_per_step") or {}
+    rows.append(("time by component (raw: as profiled)", ""))
     for name, seconds in r["components_s_per_step"].items():
-        rows.append((f"  {name}", f"{_fmt_s(seconds)}  {_pct(seconds / total if total else None)}"))
+        share = _pct(seconds / total if total else None)
+        rows.append((f"  {name}", f"{_fmt_s(seconds)}  {share}  (raw {_fmt_s(raw.get(name))})"))
     device = r.get("components_device_s_per_step") or {}
     device_total = sum(device.values())
     for name, seconds in sorted(device.items(), key=lambda kv: -kv[1]):
         rows.append((f"  GPU kernels: {name}", f"{_fmt_s(seconds)}  {_pct(seconds / device_total)}"))
     rows += [
-        ("components, sum / unprofiled step", _fmt_num(r["components_vs_unprofiled_step"], ".3f")),
-        ("training FLOPs/token, analytic", _fmt_num(r["flops_per_token"], ".4g")),
-        ("training FLOPs/position, torch counted (one step)", _fmt_num(r["flops_per_position_counted"], ".4g")),
+        ("raw components / unprofiled step", _fmt_num(r["components_raw_vs_unprofiled_step"], ".3f")),
+        ("components / unprofiled step", _fmt_num(r["components_vs_unprofiled_step"], ".3f")),
+        ("FLOPs/token (training), analytic", _fmt_num(r["flops_per_token"], ".4g")),
+        ("FLOPs/position, torch counted", _fmt_num(r["flops_per_position_counted"], ".4g")),
         (
-            f"matmul peak, measured ({r['peak']['dtype']}, {r['peak'].get('threads', '?')} threads x {r['world_size']})",
+            f"matmul peak ({r['peak']['dtype']}, {r['peak'].get('threads', '?')} thr x {r['world_size']})",
             f"{r['peak_flops'] / 1e9:.1f} GFLOP/s",
         ),  # fmt: skip
         ("achieved", _fmt_num(r["achieved_flops"] and r["achieved_flops"] / 1e9, ".2f") + " GFLOP/s"),
@@ -416,16 +421,16 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, str]]:
         ("parameters", _fmt_bytes(m.get("params_bytes"))),
         ("gradients", _fmt_bytes(m.get("grads_bytes"))),
         ("optimizer state", _fmt_bytes(m.get("optimizer_state_bytes"))),
-        ("saved activations of a forward, measured", _fmt_bytes(m.get("saved_activation_bytes"))),
-        ("saved activations of that forward, analytic", _fmt_bytes(m.get("saved_activation_bytes_analytic"))),
-        ("  positions of that forward (B x T)", _fmt_num(m.get("saved_activation_positions") or None, ",.0f")),
+        ("saved activations, measured", _fmt_bytes(m.get("saved_activation_bytes"))),
+        ("saved activations, analytic", _fmt_bytes(m.get("saved_activation_bytes_analytic"))),
+        ("  of a forward of B x T", _fmt_num(m.get("saved_activation_positions") or None, ",.0f")),
         ("KV cache / token, measured", _fmt_bytes(m.get("kv_cache_bytes_per_token"))),
         ("KV cache / token, analytic", _fmt_bytes(m.get("kv_cache_bytes_per_token_analytic"))),
     ]
     if "peak_device_bytes" in m:
         rows.append(("peak device memory", _fmt_bytes(m["peak_device_bytes"])))
     if r["maxvio"]:
-        rows.append(("MaxVio, mean over layers and steps", _fmt_num(r["maxvio_mean"], ".3f")))
+        rows.append(("MaxVio (mean of layers, steps)", _fmt_num(r["maxvio_mean"], ".3f")))
         for layer, v in r["maxvio"].items():
             rows.append((f"  MaxVio {layer}", _fmt_num(v, ".3f")))
     for name in r.get("component_reports", []):
@@ -436,6 +441,14 @@ def _rows(r: dict[str, Any]) -> list[tuple[str, str]]:
                 rows.append((f"{name}: {key}", v))
             elif isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v) and len(v) <= 16:
                 rows.append((f"{name}: {key}", ", ".join(_fmt_num(x, ".3g") for x in v)))
+            elif isinstance(v, dict) and 0 < len(v) <= 16 and all(isinstance(x, dict) for x in v.values()):
+                for inner, leaves in v.items():  # e.g. fp8's by_layer: {layer: {output_rel_error: ...}}
+                    numbers = {
+                        k: x for k, x in leaves.items() if isinstance(x, (int, float)) and not isinstance(x, bool)
+                    }
+                    if numbers:
+                        text = ", ".join(f"{k} {_fmt_num(x, '.3g')}" for k, x in numbers.items())
+                        rows.append((f"{name}: {key} {inner}", text))
     return rows
 
 

@@ -18,9 +18,8 @@ own parts (the core: ``attention``, ``ffn``, ``norm``, ``head``, ``loss``, ``opt
 
 The raw seconds add up to the wall time of the window given, by construction; but that window ran slower than an
 unprofiled one, by the profiler's cost of recording each op (a few microseconds, which a tiny model's thousands of
-small ops per step feel). So that cost is measured first (:func:`profiler_cost_per_event`: tiny ops timed with and
-without the profiler) and taken out of each part per event recorded in it. ``dsk profile`` prints the corrected
-parts' sum against the unprofiled step time, and the raw overhead next to it.
+small ops per step feel). Given that cost per op (``per_event_s``; :mod:`dsk.profile.session` takes it from the
+run itself), it is taken out of each part per event recorded in it.
 """
 
 from __future__ import annotations
@@ -38,7 +37,6 @@ __all__ = [
     "Attribution",
     "attribute_time",
     "part_name",
-    "profiler_cost_per_event",
     "sequence_parts",
 ]
 
@@ -122,49 +120,6 @@ class Attribution:
     device_seconds: dict[str, float]
 
 
-def profiler_cost_per_event(repeats: int = 5, steps: int = 30) -> float:
-    """The profiler's own cost of recording one op, in seconds, measured on a workload like a small model's step.
-
-    A few small linear layers with activations and residual adds, in a profile part each, run forward and backward
-    ``steps`` times with and without ``torch.profiler`` (the best of ``repeats`` each: the least disturbed); the
-    difference over the number of events the profiler recorded is the cost of one.
-    """
-    import time
-
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    from dsk.model.regions import profile_part
-
-    g = torch.Generator().manual_seed(0)
-    layers = [torch.nn.Linear(32, 32) for _ in range(4)]
-    for layer in layers:
-        with torch.no_grad():
-            layer.weight.copy_(torch.randn(32, 32, generator=g) * 0.1)
-    x = torch.randn(8, 32, generator=g)
-
-    def run() -> float:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            h = x
-            for layer in layers:
-                with profile_part("calibration"):
-                    h = h + torch.nn.functional.silu(layer(h))
-            h.square().mean().backward()
-        return time.perf_counter() - t0
-
-    run()
-    plain = min(run() for _ in range(repeats))
-    timed, events = [], 0
-    for _ in range(repeats):
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=False, with_stack=False) as prof:
-            timed.append(run())
-        events = len(prof.events())
-    for layer in layers:
-        layer.zero_grad(set_to_none=True)
-    return max(0.0, (min(timed) - plain) / max(1, events))
-
-
 def attribute_time(events: Iterable[Any], window_us: float | None = None, per_event_s: float = 0.0) -> Attribution:
     """Seconds by part over the profiled ``events`` (``torch.profiler.profile().events()``).
 
@@ -172,8 +127,7 @@ def attribute_time(events: Iterable[Any], window_us: float | None = None, per_ev
         events: the profiler's ``FunctionEvent`` list (parents and children linked, as ``events()`` returns them).
         window_us: the wall time the events were recorded in, microseconds; the time of the measured threads
             outside every top-level event goes to ``other`` (None: no such filling, the parts sum to the events).
-        per_event_s: the profiler's cost of one recorded event (:func:`profiler_cost_per_event`), taken out of the
-            part each event is recorded in.
+        per_event_s: the profiler's cost of one recorded event, taken out of the part each event is recorded in.
     """
     events = list(events)
     threads = _model_threads(events)

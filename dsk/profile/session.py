@@ -12,6 +12,11 @@ With ``W`` warm-up and ``N`` measured steps, the run trains ``W + 2N`` steps:
   and strategy recording; time by component (:mod:`dsk.profile.attribution`), the Chrome trace, the components'
   reports, and the memory held after the last step (parameters, gradients, optimizer state).
 
+The profiler's cost per recorded op is what the profiled steps took longer than the unprofiled ones, divided by the
+ops it recorded per step; it is taken out of each part per op recorded there (a part of many small ops pays more of
+it than one big GEMM). The corrected parts then add up to the unprofiled step by construction, up to the loop's time
+between steps and the two phases' noise: the number to judge the attribution by is the raw overhead, printed.
+
 Nothing here names a technique: the parts, loads and reports are what the components give.
 """
 
@@ -84,7 +89,7 @@ def _leaves(parallel: Any) -> list[Any]:
 class ProfileSession:
     """Measures one run in the phases of the module docstring; :meth:`report` returns what it found."""
 
-    def __init__(self, warmup: int, steps: int, trace_path: Path | None, per_event_s: float = 0.0):
+    def __init__(self, warmup: int, steps: int, trace_path: Path | None):
         self.warmup, self.steps = warmup, steps
         self.trace_path = trace_path
         self.built: Any = None
@@ -109,7 +114,8 @@ class ProfileSession:
         self._prof: Any = None
         self._window_start = 0.0
         self.device = "cpu"
-        self.per_event_s = per_event_s
+        #: the profiler's cost per recorded op: the profiled steps' extra time over the unprofiled ones, per op
+        self.per_event_s = 0.0
         self.attribution: Any = None
 
     # -- the hooks ---------------------------------------------------------------------------------------------
@@ -238,7 +244,16 @@ class ProfileSession:
         self.window_s = time.perf_counter() - self._window_start
         self._prof.__exit__(None, None, None)
         prof, self._prof = self._prof, None
-        self.attribution = attribute_time(prof.events(), self.window_s * 1e6, self.per_event_s)
+        events = prof.events()
+        N = self.steps
+        measured = [r["step_s"] for r in self.rows[:N] if r.get("step_s")]
+        profiled = [r["step_s"] for r in self.rows[N : 2 * N] if r.get("step_s")]
+        recorded = attribute_time(events, self.window_s * 1e6).events
+        ops_per_step = sum(recorded.values()) / N
+        if measured and profiled and ops_per_step:
+            extra = sum(profiled) / len(profiled) - sum(measured) / len(measured)
+            self.per_event_s = max(0.0, extra / ops_per_step)
+        self.attribution = attribute_time(events, self.window_s * 1e6, self.per_event_s)
         self.parts = self.attribution.seconds
         if self.trace_path is not None and self.built.parallel.is_writer:
             self.trace_path.parent.mkdir(parents=True, exist_ok=True)

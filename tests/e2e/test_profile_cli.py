@@ -134,16 +134,13 @@ def test_trace_and_plots_are_written_and_valid(quickstart):
 
 
 def test_two_recipes_side_by_side(tmp_path):
-    mha = tmp_path / "mha.toml"
-    mha.write_text(
-        f'[dsk]\nextends = ["{RECIPES / "quickstart.toml"}"]\n[model.attention]\ntype = "mha"\nn_heads = 4\n'
-    )
+    mha = RECIPES / "ablations" / "attention-mha.toml"
     result = profile(tmp_path, RECIPES / "quickstart.toml", mha, *QUICK, "--warmup", 1, "--steps", 1)
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     first, second = payload["recipes"]
-    assert (first["label"], second["label"]) == ("quickstart", "mha")
-    ratio = payload["ratios"]["mha"]
+    assert (first["label"], second["label"]) == ("quickstart", "attention-mha")
+    ratio = payload["ratios"]["attention-mha"]
     assert ratio["tokens_per_s"] == pytest.approx(second["tokens_per_s"] / first["tokens_per_s"])
     assert ratio["kv_cache_bytes_per_token"] == pytest.approx(
         second["memory"]["kv_cache_bytes_per_token"] / first["memory"]["kv_cache_bytes_per_token"]
