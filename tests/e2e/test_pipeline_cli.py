@@ -159,3 +159,19 @@ def test_bf16_autocast_covers_every_stage(tmp_path):
     for step, (a, b) in enumerate(zip(_losses(alone), _losses(piped), strict=True), start=1):
         tol = 1e-5 if step == 1 else 5e-5
         assert abs(a - b) <= tol * abs(a), f"step {step}: one process {a}, pipeline {b}"
+
+
+def test_profile_of_a_pipelined_run_reports_every_ranks_schedule(tmp_path):
+    """`dsk profile --nproc 2` on the DualPipe recipe: the writer's report holds both ranks' executed actions, their
+    bubbles, the schedule's own time as the part "pipeline idle", and the timeline plot."""
+    out = tmp_path / "out"
+    done = _dsk("profile", RECIPE, "--nproc", "2", "--warmup", "1", "--steps", "2", "--out", str(out), "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    pipeline = report["parallel"]
+    assert pipeline["schedule"] == "dualpipe" and pipeline["pp"] == 2
+    assert {a["rank"] for a in pipeline["timeline"]} == {0, 1}
+    assert len(pipeline["bubble"]) == 2 and all(0 <= b < 1 for b in pipeline["bubble"])
+    assert "pipeline idle" in report["components_raw_s_per_step"]
+    assert report["world_size"] == 2
+    assert (out / "dualpipe" / "pipeline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
