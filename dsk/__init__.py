@@ -4,8 +4,8 @@ Importing ``dsk`` never imports torch; ``load_pretrained`` imports it when calle
 """
 
 from dsk._markers import hookimpl
+from dsk._version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["__version__", "hookimpl", "load_pretrained"]
 
 

@@ -39,7 +39,7 @@ class PluginInfo:
     distribution: str | None = None
     version: str | None = None
     entry_point: str | None = None
-    status: str = "loaded"  # loaded | failed | blocked
+    status: str = "loaded"  # loaded | failed | blocked | incompatible
     error: str | None = None
     load_ms: float = 0.0
     plugin: Any = field(default=None, repr=False)
@@ -79,6 +79,10 @@ class DskPluginManager(pluggy.PluginManager):
 
     def failures(self) -> list[PluginInfo]:
         return [i for i in self.infos.values() if i.status == "failed"]
+
+    def incompatible(self) -> list[PluginInfo]:
+        """Plugins built for a dsk version this is not (not imported)."""
+        return [i for i in self.infos.values() if i.status == "incompatible"]
 
     def mark_failed(self, name: str, error: str) -> None:
         """Record a failure for ``name`` and unregister it so its hooks never run again."""
@@ -154,6 +158,12 @@ class DskPluginManager(pluggy.PluginManager):
                 if names & block or (allow is not None and not names & allow):
                     self.infos[ep.name] = PluginInfo(name=ep.name, module=ep.value, status="blocked", **info)
                     continue
+                incompatible = incompatibility(dist)
+                if incompatible is not None:  # built for another dsk: not imported (docs/versioning.md)
+                    self.infos[ep.name] = PluginInfo(
+                        name=ep.name, module=ep.value, status="incompatible", error=incompatible, **info
+                    )
+                    continue
                 started = time.perf_counter()
                 try:
                     module = ep.load()
@@ -163,6 +173,34 @@ class DskPluginManager(pluggy.PluginManager):
                     continue
                 self.register_plugin(module, name=ep.name, **info)
                 self.infos[ep.name].load_ms = (time.perf_counter() - started) * 1000
+
+
+def incompatibility(dist: md.Distribution) -> str | None:
+    """Why the plugin distribution ``dist`` cannot run on this dsk, or None when it can.
+
+    A plugin declares the dsk versions it supports as a requirement on ``dsk`` in its package metadata
+    (``dependencies = ["dsk>=0.1,<0.2"]`` in its pyproject.toml). A requirement that excludes the running
+    ``dsk.__version__`` (pre-releases included) makes it incompatible; no requirement on dsk means any version.
+    """
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    from dsk._version import __version__
+
+    if (dist.metadata["Name"] or "").lower() == "dsk":
+        return None
+    for line in dist.requires or []:
+        try:
+            req = Requirement(line)
+        except InvalidRequirement:
+            continue
+        if req.name.lower() != "dsk" or (req.marker is not None and not req.marker.evaluate({"extra": ""})):
+            continue
+        if req.specifier and not req.specifier.contains(__version__, prereleases=True):
+            return (
+                f"built for dsk{req.specifier} and this is dsk {__version__}: install a release of "
+                f"{dist.metadata['Name']} made for dsk {__version__}, or the dsk it names"
+            )
+    return None
 
 
 def _distributions() -> list[md.Distribution]:

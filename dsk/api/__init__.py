@@ -354,3 +354,29 @@ from dsk.api.estimate import (  # noqa: E402 - kept in its own section
 )
 
 __all__ += ["ActivationBytes", "PartEstimate", "RankMemory", "RankStages", "RunEstimate", "SharesCost", "StageLoad"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Deprecations (docs/versioning.md): an old name keeps working for one minor release and warns, naming its
+# replacement
+# ---------------------------------------------------------------------------------------------------------------
+class DskDeprecationWarning(DeprecationWarning):
+    """A dsk API (a name in ``dsk.api``, a hook, a recipe key) that a later minor release removes."""
+
+
+def warn_deprecated(old: str, replacement: str, *, since: str, removed_in: str, stacklevel: int = 3) -> None:
+    """Warn that ``old`` is deprecated since dsk ``since`` and goes in ``removed_in``: use ``replacement``.
+
+    dsk calls it wherever a deprecated API is used, so the warning points at the caller's line (``stacklevel``).
+    pytest shows it in a plugin's test run; ``python -W error::dsk.api.DskDeprecationWarning`` makes it fail.
+    """
+    import warnings
+
+    warnings.warn(
+        f"{old} is deprecated since dsk {since} and will be removed in dsk {removed_in}: use {replacement}",
+        DskDeprecationWarning,
+        stacklevel=stacklevel,
+    )
+
+
+__all__ += ["DskDeprecationWarning", "warn_deprecated"]

@@ -55,6 +55,9 @@ def plugins(app: Any, as_json: bool, show_all: bool) -> None:
         elif info.status == "failed":
             detail = f"[red]{escape(info.error or '')}[/]"
             status = "[red]failed[/]"
+        elif info.status == "incompatible":
+            detail = f"[yellow]{escape(info.error or '')}[/]"
+            status = "[yellow]incompatible[/]"
         else:
             detail, status = "-", "[dim]blocked[/]"
         table.add_row(escape(info.name), info.version or "-", status, detail)
