@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_serializer, field_validator, model_validator
 
 from dsk.api import BaseConfig
 
@@ -66,8 +66,22 @@ class MLAConfig(BaseConfig):
 
     n_heads: int = Field(128, ge=1, le=4096, description="attention heads H")
     q_lora_rank: int | None = Field(
-        1536, ge=1, le=2**16, description="rank of the query compression c_Q; None = plain q_proj (DeepSeek-V2-Lite)"
+        1536,
+        ge=1,
+        le=2**16,
+        description="rank of the query compression c_Q; 0 (None in Python) = plain q_proj (DeepSeek-V2-Lite)",
     )
+
+    @field_validator("q_lora_rank", mode="before")
+    @classmethod
+    def _zero_is_none(cls, v: Any) -> Any:
+        # TOML has no None: a recipe writes 0 for "no query compression" (and resolved.toml writes None as 0)
+        return None if v == 0 and not isinstance(v, bool) else v
+
+    @field_serializer("q_lora_rank")
+    def _none_is_zero(self, v: int | None) -> int:
+        return 0 if v is None else v
+
     kv_lora_rank: int = Field(512, ge=1, le=2**16, description="rank of the joint KV latent c_KV (the cached vector)")
     qk_nope_head_dim: int = Field(128, ge=1, le=2**14, description="per-head query/key dims without RoPE")
     qk_rope_head_dim: int = Field(
