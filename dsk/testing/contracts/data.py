@@ -300,6 +300,8 @@ def check_optimizer(
     """
     import torch
 
+    from dsk.train.optim import named_unique_parameters
+
     def fresh() -> tuple[Any, Any]:
         torch.manual_seed(0)
         model = model_factory()
@@ -309,7 +311,7 @@ def check_optimizer(
     what = f"optimizer {type(opt).__name__}"
     if not isinstance(opt, torch.optim.Optimizer):
         _fail(what, "build(model) must return a torch.optim.Optimizer")
-    named = _trainable(model)
+    named = named_unique_parameters(model)
     if len(named) < 2:
         raise ValueError("check_optimizer: the model needs two or more trainable parameters")
     name_of = {id(p): n for n, p in named}
@@ -335,7 +337,7 @@ def check_optimizer(
         return [torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) for _, p in named[:-1]]
 
     def take_step(model: Any, opt: Any, step: int) -> None:
-        params = [p for _, p in _trainable(model)]
+        params = [p for _, p in named_unique_parameters(model)]
         for p, g in zip(params[:-1], grads(step), strict=True):
             p.grad = g.to(p.device)
         params[-1].grad = None
@@ -357,7 +359,7 @@ def check_optimizer(
     copy_model, copy_opt = fresh()
     copy_model.load_state_dict(model.state_dict())
     copy_opt.load_state_dict(state)
-    for (n, p), (_, q) in zip(named, _trainable(copy_model), strict=True):
+    for (n, p), (_, q) in zip(named, named_unique_parameters(copy_model), strict=True):
         for key, value in opt.state.get(p, {}).items():
             loaded = copy_opt.state.get(q, {}).get(key)
             if isinstance(value, torch.Tensor) and (
@@ -371,7 +373,7 @@ def check_optimizer(
                 )
     take_step(model, opt, steps - 1)
     take_step(copy_model, copy_opt, steps - 1)
-    for (n, p), (_, q) in zip(named, _trainable(copy_model), strict=True):
+    for (n, p), (_, q) in zip(named, named_unique_parameters(copy_model), strict=True):
         if not torch.equal(p.detach(), q.detach()):
             _fail(
                 what,
@@ -381,19 +383,8 @@ def check_optimizer(
     again, again_opt = fresh()
     for step in range(steps):
         take_step(again, again_opt, step)
-    for (n, p), (_, q) in zip(named, _trainable(again), strict=True):
+    for (n, p), (_, q) in zip(named, named_unique_parameters(again), strict=True):
         if not torch.equal(p.detach(), q.detach()):
             _fail(
                 what, f"the same {steps} steps from the same start give another {n!r}; the update must be deterministic"
             )
-
-
-def _trainable(model: Any) -> list[tuple[str, Any]]:
-    """The model's trainable parameters with their first name (a tied weight once), in registration order."""
-    seen: set[int] = set()
-    out = []
-    for name, p in model.named_parameters():
-        if p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
-            out.append((name, p))
-    return out

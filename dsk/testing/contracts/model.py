@@ -265,6 +265,17 @@ def check_router(build: Build, *, n_experts: int, dim: int, top_k: int, n_tokens
 # -- ffn -------------------------------------------------------------------------------------------------------
 
 
+def _check_like_input(where: str, y: Any, x: torch.Tensor) -> None:
+    """``y`` is a finite tensor of ``x``'s shape and dtype (a [B, T, D] -> [B, T, D] component's output)."""
+    if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        _fail(f"{where} returned {got}; return y [B, T, D] = {tuple(x.shape)}")
+    if y.dtype != x.dtype:
+        _fail(f"{where} returned dtype {y.dtype}; return the input's dtype {x.dtype}")
+    if not torch.isfinite(y).all():
+        _fail(f"{where} returned non-finite values")
+
+
 def check_ffn(build: Build, *, dim: int, batch: int = 2, seq_len: int = 5, seed: int = 0) -> None:
     """The ffn contract: ``forward(x [B, T, D]) -> [B, T, D]``.
 
@@ -281,13 +292,7 @@ def check_ffn(build: Build, *, dim: int, batch: int = 2, seq_len: int = 5, seed:
 
     xg = x.clone().requires_grad_(True)
     y = _call(where, ffn, xg)
-    if not isinstance(y, torch.Tensor) or y.shape != x.shape:
-        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-        _fail(f"{where} returned {got}; return y [B, T, D] = {tuple(x.shape)}")
-    if y.dtype != x.dtype:
-        _fail(f"{where} returned dtype {y.dtype}; return the input's dtype {x.dtype}")
-    if not torch.isfinite(y).all():
-        _fail(f"{where} returned non-finite values")
+    _check_like_input(where, y, x)
     (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
     if xg.grad is None or not xg.grad.any():
         _fail(f"no gradient reached the ffn's input through {where}; do not detach x")
@@ -367,13 +372,7 @@ def check_attention(
 
     with torch.no_grad():
         y = _call(where, attn, x, pos)
-    if not isinstance(y, torch.Tensor) or y.shape != x.shape:
-        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-        _fail(f"{where} returned {got}; return y [B, T, D] = {tuple(x.shape)}")
-    if y.dtype != x.dtype:
-        _fail(f"{where} returned dtype {y.dtype}; return the input's dtype {x.dtype}")
-    if not torch.isfinite(y).all():
-        _fail(f"{where} returned non-finite values")
+    _check_like_input(where, y, x)
 
     # causality: each later token changed in turn, the outputs before it stay
     for t in range(1, T):

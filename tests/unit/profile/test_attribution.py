@@ -66,10 +66,8 @@ def test_the_backward_goes_to_the_part_whose_forward_made_it():
     labels = _labels(events)
     assert "AddmmBackward0" in labels["big"] and "ReluBackward0" in labels["big"]
     assert "AddmmBackward0" in labels["small"]
-    # the forward alone would give big only its two forward products; the backward's four more weigh in
-    fwd_big = sum(e.time_range.elapsed_us() for e in events if e.name == "dsk.part:big") / 1e6
-    assert result.raw_seconds["big"] > 1.5 * fwd_big
-    assert result.raw_seconds["big"] > 5 * result.raw_seconds["small"]
+    # big holds two products, two activations and their four backward products; small one product (counted, not timed)
+    assert result.events["big"] > result.events["small"]
 
 
 def test_an_absorbing_part_takes_its_nested_parts():
