@@ -18,11 +18,13 @@ if TYPE_CHECKING:  # pragma: no cover
     import click
 
     from dsk.api import Problem
+    from dsk.api.runtime import BuiltRun, RunContext
     from dsk.registry import Registrar, Registry
 
 # --------------------------------------------------------------------------------------------------
 # Registration: called once when the registry is built (collect-all).
-# Each receives ``register(kind, name, impl, *, config=NoConfig, summary=None, aliases=())``.
+# Each receives ``register(kind, name, impl, *, config=NoConfig, summary=None, aliases=(), after=(), before=(),
+# conflicts=(), hf=None)``.
 # --------------------------------------------------------------------------------------------------
 
 
@@ -147,7 +149,7 @@ def validate_launch(resolved: dict[str, Any], world_size: int) -> list[Problem] 
 
 
 @hookspec
-def on_run_built(ctx: Any, built: Any) -> None:
+def on_run_built(ctx: RunContext, built: BuiltRun) -> None:
     """Called once a stage's run is built (model, features, strategy, optimizer), before its first step.
 
     ``dsk profile`` takes the run it measures here; a trainer that builds a second run (a frozen reference) calls
@@ -159,7 +161,7 @@ def on_run_built(ctx: Any, built: Any) -> None:
 
 
 @hookspec
-def on_component_metrics(ctx: Any, step: int, metrics: dict[str, Any]) -> None:
+def on_component_metrics(ctx: RunContext, step: int, metrics: dict[str, Any]) -> None:
     """Called once per applied optimizer step with the components' raw step metrics, list-valued ones included
     (each MoE layer's per-expert ``expert_load``), read before ``after_optimizer_step`` resets them (the router bias update).
 
@@ -171,7 +173,7 @@ def on_component_metrics(ctx: Any, step: int, metrics: dict[str, Any]) -> None:
 
 
 @hookspec
-def on_step_end(ctx: Any, step: int, metrics: dict[str, Any]) -> None:
+def on_step_end(ctx: RunContext, step: int, metrics: dict[str, Any]) -> None:
     """Called once per optimizer step, after the update, with the step's metrics (loggers, sinks).
 
     :param ctx: the run context (run directory, rank, recipe).

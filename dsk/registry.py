@@ -24,6 +24,7 @@ __all__ = [
     "Registry",
     "RegistryError",
     "build_registry",
+    "spec_warnings",
     "did_you_mean",
     "import_string",
 ]
@@ -247,9 +248,15 @@ class Registrar:
         if hf is not None and self.hook != "register_model_components":
             raise RegistryError(f"{kind} '{name}' from plugin '{self.provider}': hf= is for model components")
         if kind not in allowed:
+            owner = next((hook for hook, kinds in HOOK_KINDS.items() if kind in kinds), None)
+            if owner is not None:
+                fix = f"register it from {owner}"
+            else:
+                close = did_you_mean(kind, list(KINDS))
+                fix = f"did you mean '{close[0]}'?" if close else f"the kinds are {', '.join(KINDS)}"
             raise RegistryError(
                 f"plugin '{self.provider}' registered kind '{kind}' from {self.hook}; "
-                f"that hook registers {', '.join(allowed)}"
+                f"that hook registers {', '.join(allowed)}: {fix}"
             )
         if not isinstance(name, str) or not name or ":" in name:
             raise RegistryError(f"plugin '{self.provider}' registered an invalid {kind} name {name!r}")
@@ -275,6 +282,43 @@ class Registrar:
                 hf=hf,
             )
         )
+
+
+def spec_warnings(spec: ComponentSpec) -> list[str]:
+    """What is wrong with a registration that still loads: said by ``dsk plugins`` for components outside dsk.
+
+    Torch-free: the implementation's module is looked up (``find_spec``), never imported, so only its parent
+    packages run.
+    """
+    import importlib.util
+
+    out: list[str] = []
+    where = f"{spec.kind}/{spec.name}"
+    config = spec.config
+    cname = config.__name__
+    missing = [info.alias or n for n, info in config.model_fields.items() if info.is_required()]
+    if missing:
+        out.append(
+            f"{where}: option{'s' if len(missing) > 1 else ''} {', '.join(repr(m) for m in missing)} of {cname} "
+            f"{'have' if len(missing) > 1 else 'has'} no default, so every recipe that uses it must set "
+            f"{'them' if len(missing) > 1 else 'it'}; give each a default (Field(value, description=...)) unless "
+            "that is intended"
+        )
+    if config.model_config.get("extra") != "forbid":
+        out.append(
+            f"{where}: {cname} accepts unknown keys, so a misspelled option in a recipe passes silently; "
+            "subclass dsk.api.BaseConfig"
+        )
+    if isinstance(spec.impl, str):
+        module, _, attr = spec.impl.partition(":")
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except Exception:  # a parent package that fails to import, or a malformed name
+            found = False
+        if not found or not attr:
+            what = f"no module '{module}'" if not found else "it names no attribute (write 'package.module:Class')"
+            out.append(f"{where}: implementation '{spec.impl}' cannot be loaded: {what}")
+    return out
 
 
 def _first_doc_line(obj: Any) -> str:

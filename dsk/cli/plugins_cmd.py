@@ -17,6 +17,17 @@ def _provides(registry: Any) -> dict[str, list[str]]:
     return out
 
 
+def _warnings(registry: Any) -> dict[str, list[str]]:
+    """Per provider, what is wrong with its registrations (components of dsk's own distribution are tested)."""
+    from dsk.registry import spec_warnings
+
+    out: dict[str, list[str]] = {}
+    for spec in registry.all():
+        if spec.distribution != "dsk":
+            out.setdefault(spec.provider, []).extend(spec_warnings(spec))
+    return {k: v for k, v in out.items() if v}
+
+
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: one object per plugin.")
 @click.option("--all", "show_all", is_flag=True, help="Also list blocked plugins.")
@@ -32,6 +43,7 @@ def plugins(app: Any, as_json: bool, show_all: bool) -> None:
     pm = app.plugin_manager()
     registry = app.registry()
     provides = _provides(registry)
+    warnings = _warnings(registry)
     infos = [i for i in pm.infos.values() if show_all or i.status != "blocked"]
     infos.sort(key=lambda i: (i.status != "loaded", i.name))
     conflicts = registry.conflicts()
@@ -40,6 +52,7 @@ def plugins(app: Any, as_json: bool, show_all: bool) -> None:
         for info in infos:
             row = info.to_json(pm)
             row["provides"] = provides.get(info.name, [])
+            row["warnings"] = warnings.get(info.name, [])
             rows.append(row)
         echo_json({"plugins": rows, "conflicts": [{"kind": k, "name": n, "providers": p} for k, n, p in conflicts]})
         return
@@ -52,6 +65,10 @@ def plugins(app: Any, as_json: bool, show_all: bool) -> None:
         if info.status == "loaded":
             detail = ", ".join(provides.get(info.name, [])) or "-"
             status = "[green]loaded[/]"
+            if info.name in warnings:
+                status += (
+                    f" [yellow]({len(warnings[info.name])} warning{'s' if len(warnings[info.name]) > 1 else ''})[/]"
+                )
         elif info.status == "failed":
             detail = f"[red]{escape(info.error or '')}[/]"
             status = "[red]failed[/]"
@@ -72,6 +89,9 @@ def plugins(app: Any, as_json: bool, show_all: bool) -> None:
             f"\n{len(failed)} plugin(s) failed to load; DSK_STRICT_PLUGINS=1 re-raises the error, "
             "DSK_DISABLE_PLUGINS=NAME silences it."
         )
+    for name, lines in warnings.items():
+        for line in lines:
+            console.print(f"[yellow]warning:[/] {escape(name)}: {escape(line)}")
     for kind, name, providers in conflicts:
         console.print(
             f"[yellow]conflict:[/] {kind} '{name}' is provided by {', '.join(providers)}; "
