@@ -27,6 +27,7 @@ LAZY_COMMANDS: dict[str, str] = {
     "components": "dsk.cli.plugins_cmd:components",
     "recipe": "dsk.cli.recipe_cmd:recipe",
     "eval": "dsk.cli.eval_cmd:eval_cmd",
+    "new-plugin": "dsk.cli.new_plugin_cmd:new_plugin",
 }
 
 SHORT_HELP: dict[str, str] = {
@@ -39,6 +40,7 @@ SHORT_HELP: dict[str, str] = {
     "components": "List registered components, or show one's options.",
     "recipe": "Show or validate recipes.",
     "eval": "Greedy accuracy of a checkpoint on a task's test split.",
+    "new-plugin": "Write a pip-installable plugin package for a component kind.",
 }
 
 
