@@ -4,7 +4,8 @@ A plugin command takes the same options as ``dsk train`` (:func:`run_options`: `
 ``--run-dir``, ``--dry-run``, ``--json``), loads and validates its recipe with :func:`load_and_validate` (every
 problem reported at once, exit 2), runs it through the shared build path with :func:`execute` (run directory,
 checkpoints, ``--resume``, exit codes; with :func:`nproc_option`, ``--nproc N`` passed on as ``execute(...,
-nproc=nproc)`` runs it on N ranks), and prints its own summary. Bad input raises :class:`DskUsageError`; an
+nproc=nproc)`` runs it on N ranks), and prints its own summary (:class:`FittedTable`: a table that stays
+readable at 80 columns and in a log). Bad input raises :class:`DskUsageError`; an
 :class:`dsk.errors.InputError` raised anywhere below a command is reported the same way by the ``dsk`` group.
 
 Torch-free, like ``dsk --help``: a command module may import this at the top, and imports torch (if ever) inside
@@ -43,9 +44,11 @@ from dsk.cli.common import (
 )
 from dsk.cli.run_cmd import execute
 from dsk.errors import InputError
+from dsk.train.progress import FittedTable
 
 __all__ = [
     "DskUsageError",
+    "FittedTable",
     "InputError",
     "add_override",
     "echo_json",

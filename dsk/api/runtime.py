@@ -53,6 +53,7 @@ _LAZY: dict[str, str] = {
     "done_across_ranks": "dsk.model.generate",
     "encode_example": "dsk.data.batching",
     "encode_record": "dsk.data.batching",
+    "evaluate_loss": "dsk.train.evaluate",
     "evaluate_task": "dsk.train.evaluate",
     "extract_answer": "dsk.data.completions",
     "extract_think": "dsk.data.completions",
@@ -86,6 +87,7 @@ _LAZY: dict[str, str] = {
     "speculative_generate": "dsk.model.generate",
     "split_layers": "dsk.model.transformer",
     "test_records": "dsk.train.evaluate",
+    "test_text_records": "dsk.train.evaluate",
     "tokens_per_s": "dsk.train.loop",
     "training_loss": "dsk.model.loss",
 }

@@ -99,17 +99,9 @@ def train(ctx, recipe, configs, sets, unsets, run_dir, dry_run, as_json, resume,
     if done is None:
         return
     summary, console, run_path = done
-    from dsk.train.progress import summary_table
+    from dsk.train.progress import print_summary
 
-    console.print(summary_table(summary))
-    for rows in (summary.get("examples") or {}).values():
-        for row in rows:
-            mark = "[green]✓[/]" if row["correct"] else "[red]✗[/]"
-            console.print(f"  {mark} {escape(row['prompt'])}{escape(row['completion'])}")
-    acc = summary.get("eval/accuracy")
-    n = next((st.get("eval/samples") for st in reversed(summary.get("stages", [])) if "eval/samples" in st), None)
-    tail = f"; held-out greedy accuracy {100 * acc:.1f}% on {n} test problems" if acc is not None else ""
-    console.print(f"run directory: {escape(str(run_path))}{tail}")
+    print_summary(console, summary, run_path)
 
 
 def _launch(ctx: click.Context, result: Any, run_path: Path, resume: bool, stage: str | None, nproc: int,

@@ -1,4 +1,5 @@
-"""Evaluation on a task's test split: greedy accuracy (KV-cached generation) and optional pass@k with sampling.
+"""Evaluation on a task's test split: greedy accuracy (KV-cached generation) and optional pass@k with sampling, and
+the held-out loss of text data (:func:`evaluate_loss`: mean next-token cross-entropy and perplexity).
 
 A prompt is encoded as in training (``[BOS] + encode(prompt)``); the model continues until EOS or
 ``max_new_tokens``; the decoded continuation goes to the task's ``check(record, text)``.
@@ -12,12 +13,14 @@ every forward is a collective, never waits on a rank that has stopped.
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["evaluate_task", "test_records", "pass_at_k"]
+__all__ = ["evaluate_loss", "evaluate_task", "pass_at_k", "test_records", "test_text_records"]
 
 
 def test_records(task: Any, n: int) -> list[dict[str, Any]]:
@@ -36,6 +39,21 @@ def test_records(task: Any, n: int) -> list[dict[str, Any]]:
             continue
     # text-only rows (a JSONL corpus) have nothing to prompt with
     return [r for r in records if "prompt" in r]
+
+
+def test_text_records(task: Any, n: int) -> list[dict[str, Any]]:
+    """The first ``n`` text records (``{"text"}``, no prompt) of ``task``'s test split, for the held-out loss.
+
+    [] when the task has no ``records`` method, when its test split is empty or missing, or when its test records
+    are problems with a prompt (those are measured by accuracy, :func:`test_records`).
+    """
+    if n <= 0 or not hasattr(task, "records"):
+        return []
+    try:
+        records = list(task.records("test", n))
+    except ValueError:  # DataError included: the split holds no rows
+        return []
+    return [r for r in records if "text" in r and "prompt" not in r]
 
 
 def pass_at_k(n_correct: int, n_samples: int, k: int) -> float:
@@ -77,6 +95,16 @@ def _generate_texts(
         lengths.extend(result.lengths)
         texts.extend(tokenizer.decode(tokens) for tokens in result.tokens)
     return texts, lengths
+
+
+def _shares(n: int, parallel: Any) -> tuple[list[int], int]:
+    """This data rank's record indices, padded with repeats to the same count on every rank, and how many are real."""
+    world = int(getattr(parallel, "data_world_size", 1)) if parallel is not None else 1
+    rank = int(parallel.data_rank) if world > 1 else 0
+    share = -(-n // world)  # records per rank, the last shares padded
+    first = rank * share
+    mine = list(range(first, min(first + share, n)))
+    return mine + [mine[-1] if mine else 0] * (share - len(mine)), len(mine)
 
 
 def _record_generator(device: Any, seed: int, index: int) -> torch.Generator:
@@ -126,12 +154,7 @@ def evaluate_task(
 
     started = time.perf_counter()
     world = int(getattr(parallel, "data_world_size", 1)) if parallel is not None else 1
-    rank = int(parallel.data_rank) if world > 1 else 0
-    share = -(-len(records) // world)  # records per rank, the last shares padded
-    first = rank * share
-    mine = list(range(first, min(first + share, len(records))))  # indices of this rank's records
-    n_real = len(mine)
-    index = mine + [mine[-1] if mine else 0] * (share - n_real)  # padded: the same calls on every rank
+    index, n_real = _shares(len(records), parallel)  # padded: the same calls on every rank
     local = [records[i] for i in index]
     sync_done = done_across_ranks(parallel) if world > 1 else None
     prompts = _encode_prompts(tokenizer, local)
@@ -177,3 +200,78 @@ def evaluate_task(
             for r, t, c in list(zip(local, texts, correct, strict=True))[:examples]
         ]
     return out
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: Any,
+    records: list[dict[str, Any]],
+    *,
+    encode: Callable[[dict[str, Any]], tuple[list[int], list[int]]],
+    pad_id: int,
+    max_len: int,
+    batch_size: int = 256,
+    parallel: Any = None,
+) -> dict[str, Any]:
+    """Held-out loss of ``model`` on ``records``: the mean next-token cross-entropy over their target tokens.
+
+    Each record is one row: ``encode(record)`` gives ``(ids, loss_mask)`` (the trainer's encoding, so the targets
+    are those of training), cut to ``max_len`` tokens as the training batches are, padded with ``pad_id``. The loss
+    is training's LM term (:func:`dsk.model.loss.cross_entropy` on the shifted labels) without the MTP and
+    auxiliary terms, computed in eval mode without gradients and averaged over every target token of all records
+    (padding and masked tokens are no targets), not over batches.
+
+    Args:
+        model: a :class:`dsk.model.DSKModel` (switched to eval mode for the call, then restored).
+        records: the records (``{"text"}`` rows of a test split).
+        encode: ``record -> (ids, loss_mask)``.
+        pad_id: the tokenizer's pad id.
+        max_len: most tokens per row (the trainer's ``seq_len``).
+        batch_size: rows per forward.
+        parallel: the run's parallel strategy; with more than one data rank every rank calls this with the same
+            records, evaluates its share in the same number of forwards, and the sums are all-reduced. None: one
+            process.
+
+    Returns:
+        ``{"eval/loss", "eval/ppl" (= exp(eval/loss)), "eval/samples", "eval/tokens"}`` (tokens: the targets
+        scored); {} when there are no records.
+    """
+    if not records:
+        return {}
+    import torch.nn.functional as F
+
+    from dsk.data.batching import IGNORE_INDEX, collate
+    from dsk.model.loss import cross_entropy
+
+    world = int(getattr(parallel, "data_world_size", 1)) if parallel is not None else 1
+    index, n_real = _shares(len(records), parallel)
+    rows = []
+    for j, i in enumerate(index):
+        ids, mask = encode(records[i])
+        rows.append((ids, mask if j < n_real else [0] * len(mask)))  # a repeat that pads the share scores nothing
+    device = model.embed_tokens.weight.device
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    one = torch.ones((), device=device)
+    try:
+        for start in range(0, len(rows), batch_size):
+            batch = collate(rows[start : start + batch_size], pad_id, max_len)
+            input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+            logits = model(input_ids).logits  # (B, T, V)
+            # logits at t-1 score the label at t (dsk.model.loss.lm_loss), summed here (denominator 1)
+            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+            total += cross_entropy(logits, targets, denominator=one).double()
+            count += (targets != IGNORE_INDEX).sum().double()
+    finally:
+        model.train(was_training)
+    sums = torch.stack([total, count])
+    if world > 1:
+        sums = parallel.all_reduce(sums, "sum")
+    total_f, count_f = (float(v) for v in sums.tolist())
+    if count_f == 0:
+        return {}
+    loss = total_f / count_f
+    ppl = math.exp(loss) if loss < 700 else math.inf
+    return {"eval/loss": loss, "eval/ppl": ppl, "eval/samples": len(records), "eval/tokens": int(count_f)}

@@ -269,7 +269,7 @@ def _run_stages(
         done = [s for s in summary["stages"] if s.get("status") == "completed"]
         last = done[-1] if done else {}
         own = [col[0] for col in last.get("columns") or []]  # the trainer's declared summary columns
-        for key in ("final_loss", "eval/accuracy", *own, "tokens_per_s", "checkpoint"):
+        for key in ("final_loss", "eval/accuracy", "eval/loss", "eval/ppl", *own, "tokens_per_s", "checkpoint"):
             if key in last:
                 summary[key] = last[key]
         if writer:

@@ -15,6 +15,7 @@ import click
 
 from dsk.api.cli import (
     DskUsageError,
+    FittedTable,
     add_override,
     escape,
     execute,
@@ -50,21 +51,14 @@ def _teacher_keys(data: dict[str, Any] | None) -> list[str]:
     return keys or ["trainer.teacher"]
 
 
-def _table(summary: dict[str, Any]) -> Any:
-    from rich.table import Table
-
-    table = Table(title=f"dsk distill: {summary.get('status', '?')}", title_justify="left")
-    for col in ("stage", "mode", "traces", "teacher params", "student params", "teacher acc", "student acc",
-                "student/teacher", "time"):  # fmt: skip
-        table.add_column(col, justify="left" if col in ("stage", "mode") else "right")
+def _table(summary: dict[str, Any]) -> FittedTable:
+    """Teacher against student, one row per distill stage (one row per number when that is too wide)."""
 
     def pct(value: Any) -> str:
         return "-" if value is None else f"{100 * value:.1f}%"
 
-    for st in summary.get("stages", []):
-        if st.get("trainer") != "distill":
-            continue
-        table.add_row(
+    rows = [
+        [
             st.get("stage") or "-",
             str(st.get("mode", "-")),
             str(st.get("traces", "-")),
@@ -74,8 +68,13 @@ def _table(summary: dict[str, Any]) -> Any:
             pct(st.get("eval/accuracy")),
             pct(st.get("student/teacher_accuracy_ratio")),
             f"{st.get('wall_s', 0):.1f}s",
-        )
-    return table
+        ]
+        for st in summary.get("stages", [])
+        if st.get("trainer") == "distill"
+    ]
+    columns = ["stage", "mode", "traces", "teacher params", "student params", "teacher acc", "student acc",
+               "student/teacher", "time"]  # fmt: skip
+    return FittedTable(f"dsk distill: {summary.get('status', '?')}", columns, rows, left=("stage", "mode"))
 
 
 @click.command(short_help="Teacher -> reasoning traces -> student.")
@@ -112,5 +111,5 @@ def distill(ctx, recipe, configs, sets, unsets, run_dir, dry_run, as_json, teach
     if done is None:
         return
     summary, console, run_path = done
-    console.print(_table(summary))
+    console.print(_table(summary), soft_wrap=False)  # the console's width (80 in a log): it fits
     console.print(f"run directory: {escape(str(run_path))}")

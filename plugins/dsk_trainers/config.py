@@ -35,7 +35,12 @@ class LMTrainerConfig(BaseConfig):
         description="pack several examples into each row of seq_len tokens (attention stays within each example)",
     )
     eval_every: int = Field(0, ge=0, description="evaluate on the task's test split every N steps (0: only at the end)")
-    eval_samples: int = Field(100, ge=0, description="distinct test problems per evaluation (0: no evaluation)")
+    eval_samples: int = Field(
+        100,
+        ge=0,
+        description="distinct test problems per evaluation (greedy accuracy), or test records of text data (held-out "
+        "loss eval/loss and perplexity eval/ppl); 0: no evaluation",
+    )
     eval_batch_size: int = Field(256, ge=1, description="prompts generated together during evaluation")
     eval_max_new_tokens: int = Field(64, ge=1, description="most tokens generated per test prompt")
     pass_k: int = Field(0, ge=0, description="also report pass@k with k samples per prompt (0: off)")

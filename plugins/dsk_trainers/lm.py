@@ -11,6 +11,11 @@ One optimizer step:
    and ``after_optimizer_step`` runs (router bias updates);
 5. a ``metrics.jsonl`` row, the ``on_step_end`` hook, the progress bar; evaluation and checkpoints on their cadence.
 
+Evaluation: greedy accuracy (and pass@k) on the test problems of a task with prompts; on text data (``{"text"}``
+records, e.g. ``task/jsonl``) the held-out loss instead: ``eval/loss``, the mean next-token cross-entropy of the
+first ``eval_samples`` test records (training's LM loss, without MTP and auxiliary terms), and ``eval/ppl`` =
+exp(``eval/loss``).
+
 Exact resume: the checkpoint holds weights, router biases, optimizer moments, the data position and the RNG
 states; the learning rate is a function of the step; so a resumed run repeats the uninterrupted run's arithmetic.
 """
@@ -35,10 +40,12 @@ from dsk.api.runtime import (
     build_run,
     document_causal_mask,
     encode_example,
+    evaluate_loss,
     evaluate_task,
     loss_from_output,
     remove_stale_temporaries,
     test_records,
+    test_text_records,
     tokens_per_s,
 )
 from dsk_trainers.config import LMTrainerConfig
@@ -80,6 +87,18 @@ def train_stream(task: Any, seed: int) -> ExampleStream:
     if hasattr(task, "__len__") and hasattr(task, "__getitem__"):
         return ExampleStream(task, seed=seed)
     raise RunSetupError(f"[data] {type(task).__name__} is neither a task (sample(split, i)) nor a sequence of records")
+
+
+def first_train_record(task: Any) -> dict[str, Any] | None:
+    """The first training record of a data source (None when it has none to give)."""
+    try:
+        if hasattr(task, "sample"):
+            return task.sample("train", 0)
+        if hasattr(task, "__len__") and hasattr(task, "__getitem__") and len(task):
+            return task[0]
+    except (ValueError, IndexError, KeyError):  # an empty split: training reports it
+        return None
+    return None
 
 
 def moe_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -176,10 +195,24 @@ class _Run(TrainerRun):
             encode=encoder_for(self.trainer.mode, self.tokenizer),
         )
         self.eval_records = test_records(self.task, cfg.eval_samples)
+        self.loss_records = [] if self.eval_records else self._held_out_text()
         if ctx.is_writer:
             remove_stale_temporaries(ctx.run_dir)
         if ctx.resume_from is not None:
             self._resume(ctx.resume_from)
+
+    def _held_out_text(self) -> list[dict[str, Any]]:
+        """The test records of the held-out loss when the data is text; says once when it has no test split."""
+        records = test_text_records(self.task, self.cfg.eval_samples)
+        if records or self.cfg.eval_samples <= 0:
+            return records
+        first = first_train_record(self.task)
+        if first is not None and "text" in first and "prompt" not in first and self.ctx.is_writer:
+            self.ctx.reporter.message(
+                "note: the text data has no test split, so no held-out loss (eval/loss) is reported; give the "
+                "data one to measure it (task/jsonl: data.test_path or data.test_percent)"
+            )
+        return []
 
     def restore(self, state: dict[str, Any]) -> None:
         self.batches.load_state_dict(state["data"])
@@ -268,16 +301,22 @@ class _Run(TrainerRun):
     # -- evaluation, checkpoints ---------------------------------------------------------------------------------
     def evaluate(self, examples: int = 0) -> dict[str, Any]:
         cfg = self.cfg
-        if not self.eval_records:
+        if not self.eval_records and not self.loss_records:
             return {}
         with self.built.evaluation_model() as (model, parallel):  # a pipeline: a whole copy on the writer
             result = None
-            if model is not None:
+            if model is not None and self.eval_records:
                 result = evaluate_task(
                     model, self.tokenizer, self.task, self.eval_records,
                     max_new_tokens=cfg.eval_max_new_tokens, batch_size=cfg.eval_batch_size, pass_k=cfg.pass_k,
                     temperature=cfg.pass_k_temperature, seed=self.ctx.seed * 1_000_003 + self.step,
                     examples=examples, parallel=parallel,
+                )  # fmt: skip
+            elif model is not None:  # text data: the held-out loss
+                result = evaluate_loss(
+                    model, self.loss_records, encode=encoder_for(self.trainer.mode, self.tokenizer),
+                    pad_id=self.tokenizer.pad_id, max_len=cfg.seq_len, batch_size=cfg.eval_batch_size,
+                    parallel=parallel,
                 )  # fmt: skip
         if parallel is not self.built.parallel:
             result = self.built.parallel.broadcast_object(result)
