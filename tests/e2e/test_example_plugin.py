@@ -9,28 +9,18 @@ pip installs into a temporary ``--target`` (never into the shared .venv, which o
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.e2e.plugin_install import pip_install_target, run
+
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("subprocess-train")]
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "examples" / "plugins" / "dsk-sinkhorn"
-
-
-def run(args, *, path, cwd, timeout=300):
-    """``args`` in a subprocess with ``PYTHONPATH`` = ``path`` and one torch thread."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(map(str, path))
-    env["OMP_NUM_THREADS"] = "1"
-    for var in ("DSK_LOAD_PLUGINS", "DSK_DISABLE_PLUGINS", "DSK_STRICT_PLUGINS"):
-        env.pop(var, None)
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_the_sinkhorn_example_installs_passes_its_tests_is_listed_and_trains(tmp_path):
@@ -39,12 +29,7 @@ def test_the_sinkhorn_example_installs_passes_its_tests_is_listed_and_trains(tmp
     package = tmp_path / "dsk-sinkhorn"
     shutil.copytree(PACKAGE, package, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     site = tmp_path / "site"
-    pip = run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "--quiet",
-         "--target", str(site), str(package)],
-        path=[], cwd=tmp_path,
-    )  # fmt: skip
-    assert pip.returncode == 0, pip.stdout + pip.stderr
+    pip_install_target(package, site, tmp_path)
     assert (site / "dsk_sinkhorn" / "router.py").exists()
     where = run([sys.executable, "-c", "import dsk_sinkhorn; print(dsk_sinkhorn.__file__)"], path=[site], cwd=tmp_path)
     assert str(site) in where.stdout, where.stdout + where.stderr

@@ -8,25 +8,14 @@ pip installs into a temporary ``--target`` (never into the shared .venv, which o
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 
 from dsk.api import KINDS
+from tests.e2e.plugin_install import pip_install_target, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("subprocess-train")]
-
-
-def run(args, *, path, cwd, timeout=300):
-    """``args`` in a subprocess with ``PYTHONPATH`` = ``path`` and one torch thread."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(map(str, path))
-    env["OMP_NUM_THREADS"] = "1"
-    for var in ("DSK_LOAD_PLUGINS", "DSK_DISABLE_PLUGINS", "DSK_STRICT_PLUGINS"):
-        env.pop(var, None)
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def new_plugin(name, kind, where):
@@ -40,12 +29,7 @@ def new_plugin(name, kind, where):
 def test_a_generated_router_installs_passes_its_tests_is_listed_and_trains(tmp_path):
     package = new_plugin("dsk-trip-router", "router", tmp_path)
     site = tmp_path / "site"
-    pip = run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "--quiet",
-         "--target", str(site), str(package)],
-        path=[], cwd=tmp_path,
-    )  # fmt: skip
-    assert pip.returncode == 0, pip.stdout + pip.stderr
+    pip_install_target(package, site, tmp_path)
     assert (site / "dsk_trip_router" / "router.py").exists()
 
     # its own tests, against the installed copy (run from the tests folder, so the source tree is not imported)

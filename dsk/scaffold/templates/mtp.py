@@ -49,8 +49,8 @@ class $Class(nn.Module):
     def __init__(self, config: $Config, ctx: ModelContext, block_factory):
         super().__init__()
         self.cfg = config
-        self.enorm = RMSNorm(ctx.dim, ctx.norm_eps)
-        self.hnorm = RMSNorm(ctx.dim, ctx.norm_eps)
+        self.embed_norm = RMSNorm(ctx.dim, ctx.norm_eps)
+        self.hidden_norm = RMSNorm(ctx.dim, ctx.norm_eps)
         self.proj = nn.Linear(2 * ctx.dim, ctx.dim, bias=False)
         nn.init.normal_(self.proj.weight, std=ctx.init_std)
         self.block = block_factory(ctx.n_layers)  # the layer index after the main model's
@@ -63,7 +63,7 @@ class $Class(nn.Module):
         if pos is None:
             pos = torch.arange(T, device=hidden.device)
         emb = embed(input_ids[:, 1:])  # (B, T-1, D): Emb(t_(i+1))
-        x = self.proj(torch.cat([self.enorm(emb), self.hnorm(hidden[:, :n])], dim=-1))  # (B, T-1, 2D) -> D
+        x = self.proj(torch.cat([self.embed_norm(emb), self.hidden_norm(hidden[:, :n])], dim=-1))  # (B, T-1, 2D) -> D
         h = self.block(x, pos[..., :n], mask[:, :n, :n] if mask is not None else None, None)
         return [head(self.norm(h))]
 

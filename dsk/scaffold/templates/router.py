@@ -22,7 +22,7 @@ class $Config(BaseConfig):
     # the MoE layer reads top_k (its slots per token) and checks top_k <= its routed experts
     top_k: int = Field(2, ge=1, description="routed experts per token")
     score_func: Literal["sigmoid", "softmax"] = Field("sigmoid", description="affinity function of the router logits")
-    norm_topk_prob: bool = Field(True, description="renormalise the top_k weights of each token to sum to 1")
+    normalize: bool = Field(True, description="renormalise the top_k weights of each token to sum to 1")
     bias_update_speed: float = Field(
         1e-3,
         ge=0,
@@ -82,7 +82,7 @@ class $Class(nn.Module):
         scores_NE = self.scores(x_ND)
         idx_NK = self.select(scores_NE)
         weights_NK = scores_NE.gather(1, idx_NK)
-        if self.cfg.norm_topk_prob:
+        if self.cfg.normalize:
             weights_NK = weights_NK / weights_NK.sum(dim=-1, keepdim=True)
         load_E = torch.bincount(idx_NK.flatten(), minlength=self.n_experts)
         if self.training:  # evaluation and generation must not move the balancing

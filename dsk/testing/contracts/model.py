@@ -25,6 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from dsk.testing.contracts import call as _call
+from dsk.testing.contracts import fail as _fail
+
 __all__ = [
     "check_attention",
     "check_config_round_trip",
@@ -38,20 +41,6 @@ Build = Callable[[], nn.Module]
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
-
-
-def _fail(message: str) -> None:
-    raise AssertionError(message)
-
-
-def _call(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)``; an exception becomes an AssertionError naming the call."""
-    try:
-        return fn(*args, **kwargs)
-    except AssertionError:
-        raise
-    except Exception as exc:  # the component broke: say where, keep the cause
-        raise AssertionError(f"{what} raised {type(exc).__name__}: {exc}") from exc
 
 
 def _build(build: Build, kind: str, seed: int) -> nn.Module:

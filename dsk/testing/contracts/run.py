@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from dsk import hookimpl
+from dsk.testing.contracts import call as _call
+from dsk.testing.contracts import fail as _fail
 
 __all__ = ["check_feature", "check_parallel", "check_trainer", "tiny_recipe"]
 
@@ -40,20 +42,6 @@ _HOOKS = {"feature": "register_features", "parallel": "register_parallel_strateg
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
-
-
-def _fail(message: str) -> None:
-    raise AssertionError(message)
-
-
-def _call(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)``; an exception becomes an AssertionError naming the call."""
-    try:
-        return fn(*args, **kwargs)
-    except AssertionError:
-        raise
-    except Exception as exc:  # the component broke: say where, keep the cause
-        raise AssertionError(f"{what} raised {type(exc).__name__}: {exc}") from exc
 
 
 def tiny_recipe() -> dict[str, Any]:

@@ -15,24 +15,14 @@ from pathlib import Path
 import pytest
 
 from dsk.testing import run_dsk
-from tests.unit.train.helpers import tiny_model
+from tests.e2e.test_post_training import MODEL
 
 pytestmark = [pytest.mark.xdist_group("summary_width")]
 
 # An R1-like pipeline, each stage cut to a couple of steps; the stage and trainer names are the long real ones.
 PIPELINE = (
-    tiny_model(32)
+    MODEL
     + """\
-[data]
-type = "modular"
-modulus = 5
-max_operand = 9
-ops = ["+"]
-trace = false
-test_size = 5
-
-[logging]
-progress = false
 
 [[stages]]
 name = "pretrain"
