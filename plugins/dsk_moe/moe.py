@@ -189,19 +189,24 @@ class MoE(nn.Module):
 
     def aux_loss(self) -> torch.Tensor | None:
         """Weighted balance loss of the last training forward, ready to add to the loss (None if the router has none)."""
-        return self.gate.balance_loss()
+        fn = getattr(self.gate, "balance_loss", None)  # a router's side channels are optional (check_router)
+        return fn() if fn is not None else None
 
     def step_stat_tensors(self) -> list[torch.Tensor]:
         """Per-expert token counts of the step (float32 [E]) for a data-parallel all-reduce (sum)."""
-        return self.gate.load_tensors()
+        fn = getattr(self.gate, "load_tensors", None)
+        return list(fn()) if fn is not None else []
 
     def after_optimizer_step(self) -> None:
         """Once per optimizer step: router bias update from the step's counts, then reset them (no gradients)."""
-        self.gate.end_step()
+        fn = getattr(self.gate, "end_step", None)
+        if fn is not None:
+            fn()
 
     def step_metrics(self) -> dict[str, float | list[float]]:
         """``maxvio`` (max/mean load - 1) and ``expert_load`` of the step; read before after_optimizer_step."""
-        return self.gate.load_metrics()
+        fn = getattr(self.gate, "load_metrics", None)
+        return fn() if fn is not None else {}
 
 
 _HF_EXPERT_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?)experts\.(?P<j>\d+)\.(?P<proj>gate|up|down)_proj\.weight$")

@@ -27,6 +27,28 @@ if TYPE_CHECKING:  # pragma: no cover
 #: model stages per pipeline rank of each schedule
 STAGES_PER_RANK = {"1f1b": 1, "dualpipe": 1, "dualpipev": 2}
 
+#: the schedule each implementation runs, so a pipeline registered under another name (a plugin re-registering
+#: dsk's DualPipeV as "v", say) is checked as the schedule it is
+_SCHEDULE_OF_IMPL = {
+    "dsk_parallel.pipeline:OneFOneB": "1f1b",
+    "dsk_parallel.pipeline:DualPipeV": "dualpipev",
+    "dsk_parallel.pipeline:DualPipe": "dualpipe",
+}
+
+
+def schedule_of(slot: Any) -> str | None:
+    """The schedule (a key of :data:`STAGES_PER_RANK`) of a resolved ``[parallel.<key>]`` pipeline slot: from its
+    implementation, else its registered name; None for a pipeline class dsk does not know (it checks its own
+    shapes when it is built)."""
+    impl = getattr(slot, "impl", None)
+    if isinstance(impl, str) and impl in _SCHEDULE_OF_IMPL:
+        return _SCHEDULE_OF_IMPL[impl]
+    kind = getattr(impl, "kind", None) if impl is not None and not isinstance(impl, str) else None
+    if isinstance(kind, str) and kind in STAGES_PER_RANK:
+        return kind
+    name = getattr(slot, "name", None)
+    return name if name in STAGES_PER_RANK else None
+
 
 class PipelineConfig(BaseConfig):
     """``[parallel.<key>] type = "dualpipev" | "dualpipe" | "1f1b"``: the model cut into stages over ranks."""
@@ -60,9 +82,10 @@ class PipelineConfig(BaseConfig):
         """The stages each pipeline rank holds, the chunks' activations it keeps at its peak and the schedule's
         bubble (:class:`dsk.api.SharesCost`; see :func:`pipeline_share`)."""
         kind = next(
-            (s.name for s in (resolved.get("parallel") or {}).values() if getattr(s, "config", None) is self), None
+            (schedule_of(s) for s in (resolved.get("parallel") or {}).values() if getattr(s, "config", None) is self),
+            None,
         )
-        if kind not in STAGES_PER_RANK:
+        if kind is None:
             return
         model = resolved.get("model")
         pipeline_share(estimate, kind, self, tied=bool(getattr(model, "tie_embeddings", False)))

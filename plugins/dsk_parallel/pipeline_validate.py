@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from dsk import hookimpl
-from dsk_parallel.pipeline_config import PipelineConfig, min_chunks, pipeline_problems
+from dsk_parallel.pipeline_config import PipelineConfig, min_chunks, pipeline_problems, schedule_of
 
 #: trainers whose step runs through BuiltRun.forward_backward (the pipeline's schedule)
 PIPELINED_TRAINERS = ("pretrain", "sft")
@@ -29,7 +29,9 @@ def pipeline_recipe_problems(resolved: dict[str, Any]) -> list[Any]:
         cfg = getattr(slot, "config", None)
         if not isinstance(cfg, PipelineConfig):
             continue
-        kind = slot.name
+        kind = schedule_of(slot)
+        if kind is None:  # a pipeline class dsk does not know checks its own shapes when it is built
+            continue
         if cfg.pp is not None:
             for path, message in pipeline_problems(kind, key, cfg.pp, cfg.chunks, cfg.layers_per_stage, n_layers):
                 problems.append(Problem(path, message, f"see dsk list parallel; {kind} cuts the model over pp ranks"))
@@ -127,7 +129,10 @@ def pipeline_launch_problems(resolved: dict[str, Any], world_size: int) -> list[
                                         "the expert-parallel group lies inside a pipeline stage's data ranks"))  # fmt: skip
         if cfg.pp is None:
             n_layers = getattr(model, "n_layers", None)
-            for path, message in pipeline_problems(slot.name, key, pp, cfg.chunks, cfg.layers_per_stage, n_layers):
+            kind = schedule_of(slot)
+            if kind is None:
+                continue
+            for path, message in pipeline_problems(kind, key, pp, cfg.chunks, cfg.layers_per_stage, n_layers):
                 problems.append(Problem(path, f"{message} (pp = the {world_size} processes)"))
     return problems
 

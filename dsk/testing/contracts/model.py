@@ -149,22 +149,41 @@ def _side(module: nn.Module, contract: str, own: str) -> Callable[..., Any] | No
 
 
 def check_router(build: Build, *, n_experts: int, dim: int, top_k: int, n_tokens: int = 12, seed: int = 0) -> None:
-    """The router contract: ``forward(x [N, D]) -> (weights [N, k], experts [N, k], stats)``.
+    """The router contract, as the MoE layer uses it: ``forward(x [N, D], seq_shape=(B, T)) -> (weights [N, k],
+    experts [N, k], stats)`` with ``stats["load"]`` the per-expert slot counts ``[E]``, and the optional side
+    channels ``balance_loss()``, ``load_tensors()``, ``load_metrics()`` and ``end_step()``.
 
     Checks: shapes and dtypes (weights floating, experts int64 in ``[0, n_experts)`` and distinct per row);
-    gradients reach the router's parameters through the weights; two builds after the same seed route alike;
-    step statistics (``step_stat_tensors`` / ``load_tensors``, ``step_metrics`` / ``load_metrics``) count
-    ``N * top_k`` slots per training forward and nothing in eval; the per-step update (``after_optimizer_step`` /
-    ``end_step``) leaves ``.grad`` alone and resets the counts; the state dict round trip.
+    ``stats["load"]`` counts the routed slots of the call (the layer's dispatch sizes its expert rows by it, in
+    training and in evaluation); gradients reach the router's parameters through the weights; two builds after
+    the same seed route alike; ``balance_loss()`` is None or a finite scalar; ``load_tensors()`` /
+    ``load_metrics()`` count ``N * top_k`` slots per training forward and nothing in eval; ``end_step()`` leaves
+    ``.grad`` alone and resets the counts; the state dict round trip.
     """
     kind = "router"
     router = _build(build, kind, seed).train()
     dtype = _dtype(router)
     gen = torch.Generator().manual_seed(seed + 7)
     x = torch.randn(n_tokens, dim, generator=gen, dtype=dtype)
-    where = f"router forward(x [{n_tokens}, {dim}] {str(dtype).removeprefix('torch.')})"
+    seq_shape = (1, n_tokens)
+    where = f"router forward(x [{n_tokens}, {dim}] {str(dtype).removeprefix('torch.')}, seq_shape={seq_shape})"
 
-    out = _call(where, router, x)
+    def route(module: nn.Module) -> Any:
+        try:
+            return module(x, seq_shape=seq_shape)
+        except TypeError as exc:
+            if "seq_shape" in str(exc):
+                _fail(
+                    f"{where} raised TypeError: {exc}; the MoE layer passes seq_shape=(B, T) (the batch and "
+                    "sequence the N rows come from): accept it, def forward(self, x, seq_shape=None)"
+                )
+            raise AssertionError(f"{where} raised TypeError: {exc}") from exc
+        except AssertionError:
+            raise
+        except Exception as exc:
+            raise AssertionError(f"{where} raised {type(exc).__name__}: {exc}") from exc
+
+    out = route(router)
     if not isinstance(out, tuple) or len(out) != 3:
         _fail(f"{where} returned {type(out).__name__}; return the tuple (weights [N, k], experts [N, k], stats)")
     weights, experts, stats = out
@@ -185,8 +204,7 @@ def check_router(build: Build, *, n_experts: int, dim: int, top_k: int, n_tokens
     if dup.any():
         row = int(dup.nonzero()[0])
         _fail(f"{where}: row {row} picks an expert twice ({experts[row].tolist()}); pick top_k distinct experts")
-    if not isinstance(stats, dict):
-        _fail(f"{where} returned stats of type {type(stats).__name__}; return a dict (e.g. {{'load': counts [E]}})")
+    _check_load_stat(where, stats, experts, n_experts)
 
     router.zero_grad(set_to_none=True)
     probe = torch.linspace(-1, 1, weights.numel(), dtype=weights.dtype).view_as(weights)
@@ -197,7 +215,7 @@ def check_router(build: Build, *, n_experts: int, dim: int, top_k: int, n_tokens
 
     # determinism: two builds after the same seed, the same input
     a, b = _build(build, kind, seed).train(), _build(build, kind, seed).train()
-    oa, ob = _call(where, a, x), _call(where, b, x)
+    oa, ob = route(a), route(b)
     for i, name in enumerate(("weights", "experts")):
         if not torch.equal(oa[i], ob[i]):
             _fail(
@@ -205,29 +223,53 @@ def check_router(build: Build, *, n_experts: int, dim: int, top_k: int, n_tokens
                 f"{name} for the same input; draw every random number from the seeded torch RNG at build time"
             )
 
+    # the balance loss the layer adds to the training loss: None or a finite scalar
+    fresh = _build(build, kind, seed).train()
+    route(fresh)
+    balance = getattr(fresh, "balance_loss", None)
+    if balance is not None:
+        loss = _call("router balance_loss()", balance)
+        if loss is not None and (
+            not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not torch.isfinite(loss).all()
+        ):
+            _fail(f"router balance_loss() returned {loss!r}; return None or a finite scalar tensor")
+
     # step statistics: a training forward counts N * top_k slots, an eval forward nothing
     fresh = _build(build, kind, seed).train()
-    tensors = _side(fresh, "step_stat_tensors", "load_tensors")
-    metrics = _side(fresh, "step_metrics", "load_metrics")
+    tensors = getattr(fresh, "load_tensors", None)
+    metrics = getattr(fresh, "load_metrics", None)
+    for contract, own in (
+        ("step_stat_tensors", "load_tensors"),
+        ("step_metrics", "load_metrics"),
+        ("after_optimizer_step", "end_step"),
+        ("aux_loss", "balance_loss"),
+    ):
+        if getattr(fresh, contract, None) is not None and getattr(fresh, own, None) is None:
+            _fail(
+                f"router has {contract}() but the MoE layer calls a router's {own}(); rename it (the layer "
+                f"itself provides {contract}() to the trainer)"
+            )
     if tensors is not None:
-        _call(where, fresh, x)
-        total = sum(float(t.sum()) for t in _call("router step_stat_tensors()", tensors))
+        route(fresh)
+        total = sum(float(t.sum()) for t in _call("router load_tensors()", tensors))
         if total != n_tokens * top_k:
             _fail(
-                f"router step statistics after one training forward of N = {n_tokens} tokens sum to {total:g}; "
+                f"router load_tensors() after one training forward of N = {n_tokens} tokens sum to {total:g}; "
                 f"count each routed slot once (N x top_k = {n_tokens * top_k})"
             )
         if metrics is not None:
-            m = _call("router step_metrics()", metrics)
-            loads = m.get("expert_load") if isinstance(m, dict) else None
+            m = _call("router load_metrics()", metrics)
+            if not isinstance(m, dict):
+                _fail(f"router load_metrics() returned {type(m).__name__}; return a dict of floats / lists")
+            loads = m.get("expert_load")
             if loads is not None and (len(loads) != n_experts or sum(loads) != n_tokens * top_k):
                 _fail(
-                    f"router step_metrics()['expert_load'] = {loads}: expected {n_experts} per-expert counts "
+                    f"router load_metrics()['expert_load'] = {loads}: expected {n_experts} per-expert counts "
                     f"summing to N x top_k = {n_tokens * top_k}"
                 )
         fresh.eval()
         with torch.no_grad():
-            _call(where, fresh, x)
+            route(fresh)
         again = sum(float(t.sum()) for t in tensors())
         if again != total:
             _fail(
@@ -237,18 +279,37 @@ def check_router(build: Build, *, n_experts: int, dim: int, top_k: int, n_tokens
         fresh.train()
 
     # the per-step update: never touches .grad, resets the counts
-    update_name = "after_optimizer_step" if hasattr(fresh, "after_optimizer_step") else "end_step"
-    update = _side(fresh, "after_optimizer_step", "end_step")
+    update = getattr(fresh, "end_step", None)
     if update is not None:
         fresh.zero_grad(set_to_none=True)
-        w, _, _ = _call(where, fresh, x)
+        w, _, _ = route(fresh)
         (w * probe).sum().backward()
-        _after_step_keeps_grads(fresh, kind, update, update_name)
+        _after_step_keeps_grads(fresh, kind, update, "end_step")
         if tensors is not None and any(float(t.abs().sum()) for t in tensors()):
-            _fail(f"router.{update_name}() left the step statistics non-zero; apply them, then reset them")
+            _fail("router.end_step() left the step statistics non-zero; apply them, then reset them")
 
     # state dict round trip (after an update, so balancing state such as a bias is non-trivial)
-    _check_state_round_trip(fresh, build, kind, seed, lambda m: m(x)[:2])
+    _check_state_round_trip(fresh, build, kind, seed, lambda m: route(m)[:2])
+
+
+def _check_load_stat(where: str, stats: Any, experts: torch.Tensor, n_experts: int) -> None:
+    """``stats["load"]``: an integer tensor [E] with each expert's slot count in ``experts`` (the dispatch uses it)."""
+    if not isinstance(stats, dict) or "load" not in stats:
+        got = sorted(stats) if isinstance(stats, dict) else type(stats).__name__
+        _fail(
+            f"{where} returned stats {got}; return a dict with 'load': the per-expert slot counts [E] "
+            "(torch.bincount(experts.flatten(), minlength=n_experts)), which the MoE dispatch sizes its rows by"
+        )
+    load = stats["load"]
+    want = torch.bincount(experts.flatten(), minlength=n_experts)
+    if not isinstance(load, torch.Tensor) or tuple(load.shape) != (n_experts,) or load.is_floating_point():
+        got = f"{tuple(load.shape)} {load.dtype}" if isinstance(load, torch.Tensor) else type(load).__name__
+        _fail(f"{where} returned stats['load'] of {got}; return integer counts [E] = [{n_experts}]")
+    if not torch.equal(load.to(torch.int64).cpu(), want.cpu()):
+        _fail(
+            f"{where} returned stats['load'] = {load.tolist()} but its experts count {want.tolist()}; "
+            "count the experts this call picked (every call, training or not)"
+        )
 
 
 # -- ffn -------------------------------------------------------------------------------------------------------

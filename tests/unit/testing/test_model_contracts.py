@@ -209,7 +209,37 @@ class RandomInit(GreedyRouter):
         self.weight.data = torch.randn(self.weight.shape, generator=g)
 
 
+class NoSeqShape(GreedyRouter):
+    def forward(self, x):
+        return super().forward(x)
+
+
+class NoLoad(GreedyRouter):
+    def forward(self, x, seq_shape=None):
+        w, idx, _ = super().forward(x, seq_shape)
+        return w, idx, {}
+
+
+class WrongLoad(GreedyRouter):
+    def forward(self, x, seq_shape=None):
+        w, idx, stats = super().forward(x, seq_shape)
+        return w, idx, {"load": stats["load"].flip(0)}
+
+
+class ContractNames(GreedyRouter):
+    """Names its update as an ffn layer does: the MoE layer would never call it."""
+
+    def after_optimizer_step(self):
+        self.end_step()
+
+    end_step = None  # type: ignore[assignment]
+
+
 BROKEN_ROUTERS = {
+    NoSeqShape: "the MoE layer passes seq_shape=(B, T)",
+    NoLoad: "return a dict with 'load': the per-expert slot counts [E]",
+    WrongLoad: "count the experts this call picked",
+    ContractNames: "router has after_optimizer_step() but the MoE layer calls a router's end_step(); rename it",
     FloatIds: "returned experts of dtype float32; return int64 expert ids",
     Duplicates: "picks an expert twice",
     OutOfRange: "expert ids outside [0, 6)",
@@ -229,6 +259,30 @@ def test_broken_routers_fail_with_what_to_fix(cls):
     cfg = NoauxTCConfig(top_k=K) if issubclass(cls, NoauxTCRouter) else GreedyConfig(top_k=K)
     with pytest.raises(AssertionError, match=_re(BROKEN_ROUTERS[cls])):
         check_router(lambda: cls(cfg, CTX, E), n_experts=E, dim=DIM, top_k=K)
+
+
+class PlainTopK(torch.nn.Module):
+    """A router with only a forward: softmax top-k, no balancing, none of the optional side channels."""
+
+    def __init__(self, cfg, ctx, n_experts):
+        super().__init__()
+        self.n_experts, self.top_k = n_experts, cfg.top_k
+        self.weight = torch.nn.Parameter(torch.randn(n_experts, ctx.dim) * ctx.init_std)
+
+    def forward(self, x, seq_shape=None):
+        w, idx = torch.softmax(x @ self.weight.T, dim=-1).topk(self.top_k, dim=-1)
+        return w.to(x.dtype), idx, {"load": torch.bincount(idx.flatten(), minlength=self.n_experts)}
+
+
+def test_a_router_with_only_a_forward_passes_and_runs_in_the_moe_layer():
+    check_router(lambda: PlainTopK(GreedyConfig(top_k=K), CTX, E), n_experts=E, dim=DIM, top_k=K)
+    slot = ResolvedSlot(kind="router", name="plain", config=GreedyConfig(top_k=K), impl=PlainTopK)
+    cfg = MoEConfig(n_routed_experts=E, n_shared_experts=1, expert_hidden_dim=4, router=slot)
+    check_ffn(lambda: MoE(cfg, CTX).double(), dim=DIM)  # the layer's side channels tolerate a router without any
+    moe, x = MoE(cfg, CTX).double(), torch.randn(2, 3, DIM, dtype=torch.float64)
+    moe(x)
+    assert moe.aux_loss() is None and moe.step_stat_tensors() == [] and moe.step_metrics() == {}
+    moe.after_optimizer_step()
 
 
 def test_a_router_with_the_wrong_top_k_fails_on_the_shape():

@@ -265,3 +265,36 @@ def test_dualpipe_at_an_odd_pp_is_a_recipe_error_naming_the_key():
     problems = validate_recipe(Recipe(data=pipeline_table("dualpipe", pp=3)), build_registry(pm), pm).problems
     assert [p.path for p in problems] == ["parallel.pipeline.pp"], problems
     assert "even number" in problems[0].message
+
+
+class _Renamed:
+    """A plugin that registers dsk's DualPipe again as ``bidir`` and a pipeline class of its own as ``mypipe``."""
+
+    from dsk import hookimpl
+
+    @staticmethod
+    @hookimpl
+    def register_parallel_strategies(register):
+        from dsk_parallel.pipeline_config import PipelineConfig
+
+        register("parallel", "bidir", "dsk_parallel.pipeline:DualPipe", config=PipelineConfig, summary="DualPipe")
+        register("parallel", "mypipe", "elsewhere.pipe:MyPipe", config=PipelineConfig, summary="its own schedule")
+
+
+def test_a_pipeline_under_another_name_is_checked_as_its_schedule():
+    """Validation reads the schedule from the implementation, not the registered name: dsk's DualPipe registered
+    as ``bidir`` is refused at an odd pp as DualPipe is; a pipeline class dsk does not know is left to check its
+    own shapes when it is built (no KeyError in validation)."""
+    from dsk.recipe import Recipe, validate_recipe
+    from dsk.registry import build_registry
+    from dsk.testing import isolated_plugin_manager
+
+    pm = isolated_plugin_manager(_Renamed)
+    registry = build_registry(pm)
+    table = pipeline_table("dualpipe", pp=3)
+    table["parallel"]["pipeline"]["type"] = "bidir"
+    problems = validate_recipe(Recipe(data=table), registry, pm).problems
+    assert [p.path for p in problems] == ["parallel.pipeline.pp"], problems
+    assert "even number" in problems[0].message
+    table["parallel"]["pipeline"]["type"] = "mypipe"
+    assert validate_recipe(Recipe(data=table), registry, pm).problems == []
