@@ -84,6 +84,7 @@ _LAZY: dict[str, str] = {
     "remove_stale_temporaries": "dsk.train.checkpoint",
     "render_steps": "dsk.data.languages",
     "save_checkpoint": "dsk.train.checkpoint",
+    "score_rewards": "dsk.train.evaluate",
     "speculative_generate": "dsk.model.generate",
     "split_layers": "dsk.model.transformer",
     "test_records": "dsk.train.evaluate",

@@ -1,8 +1,10 @@
-"""Evaluation on a task's test split: greedy accuracy (KV-cached generation) and optional pass@k with sampling, and
+"""Evaluation on a task's test split: greedy accuracy (KV-cached generation), the means of reward components on
+the same completions, optional sampling (pass@k and the sampled means, from one pass of k samples per prompt), and
 the held-out loss of text data (:func:`evaluate_loss`: mean next-token cross-entropy and perplexity).
 
 A prompt is encoded as in training (``[BOS] + encode(prompt)``); the model continues until EOS or
-``max_new_tokens``; the decoded continuation goes to the task's ``check(record, text)``.
+``max_new_tokens``; the decoded continuation goes to the task's ``check(record, text)`` and to each reward
+(:func:`score_rewards`, the reward contract: ``fn(config, prompts, completions, **columns)``).
 
 Many ranks (``parallel`` given, more than one data rank): each data rank evaluates its share of the records and
 the counts are all-reduced, so an evaluation costs 1/W of one process and reports the same numbers. Every rank
@@ -15,12 +17,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["evaluate_loss", "evaluate_task", "pass_at_k", "test_records", "test_text_records"]
+__all__ = ["evaluate_loss", "evaluate_task", "pass_at_k", "score_rewards", "test_records", "test_text_records"]
 
 
 def test_records(task: Any, n: int) -> list[dict[str, Any]]:
@@ -71,10 +73,20 @@ def _encode_prompts(tokenizer: Any, records: list[dict[str, Any]]) -> list[list[
     return [head + tokenizer.encode(r["prompt"]) for r in records]
 
 
+class _Generated:
+    """Completions of a list of prompts: decoded texts, generated ids (EOS included when produced), and whether
+    each stopped at the length limit."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.tokens: list[list[int]] = []
+        self.truncated: list[bool] = []
+
+
 def _generate_texts(
     model, tokenizer, prompts, *, max_new_tokens, batch_size, temperature, generators=None, sync_done=None
-):
-    """Texts and per-row new-token counts of ``prompts``, ``batch_size`` rows per call.
+) -> _Generated:
+    """The completions of ``prompts``, ``batch_size`` rows per call.
 
     ``generators``: one per block of ``len(prompts) / len(generators)`` consecutive rows (a call holds whole
     blocks); ``sync_done``: :func:`dsk.model.generate.generate`'s.
@@ -83,8 +95,7 @@ def _generate_texts(
 
     per = len(prompts) // len(generators) if generators else 1
     step = max(per, batch_size // per * per)  # whole blocks per call
-    texts: list[str] = []
-    lengths: list[int] = []
+    out = _Generated()
     for start in range(0, len(prompts), step):
         chunk = prompts[start : start + step]
         result = generate(
@@ -92,9 +103,10 @@ def _generate_texts(
             generator=generators[start // per : (start + len(chunk)) // per] if generators else None,
             pad_id=tokenizer.pad_id, sync_done=sync_done,
         )  # fmt: skip
-        lengths.extend(result.lengths)
-        texts.extend(tokenizer.decode(tokens) for tokens in result.tokens)
-    return texts, lengths
+        out.tokens.extend(list(t) for t in result.tokens)
+        out.truncated.extend(result.truncated)
+        out.texts.extend(tokenizer.decode(tokens) for tokens in result.tokens)
+    return out
 
 
 def _shares(n: int, parallel: Any) -> tuple[list[int], int]:
@@ -108,8 +120,87 @@ def _shares(n: int, parallel: Any) -> tuple[list[int], int]:
 
 
 def _record_generator(device: Any, seed: int, index: int) -> torch.Generator:
-    """The pass@k generator of test record ``index`` (the same whatever share of the records a rank holds)."""
+    """The sampling generator of test record ``index`` (the same whatever share of the records a rank holds)."""
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + index * 7_919 + 17) % (2**63 - 1))
+
+
+def _device(model: Any) -> torch.device:
+    embed = getattr(model, "embed_tokens", None)
+    return embed.weight.device if embed is not None else next(model.parameters()).device
+
+
+def score_rewards(
+    rewards: Mapping[str, Any],
+    records: Sequence[dict[str, Any]],
+    completions: Sequence[str],
+    *,
+    completion_ids: Sequence[Sequence[int]] | None = None,
+    truncated: Sequence[bool] | None = None,
+    max_completion_length: int | None = None,
+    checker: Callable[[dict[str, Any], str], Any] | None = None,
+    registry: Any = None,
+) -> dict[str, list[float | None]]:
+    """Every reward of ``rewards`` on the completions, as the reward contract calls it (docs/plugins.md).
+
+    ``fn(config, prompts, completions, **columns)`` with the records' keys as columns (one list each; a key missing
+    from a record is None there; ``prompt`` and ``completion`` are left out, the latter would clash with the
+    reference completion of SFT data), ``completion_ids`` and ``truncated`` where given, and the scalars
+    ``max_completion_length``, ``checker`` (the task's ``check``) and ``registry`` (for rewards that look
+    components up by name).
+
+    Args:
+        rewards: ``{name: slot}``, each a resolved reward slot (``slot.load()`` gives the function, ``slot.config``
+            its options).
+        records: the record of each completion (repeated for several completions of one prompt).
+        completions: the decoded completions, one per record.
+
+    Returns:
+        ``{name: [value or None per completion]}`` (None: the reward does not apply to that completion).
+
+    Raises:
+        ValueError: a reward returned a list of the wrong length or a value that is not a number.
+    """
+    n = len(completions)
+    keys = sorted({k for r in records for k in r} - {"prompt", "completion"})
+    columns: dict[str, Any] = {k: [r.get(k) for r in records] for k in keys}
+    if completion_ids is not None:
+        columns["completion_ids"] = [list(c) for c in completion_ids]
+    if truncated is not None:
+        columns["truncated"] = list(truncated)
+    prompts = [r["prompt"] for r in records]
+    out: dict[str, list[float | None]] = {}
+    for name, slot in rewards.items():
+        values = slot.load()(
+            slot.config, list(prompts), list(completions), **columns,
+            max_completion_length=max_completion_length, checker=checker, registry=registry,
+        )  # fmt: skip
+        if len(values) != n:
+            raise ValueError(f"reward '{name}' returned {len(values)} values for {n} completions")
+        for v in values:
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+                raise ValueError(f"reward '{name}' returned {v!r}; expected a float or None")
+        out[name] = [None if v is None else float(v) for v in values]
+    return out
+
+
+class _Sums:
+    """``(total, count)`` pairs by key, all-reduced in one call; a mean is ``total / count`` (None when count is 0)."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.values: list[float] = []
+
+    def add(self, key: str, values: Sequence[float | None]) -> None:
+        """The values of one key on this rank (None: not counted)."""
+        valid = [float(v) for v in values if v is not None]
+        self.keys.append(key)
+        self.values += [sum(valid), float(len(valid))]
+
+    def means(self, parallel: Any, world: int) -> dict[str, float | None]:
+        sums = self.values
+        if world > 1:
+            sums = parallel.all_reduce(torch.tensor(sums, dtype=torch.float64), "sum").tolist()
+        return {k: (sums[2 * i] / sums[2 * i + 1] if sums[2 * i + 1] else None) for i, k in enumerate(self.keys)}
 
 
 @torch.no_grad()
@@ -126,27 +217,38 @@ def evaluate_task(
     seed: int = 0,
     examples: int = 0,
     parallel: Any = None,
+    rewards: Mapping[str, Any] | None = None,
+    registry: Any = None,
 ) -> dict[str, Any]:
-    """Greedy accuracy (and pass@k) of ``model`` on ``records``.
+    """Greedy accuracy of ``model`` on ``records``, the rewards' means on the same completions, and with ``pass_k``
+    the same figures over ``pass_k`` sampled completions per record (and pass@k).
 
     Args:
         model: a :class:`dsk.model.DSKModel` (switched to eval mode for the call, then restored).
         tokenizer: the run's tokenizer.
         task: has ``check(record, completion_text) -> bool``.
-        records: test records (``prompt`` plus whatever ``check`` reads).
+        records: test records (``prompt`` plus whatever ``check`` and the rewards read).
         max_new_tokens: generation budget per prompt.
         batch_size: prompts per generation batch.
-        pass_k: k samples per prompt at ``temperature`` for pass@k (0: off).
-        temperature: sampling temperature of the pass@k samples.
-        seed: seed of the sampling generator (so an evaluation never draws from, or moves, the global RNG).
+        pass_k: k samples per prompt at ``temperature``, drawn once, for pass@k and the ``sampled_*`` means
+            (0: no sampling).
+        temperature: sampling temperature of the k samples.
+        seed: seed of the per-record sampling generators (record i draws from its own, seeded from ``seed`` and
+            i, so an evaluation never draws from, or moves, the global RNG, and gives the same samples whatever
+            ranks hold the records).
         examples: how many (prompt, completion, correct) triples to return under ``"examples"`` (from the first
             records; on the writing rank when the records are shared out).
         parallel: the run's parallel strategy (``BuiltRun.parallel``); with more than one rank every rank must call
             this with the same records (module docstring). None: one process.
+        rewards: ``{name: resolved reward slot}`` scored on every completion (:func:`score_rewards`); a reward
+            named like a key of the result (``accuracy``) is not scored: the task's checker gives that key.
+        registry: the component registry passed to the rewards (``registry=``).
 
     Returns:
-        ``{"eval/accuracy", "eval/samples", "eval/new_tokens_mean", "eval/seconds"}`` (+ ``"eval/pass@k"``, and
-        ``"examples"`` when asked).
+        ``{"eval/accuracy", "eval/samples", "eval/new_tokens_mean", "eval/truncated", "eval/<reward>"...,
+        "eval/seconds"}``; with ``pass_k`` also ``"eval/pass@k"``, ``"eval/sampled_accuracy"`` (the share of the
+        n * k samples the checker accepts) and ``"eval/sampled_<reward>"``; ``"examples"`` when asked. A reward's
+        mean is over the completions it applies to, None (null in JSON) when it applies to none.
     """
     if not records:
         return {}
@@ -165,39 +267,48 @@ def evaluate_task(
             f"the longest test prompt has {longest} tokens: no room to generate under "
             f"model.max_seq_len = {model.config.max_seq_len}"
         )
-    texts, lengths = _generate_texts(
+    builtin = {"accuracy", "samples", "new_tokens_mean", "truncated", "seconds"}
+    scored = {k: v for k, v in (rewards or {}).items() if k not in builtin and not k.startswith("pass@")}
+
+    def score(rows: list[dict[str, Any]], gen: _Generated, count: int) -> dict[str, list[float | None]]:
+        return score_rewards(
+            scored, rows, gen.texts[:count], completion_ids=gen.tokens[:count], truncated=gen.truncated[:count],
+            max_completion_length=room, checker=task.check, registry=registry,
+        )  # fmt: skip
+
+    greedy = _generate_texts(
         model, tokenizer, prompts, max_new_tokens=room, batch_size=batch_size, temperature=0.0, sync_done=sync_done
     )
-    correct = [bool(task.check(r, t)) for r, t in zip(local, texts, strict=True)][:n_real]
-    sums = [float(sum(correct)), float(sum(lengths[:n_real]))]
+    mine = local[:n_real]
+    correct = [bool(task.check(r, t)) for r, t in zip(local, greedy.texts, strict=True)][:n_real]
+    sums = _Sums()
+    sums.add("eval/accuracy", [float(c) for c in correct])
+    sums.add("eval/new_tokens_mean", [float(len(t)) for t in greedy.tokens[:n_real]])
+    sums.add("eval/truncated", [float(t) for t in greedy.truncated[:n_real]])
+    for name, values in score(mine, greedy, n_real).items():
+        sums.add(f"eval/{name}", values)
     if pass_k > 0:
-        device = model.embed_tokens.weight.device
-        generators = [_record_generator(device, seed, i) for i in index]
+        generators = [_record_generator(_device(model), seed, i) for i in index]
         repeated = [p for p in prompts for _ in range(pass_k)]  # k consecutive samples per prompt
-        sampled, _ = _generate_texts(
+        sampled = _generate_texts(
             model, tokenizer, repeated, max_new_tokens=room, batch_size=batch_size, temperature=temperature,
             generators=generators, sync_done=sync_done,
         )  # fmt: skip
-        scores = []
-        for i, record in enumerate(local[:n_real]):
-            hits = sum(bool(task.check(record, t)) for t in sampled[i * pass_k : (i + 1) * pass_k])
-            scores.append(pass_at_k(hits, pass_k, pass_k))
-        sums.append(float(sum(scores)))
-    if world > 1:
-        sums = parallel.all_reduce(torch.tensor(sums, dtype=torch.float64), "sum").tolist()
+        rows = [r for r in mine for _ in range(pass_k)]  # the record of each real sample
+        hits = [bool(task.check(r, t)) for r, t in zip(rows, sampled.texts, strict=False)]
+        per_record = [sum(hits[i * pass_k : (i + 1) * pass_k]) for i in range(n_real)]
+        sums.add(f"eval/pass@{pass_k}", [pass_at_k(h, pass_k, pass_k) for h in per_record])
+        sums.add("eval/sampled_accuracy", [float(h) for h in hits])
+        for name, values in score(rows, sampled, len(rows)).items():
+            sums.add(f"eval/sampled_{name}", values)
+    means = sums.means(parallel, world)
     n = len(records)
-    out: dict[str, Any] = {
-        "eval/accuracy": sums[0] / n,
-        "eval/samples": n,
-        "eval/new_tokens_mean": sums[1] / n,
-    }
-    if pass_k > 0:
-        out[f"eval/pass@{pass_k}"] = sums[2] / n
+    out: dict[str, Any] = {"eval/accuracy": means.pop("eval/accuracy"), "eval/samples": n, **means}
     out["eval/seconds"] = time.perf_counter() - started
     if examples:
         out["examples"] = [
             {"prompt": r["prompt"], "completion": t, "correct": c}
-            for r, t, c in list(zip(local, texts, correct, strict=True))[:examples]
+            for r, t, c in list(zip(local, greedy.texts, correct, strict=False))[:examples]
         ]
     return out
 

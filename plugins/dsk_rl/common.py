@@ -1,8 +1,8 @@
 """Run plumbing shared by the post-training trainers, on top of the runtime in ``dsk.train``.
 
 Building the policy (seeded, initialised from the previous stage), training records, checkpoints with the
-runtime's atomic format, evaluation rows, and the side channels of the model's components (auxiliary losses,
-MoE step metrics); and the pieces the trainers share across ranks: per-group sampling generators, the agreed stop
+runtime's atomic format, evaluation rows (greedy and sampled) and their summary columns, and the side channels of
+the model's components (auxiliary losses, MoE step metrics); and the pieces the trainers share across ranks: per-group sampling generators, the agreed stop
 of generation, and the share of a list of work items each data rank takes.
 """
 
@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dsk.api.runtime import RunContext, RunSetupError, build_run, done_across_ranks, save_checkpoint
+from dsk.api.runtime import RunContext, RunSetupError, build_run, save_checkpoint
 
 __all__ = [
     "build_policy",
     "data_share",
+    "eval_columns",
     "evaluate_row",
     "freeze_unused_heads",
     "group_generator",
@@ -112,7 +112,6 @@ def mean(values: list[Any]) -> float | None:
     return sum(finite) / len(finite) if finite else None
 
 
-@torch.no_grad()
 def evaluate_row(
     ctx: RunContext,
     model: torch.nn.Module,
@@ -124,78 +123,58 @@ def evaluate_row(
     max_new_tokens: int,
     batch_size: int = 256,
     rewards: dict[str, Any] | None = None,
+    sampled_k: int = 0,
+    temperature: float = 1.0,
     examples: int = 0,
     write: bool = True,
 ) -> dict[str, Any]:
-    """Greedy held-out accuracy, and the mean of every reward on the same completions, as an ``eval`` row.
+    """Held-out accuracy and the mean of every reward, greedy and over ``sampled_k`` samples, as an ``eval`` row.
 
-    ``eval/accuracy`` is the task's checker on the greedy completion (what ``dsk.train.evaluate`` reports);
-    ``eval/<reward>`` is each reward's mean over the completions it applies to (format compliance, language
-    consistency...), so a stage shows what its rewards did to the policy's default behaviour, not only to samples.
-    The row is written to ``metrics.jsonl`` and shown on the progress bar unless ``write`` is false.
+    ``eval/accuracy`` is the task's checker on the greedy completion; ``eval/<reward>`` is each reward's mean over
+    the greedy completions it applies to (format compliance, language consistency...), so a stage shows what its
+    rewards did to the policy's default behaviour. With ``sampled_k``: ``eval/sampled_accuracy`` and
+    ``eval/sampled_<reward>``, the same means over ``sampled_k`` completions per record at ``temperature`` (what
+    the policy does when it samples, as in R1's evaluation), and ``eval/pass@k`` from the same samples. A reward
+    named ``accuracy`` is not scored: the checker gives that key. The row is written to ``metrics.jsonl`` and shown
+    on the progress bar unless ``write`` is false.
 
-    Many ranks (``ctx.parallel``, set by the build path): every rank calls this with the same records; each
-    generates its share (:func:`data_share`, padded so every rank makes the same calls, each call's stop agreed)
-    and the sums are all-reduced, so the row is one process's at 1/W of the cost. ``examples`` come from the
-    writing rank's share (the first records).
+    The evaluation is :func:`dsk.api.runtime.evaluate_task`'s: record i samples from its own generator, seeded
+    from ``[dsk] seed`` and i, so an evaluation is the same at every step of a resumed run and never draws from, or
+    moves, the global RNG, and the evaluations of one run share their random numbers (the difference between two
+    steps is the policy's, not the draw's). Many ranks (``ctx.parallel``, set by the build path): every rank calls
+    this with the same records; each generates its share (padded so every rank makes the same calls, each call's
+    stop agreed) and the sums are all-reduced, so the row is one process's at 1/W of the cost. ``examples`` come
+    from the writing rank's share (the first records).
     """
-    from dsk_rl.rollout import encode_prompts, sample, score
+    from dsk.api.runtime import evaluate_task
 
     if not records:
         return {}
-    started = time.perf_counter()
-    parallel = getattr(ctx, "parallel", None)
-    world = int(getattr(parallel, "data_world_size", 1)) if parallel is not None else 1
-    start, stop = data_share(parallel, len(records))
-    mine = records[start:stop]
-    share = -(-len(records) // world)
-    local = mine + [records[0]] * (share - len(mine))  # padded: the same generation calls on every rank
-    longest = max(len(p) for p in encode_prompts(tokenizer, records))
-    samples = sample(
-        model, tokenizer, encode_prompts(tokenizer, local), 1, max_new_tokens=max_new_tokens, temperature=0.0,
-        top_p=1.0, batch_size=batch_size, generator=None, sync_done=done_across_ranks(parallel), max_prompt_len=longest,
+    result = evaluate_task(
+        model, tokenizer, task, records, max_new_tokens=max_new_tokens, batch_size=batch_size, pass_k=sampled_k,
+        temperature=temperature, seed=ctx.seed, examples=examples, parallel=getattr(ctx, "parallel", None),
+        rewards=rewards, registry=ctx.registry,
     )  # fmt: skip
-    n_mine = len(mine)
-    texts = samples.texts[:n_mine]
-    correct = [bool(task.check(r, t)) for r, t in zip(mine, texts, strict=True)]
-    sums = [
-        float(sum(correct)),
-        float(sum(len(c) for c in samples.completion_ids[:n_mine])),
-        float(sum(samples.truncated[:n_mine])),
-    ]
-    names: list[str] = []
-    if rewards:
-        scores = score(
-            rewards, [r["prompt"] for r in mine], texts, mine, completion_ids=samples.completion_ids[:n_mine],
-            truncated=samples.truncated[:n_mine], max_completion_length=max_new_tokens, checker=task.check,
-            registry=ctx.registry,
-        )  # fmt: skip
-        names = scores.names
-        for k in range(len(names)):
-            col = scores.values[:, k]
-            valid = col[~torch.isnan(col)]
-            sums += [float(valid.sum()), float(valid.numel())]
-    if world > 1:
-        sums = parallel.all_reduce(torch.tensor(sums, dtype=torch.float64), "sum").tolist()
-    n = len(records)
     row: dict[str, Any] = {"kind": "eval", "step": step, **({"stage": ctx.stage} if ctx.stage else {})}
-    row["eval/accuracy"] = sums[0] / n
-    row["eval/samples"] = n
-    row["eval/new_tokens_mean"] = sums[1] / n
-    row["eval/truncated"] = sums[2] / n
-    for k, name in enumerate(names):
-        total, count = sums[3 + 2 * k], sums[4 + 2 * k]
-        row[f"eval/{name}"] = total / count if count else None
-    row["eval/seconds"] = time.perf_counter() - started
+    row.update((k, v) for k, v in result.items() if k != "examples")
     if write:
         ctx.metrics.write(row)
         ctx.reporter.update(step, row)
     if examples:
-        row["examples"] = [
-            {"prompt": r["prompt"], "completion": t, "correct": c}
-            for r, t, c in list(zip(mine, texts, correct, strict=True))[:examples]
-        ]
+        row["examples"] = result.get("examples", [])
     return row
+
+
+def eval_columns(rewards: dict[str, Any] | None, sampled_k: int) -> tuple[tuple[str, str, str], ...]:
+    """The summary columns of the sampled evaluation: ``(key, label, format)`` of ``eval/sampled_accuracy`` and of
+    each reward's sampled mean (none when ``sampled_k`` is 0)."""
+    if not sampled_k:
+        return ()
+    names = [n for n in rewards or {} if n != "accuracy"]
+    return (
+        ("eval/sampled_accuracy", "sampled acc", ".1%"),
+        *((f"eval/sampled_{n}", f"sampled {n}", ".3f") for n in names),
+    )
 
 
 def save_run_checkpoint(

@@ -62,10 +62,21 @@ class SamplingConfig(BaseConfig):
 
 
 class EvalConfig(BaseConfig):
-    """Greedy accuracy on the task's held-out test split."""
+    """Greedy accuracy on the task's held-out test split, the rewards' means on the same completions, and the same
+    figures over sampled completions (``eval/sampled_*``)."""
 
     eval_every: int = Field(0, ge=0, description="evaluate every N steps (0: only before and after the run)")
     eval_samples: int = Field(200, ge=0, description="distinct test problems per evaluation (0: no evaluation)")
+    eval_sampled_k: int = Field(
+        4,
+        ge=0,
+        description="completions sampled per test problem at eval_temperature for eval/sampled_accuracy, "
+        "eval/sampled_<reward> and eval/pass@k (0: greedy only); an evaluation generates k + 1 completions per "
+        "problem instead of 1 (eval_samples = 200, k = 4: 800 sampled ones besides the 200 greedy)",
+    )
+    eval_temperature: float = Field(
+        1.0, gt=0, description="sampling temperature of the eval_sampled_k completions (R1 measures at 1.0)"
+    )
 
 
 class GRPOConfig(OptimConfig, SamplingConfig, EvalConfig):

@@ -47,7 +47,7 @@ from dsk.api.runtime import (
     tokens_per_s,
     training_loss,
 )
-from dsk_rl.common import build_policy, evaluate_row, group_generator, mean, train_record_fn
+from dsk_rl.common import build_policy, eval_columns, evaluate_row, group_generator, mean, train_record_fn
 from dsk_rl.config import DistillConfig
 from dsk_rl.sft import resolve_checkpoint, run_sft, sft_steps
 from dsk_rl.traces import generate_traces, write_jsonl
@@ -176,7 +176,8 @@ class DistillTrainer:
         if eval_records:
             student_eval = evaluate_row(
                 ctx, student, tokenizer, task, eval_records, int(result.get("step", steps)),
-                max_new_tokens=cfg.eval_max_new_tokens, rewards=cfg.rewards, examples=3,
+                max_new_tokens=cfg.eval_max_new_tokens, rewards=cfg.rewards, sampled_k=cfg.eval_sampled_k,
+                temperature=cfg.eval_temperature, examples=3,
             )  # fmt: skip
         out = {k: v for k, v in result.items() if not k.startswith("eval/")}
         out.update({"trainer": self.name, "status": "completed", "steps": steps, "mode": cfg.mode, "traces": n_rows})
@@ -190,6 +191,10 @@ class DistillTrainer:
         for key, value in student_eval.items():
             if key.startswith("eval/") or key == "examples":
                 out[key] = value
+        if student_eval:  # the sampled evaluation's figures as summary columns, after the SFT's own
+            columns = [tuple(c) for c in out.get("columns") or []]
+            columns += [c for c in eval_columns(cfg.rewards, cfg.eval_sampled_k) if c not in columns]
+            out["columns"] = [list(c) for c in columns]
         t_acc, s_acc = out.get("teacher/eval/accuracy"), out.get("eval/accuracy")
         if t_acc and s_acc is not None:
             out["student/teacher_accuracy_ratio"] = s_acc / t_acc

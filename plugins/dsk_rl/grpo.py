@@ -57,6 +57,7 @@ from dsk.api.runtime import (
 )
 from dsk_rl.common import (
     data_share,
+    eval_columns,
     evaluate_row,
     freeze_unused_heads,
     group_generator,
@@ -145,6 +146,8 @@ class _GRPORun(TrainerRun):
     def __init__(self, trainer: GRPOTrainer, ctx: RunContext):
         super().__init__(trainer, ctx)
         self.ref_step = 0
+        if self.cfg.eval_samples:  # the sampled evaluation's figures in the summary and on the progress bar
+            self.summary_columns = (*self.summary_columns, *eval_columns(self.cfg.rewards, self.cfg.eval_sampled_k))
 
     # -- set-up ------------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -445,7 +448,8 @@ class _GRPORun(TrainerRun):
         return evaluate_row(
             self.ctx, self.model, self.tokenizer, self.task, self.eval_records, self.step,
             max_new_tokens=self.cfg.max_completion_length, batch_size=self.cfg.generation_batch_size,
-            rewards=self.cfg.rewards, examples=examples,
+            rewards=self.cfg.rewards, sampled_k=self.cfg.eval_sampled_k, temperature=self.cfg.eval_temperature,
+            examples=examples,
         )  # fmt: skip
 
     def save(self, reason: str) -> Path:

@@ -31,7 +31,14 @@ from dsk.api.runtime import (
     read_jsonl,
     test_records,
 )
-from dsk_rl.common import build_policy, evaluate_row, group_generator, save_run_checkpoint, train_record_fn
+from dsk_rl.common import (
+    build_policy,
+    eval_columns,
+    evaluate_row,
+    group_generator,
+    save_run_checkpoint,
+    train_record_fn,
+)
 from dsk_rl.config import RejectionSamplingConfig
 from dsk_rl.sft import resolve_checkpoint, run_sft, sft_steps
 from dsk_rl.traces import generate_traces, write_jsonl
@@ -94,7 +101,7 @@ class RejectionSamplingTrainer:
             )
             before = evaluate_row(
                 ctx, policy, tokenizer, task, eval_records, 0, max_new_tokens=cfg.eval_max_new_tokens,
-                rewards=cfg.rewards,
+                rewards=cfg.rewards, sampled_k=cfg.eval_sampled_k, temperature=cfg.eval_temperature,
             )  # fmt: skip
             record_at = train_record_fn(task)
             records = [record_at(i) for i in range(cfg.num_prompts)]
@@ -146,7 +153,8 @@ class RejectionSamplingTrainer:
             model = build_policy(ctx, tokenizer, init_from=final)
             after = evaluate_row(
                 ctx, model, tokenizer, task, eval_records, int(summary.get("step", 0)),
-                max_new_tokens=cfg.eval_max_new_tokens, rewards=cfg.rewards, examples=3,
+                max_new_tokens=cfg.eval_max_new_tokens, rewards=cfg.rewards, sampled_k=cfg.eval_sampled_k,
+                temperature=cfg.eval_temperature, examples=3,
             )  # fmt: skip
         return self._summary(summary, trace_row, before, after, n_rows, steps, started)
 
@@ -160,5 +168,9 @@ class RejectionSamplingTrainer:
         for key, value in after.items():
             if key.startswith("eval/") or key == "examples":
                 out[key] = value
+        if after:  # the sampled evaluation's figures as summary columns, after the SFT's own
+            columns = [tuple(c) for c in out.get("columns") or []]
+            columns += [c for c in eval_columns(self.config.rewards, self.config.eval_sampled_k) if c not in columns]
+            out["columns"] = [list(c) for c in columns]
         out["wall_s"] = time.perf_counter() - started
         return out

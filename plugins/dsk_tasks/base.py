@@ -197,6 +197,21 @@ class VerifiableTask(abc.ABC):
             return False
         return self.check_answer(record, answer)
 
+    @property
+    def eval_rewards(self) -> dict[str, dict[str, Any]]:
+        """The rewards ``dsk eval`` scores this task's completions with by default: ``{name: options}`` (reward
+        tables whose ``type`` defaults to the name, as ``[trainer.rewards.<name>]``).
+
+        A completion of these tasks has a layout and, when it reasons, a language: the format reward (with
+        ``require_think`` only when the task writes a trace) and the language consistency of the trace. ``bare``
+        completions are the answer alone: nothing to score but accuracy.
+        """
+        if self.config.format == "bare":
+            return {}
+        if not self.config.trace:
+            return {"format": {"require_think": False}}
+        return {"format": {}, "language_consistency": {}}
+
     def op_word(self, op: str, language: str) -> str:
         """The symbol (sym) or word of ``op`` in ``language``, for prompts."""
         return op if language == SYMBOLIC else SPELLED_LANGUAGES[language].ops[op]

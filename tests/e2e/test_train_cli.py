@@ -95,6 +95,92 @@ def test_eval_with_an_unknown_task_option_exits_2(trained):
     assert "unknown option 'max_digitz'" in result.output and "Traceback" not in result.output
 
 
+def _eval_by_hand(ckpt, n: int, k: int, temperature: float, budget: int) -> dict:
+    """What ``dsk eval --samples n --pass-k k`` reports, computed without it: the checkpoint loaded, each test
+    record generated alone (greedy, and k samples from the record's own generator), the task's checker and the
+    built-in reward functions called directly on the completions."""
+    from dsk_rewards.config import FormatConfig, LanguageConsistencyConfig
+    from dsk_rewards.rewards import format_reward, language_consistency
+    from dsk_tasks.arithmetic import ArithmeticTask
+    from dsk_tasks.config import ArithmeticConfig
+
+    from dsk.data.tokenizers import load_tokenizer
+    from dsk.model.generate import generate
+    from dsk.model.hf import load_pretrained
+    from dsk.testing import builtin_registry
+    from dsk.train.evaluate import _record_generator, test_records
+
+    config = json.loads((ckpt / "config.json").read_text())
+    tokenizer = load_tokenizer(config["tokenizer"])
+    model = load_pretrained(ckpt, registry=builtin_registry())
+    task_table = {k: v for k, v in config["task"].items() if k != "type"}
+    task = ArithmeticTask(ArithmeticConfig(**task_table))
+    records = test_records(task, n)
+    greedy, sampled = [], []
+    for i, record in enumerate(records):
+        prompt = [tokenizer.bos_id, *tokenizer.encode(record["prompt"])]
+        kw = {"eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id}
+        greedy += [(record, tokenizer.decode(generate(model, [prompt], budget, temperature=0.0, **kw).tokens[0]))]
+        gen = [_record_generator(torch.device("cpu"), 0, i)]
+        out = generate(model, [prompt] * k, budget, temperature=temperature, generator=gen, **kw)
+        sampled += [(record, tokenizer.decode(t)) for t in out.tokens]
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    expected = {}
+    for prefix, rows in (("", greedy), ("sampled_", sampled)):
+        prompts, texts = [r["prompt"] for r, _ in rows], [t for _, t in rows]
+        languages = [r["language"] for r, _ in rows]
+        expected[f"eval/{prefix}accuracy"] = mean([float(task.check(r, t)) for r, t in rows])
+        expected[f"eval/{prefix}format"] = mean(format_reward(FormatConfig(), prompts, texts))
+        expected[f"eval/{prefix}language_consistency"] = mean(
+            language_consistency(LanguageConsistencyConfig(), prompts, texts, language=languages)
+        )
+    return expected
+
+
+def test_eval_reports_the_rewards_of_the_greedy_and_of_the_sampled_completions(trained):
+    _, run_dir, _ = trained
+    ckpt = run_dir / "checkpoints" / "step-16"
+    result = dsk("eval", ckpt, "--samples", "4", "--pass-k", "3", "--temperature", "1", "--max-new-tokens", "12",
+                 "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["rewards"] == ["format", "language_consistency"]  # what the arithmetic task declares
+    assert payload["pass_k"] == 3 and payload["temperature"] == 1.0
+    expected = _eval_by_hand(ckpt, 4, 3, 1.0, 12)
+    for key, value in expected.items():
+        assert (payload[key] is None) == (value is None), key
+        if value is not None:
+            assert payload[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    assert payload["eval/sampled_language_consistency"] is not None  # some samples reason in <think>
+    assert 0.0 <= payload["eval/pass@3"] <= 1.0
+
+
+def test_eval_without_pass_k_has_no_sampled_keys_and_reward_picks_the_rewards(trained):
+    _, run_dir, _ = trained
+    result = dsk("eval", run_dir, "--samples", "4", "--max-new-tokens", "12", "--reward", "format", "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["rewards"] == ["format"] and "eval/format" in payload
+    assert "eval/language_consistency" not in payload
+    assert not [key for key in payload if "sampled" in key or "pass@" in key]
+    text = dsk("eval", run_dir, "--samples", "4", "--max-new-tokens", "12", "--pass-k", "2")
+    assert text.exit_code == 0, text.output
+    for column in ("greedy accuracy", "format", "pass@2", "sampled accuracy", "sampled format"):
+        assert column in text.stdout, (column, text.stdout)
+
+
+def test_eval_with_an_unknown_reward_exits_2_naming_it(trained):
+    _, run_dir, _ = trained
+    result = dsk("eval", run_dir, "--samples", "2", "--reward", "format", "--reward", "fromat_typo")
+    assert result.exit_code == 2
+    assert "--reward fromat_typo" in result.output and "unknown reward 'fromat_typo'" in result.output
+    assert "available rewards: accuracy, format" in result.output and "Traceback" not in result.output
+
+
 def test_a_used_run_dir_is_refused_without_resume_and_left_untouched(trained):
     recipe, run_dir, _ = trained
     before = (run_dir / "metrics.jsonl").read_text()

@@ -230,7 +230,9 @@ def test_grpo_on_two_ranks_equals_one_process_given_the_same_prompts(two_ranks, 
             assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), (step, key)
         assert two["kl"] == pytest.approx(one["kl"], rel=1e-4, abs=1e-7), step
     assert all(r["frac_reward_zero_std"] < 1 and r["loss"] != 0 for r in one_rows)  # every step has a signal
-    # the evaluation (5 test records: shares of 3 and 2) reports one process's numbers on every rank
+    # the evaluation (5 test records: shares of 3 and 2), greedy and sampled (eval_sampled_k = 4: 20 samples of
+    # per-record generators), reports one process's numbers on every rank
+    assert {"eval/sampled_accuracy", "eval/sampled_digits", "eval/pass@4"} <= set(one_eval)
     for key, value in one_eval.items():
         if key.startswith("eval/") and key != "eval/seconds":
             assert r0_eval[key] == r1_eval[key] == pytest.approx(value, rel=1e-12), key
@@ -245,7 +247,8 @@ def test_grpo_recipe_on_two_ranks_writes_the_rows_of_one_process(two_ranks, one_
     assert [(r["kind"], r["step"]) for r in two] == [(r["kind"], r["step"]) for r in one]
     assert [r["kind"] for r in one].count("train") == STEPS and [r["kind"] for r in one].count("eval") == 2
     for a, b in zip(one, two, strict=True):
-        exact = ("reward", "rewards/digits/mean", "completions/mean_length", "eval/accuracy", "eval/digits")
+        exact = ("reward", "rewards/digits/mean", "completions/mean_length", "eval/accuracy", "eval/digits",
+                 "eval/sampled_accuracy", "eval/sampled_digits")  # fmt: skip
         close = ("loss", "grad_norm", "entropy")
         assert {k for k in exact + close if k in a} == {k for k in exact + close if k in b}
         for key in (k for k in exact if a.get(k) is not None):
