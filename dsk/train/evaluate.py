@@ -139,6 +139,7 @@ def score_rewards(
     max_completion_length: int | None = None,
     checker: Callable[[dict[str, Any], str], Any] | None = None,
     registry: Any = None,
+    prompts: Sequence[str] | None = None,
 ) -> dict[str, list[float | None]]:
     """Every reward of ``rewards`` on the completions, as the reward contract calls it (docs/plugins.md).
 
@@ -153,6 +154,7 @@ def score_rewards(
             its options).
         records: the record of each completion (repeated for several completions of one prompt).
         completions: the decoded completions, one per record.
+        prompts: the prompt of each completion as the rewards should see it (default: each record's ``prompt``).
 
     Returns:
         ``{name: [value or None per completion]}`` (None: the reward does not apply to that completion).
@@ -167,7 +169,8 @@ def score_rewards(
         columns["completion_ids"] = [list(c) for c in completion_ids]
     if truncated is not None:
         columns["truncated"] = list(truncated)
-    prompts = [r["prompt"] for r in records]
+    if prompts is None:
+        prompts = [r["prompt"] for r in records]
     out: dict[str, list[float | None]] = {}
     for name, slot in rewards.items():
         values = slot.load()(

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from dsk.api.runtime import score_rewards
+
 __all__ = ["Packed", "RewardScores", "Samples", "encode_prompts", "pack", "sample", "score"]
 
 
@@ -136,7 +138,8 @@ def score(
     checker: Callable[[dict[str, Any], str], bool] | None = None,
     registry: Any = None,
 ) -> RewardScores:
-    """Call every reward slot on the batch: ``fn(config, prompts, completions, **columns)``.
+    """Call every reward slot on the batch (:func:`dsk.api.runtime.score_rewards`, as the evaluation does):
+    ``fn(config, prompts, completions, **columns)``; values [N, R] with NaN where a reward does not apply.
 
     Columns are the records' keys (one list each; a key missing from a record is None there, except ``prompt`` and
     ``completion``, which would clash with the reference completion of SFT data), plus ``completion_ids``,
@@ -146,29 +149,16 @@ def score(
     Raises:
         ValueError: a reward returned a list of the wrong length or a non-number.
     """
-    n = len(completions)
-    keys = sorted({k for r in records for k in r} - {"prompt", "completion"})
-    columns: dict[str, Any] = {k: [r.get(k) for r in records] for k in keys}
-    if completion_ids is not None:
-        columns["completion_ids"] = [list(c) for c in completion_ids]
-    if truncated is not None:
-        columns["truncated"] = list(truncated)
+    by_name = score_rewards(
+        rewards, records, completions, completion_ids=completion_ids, truncated=truncated,
+        max_completion_length=max_completion_length, checker=checker, registry=registry, prompts=prompts,
+    )  # fmt: skip
     names = list(rewards)
-    values = torch.full((n, len(names)), float("nan"), dtype=torch.float64)
-    for k, name in enumerate(names):
-        slot = rewards[name]
-        out = slot.load()(
-            slot.config, list(prompts), list(completions), **columns,
-            max_completion_length=max_completion_length, checker=checker, registry=registry,
-        )  # fmt: skip
-        if len(out) != n:
-            raise ValueError(f"reward '{name}' returned {len(out)} values for {n} completions")
-        for i, v in enumerate(out):
-            if v is None:
-                continue
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                raise ValueError(f"reward '{name}' returned {v!r}; expected a float or None")
-            values[i, k] = float(v)
+    values = (
+        torch.tensor([[math.nan if v is None else v for v in by_name[k]] for k in names], dtype=torch.float64)
+        .reshape(len(names), len(completions))
+        .T.contiguous()
+    )
     weights = torch.tensor([float(getattr(rewards[k].config, "weight", 1.0)) for k in names], dtype=torch.float64)
     return RewardScores(names, weights, values)
 
