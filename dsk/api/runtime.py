@@ -39,6 +39,7 @@ _LAZY: dict[str, str] = {
     "SPELLED_LANGUAGES": "dsk.data.languages",
     "SYMBOLIC": "dsk.data.languages",
     "SideChannels": "dsk.model.loss",
+    "SpeculativeBatchResult": "dsk.model.generate",
     "SpeculativeResult": "dsk.model.generate",
     "Step": "dsk.data.languages",
     "StepUpdate": "dsk.train.build",

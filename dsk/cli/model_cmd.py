@@ -72,8 +72,9 @@ def _load_tokenizer(checkpoint: str, spec: str | None) -> Any:
 @click.option(
     "--temperature",
     type=click.FloatRange(min=0),
-    default=None,
-    help="Sampling temperature; 0 = greedy. [default: 1.0, or 0 with --speculative]",
+    default=1.0,
+    show_default=True,
+    help="Sampling temperature; 0 = greedy.",
 )
 @click.option(
     "--top-p",
@@ -87,8 +88,8 @@ def _load_tokenizer(checkpoint: str, spec: str | None) -> Any:
     "--speculative",
     metavar="DRAFTER",
     default=None,
-    help="Greedy speculative decoding: the drafter a model component offers under this name proposes tokens, "
-    "the model verifies them (one prompt at a time).",
+    help="Speculative decoding: the drafter a model component offers under this name proposes tokens for every "
+    "prompt, the model verifies them (greedy output is plain greedy decoding's; sampling keeps its distribution).",
 )
 @click.option("--tokenizer", "tokenizer_spec", default=None, help="char, byte, a tokenizer.json or dsk tokenizer JSON.")
 @click.option("--bos/--no-bos", default=True, show_default=True, help="Prepend the tokenizer's BOS token.")
@@ -105,7 +106,7 @@ def generate_cmd(
     Examples:
       dsk generate path/to/checkpoint --prompt "12+7=" --temperature 0
       dsk generate ckpt --prompt "a" --prompt "b" --top-p 0.9 --json
-      dsk generate ckpt --prompt "12+7=" --speculative DRAFTER
+      dsk generate ckpt --prompt "12+7=" --prompt "3+4=" --temperature 0 --speculative mtp
       dsk generate runs/fp8/checkpoints/step-300 --prompt "12+7=" --ema
     """
     tok = _load_tokenizer(checkpoint, tokenizer_spec)
@@ -114,8 +115,6 @@ def generate_cmd(
         raise DskUsageError(
             f"{checkpoint}: the tokenizer has {tok.vocab_size} ids but the model only {model.vocab_size}"
         )
-    if speculative and temperature not in (None, 0):
-        raise DskUsageError(f"--speculative {speculative} decodes greedily: drop --temperature or pass --temperature 0")
     if speculative:
         from dsk.model.generate import drafter_names
 
@@ -125,7 +124,6 @@ def generate_cmd(
                 f"{checkpoint}: no component of the model offers a drafter named {speculative!r} "
                 f"(offered: {', '.join(offered) or 'none'})"
             )
-    temperature = (0.0 if speculative else 1.0) if temperature is None else temperature
     encoded = [tok.encode(p, add_bos=bos and tok.bos_id is not None) for p in prompts]
     if any(not ids for ids in encoded):
         raise DskUsageError("a prompt encodes to no tokens; give some text or use --bos")
@@ -134,40 +132,32 @@ def generate_cmd(
 
     from dsk.model.generate import generate, speculative_generate
 
-    start = time.perf_counter()
-    rows: list[dict[str, Any]] = []
+    gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
+    options = {"temperature": temperature, "top_p": top_p, "generator": gen, "pad_id": tok.pad_id}
     stats: dict[str, Any] | None = None
-    try:
+    start = time.perf_counter()
+    try:  # the whole batch in one call either way, so that the two are timed alike
         if speculative:
-            drafted = accepted = 0
-            for ids in encoded:
-                r = speculative_generate(model, ids, max_new_tokens, eos_id=tok.eos_id, drafter=speculative)
-                drafted, accepted = drafted + r.drafted, accepted + r.accepted
-                rows.append({"tokens": r.tokens, "finished": r.finished, "truncated": not r.finished})
-            stats = {
-                "drafted": drafted,
-                "accepted": accepted,
-                "acceptance_rate": accepted / drafted if drafted else 0.0,
-            }
+            res = speculative_generate(model, encoded, max_new_tokens, tok.eos_id, drafter=speculative, **options)
         else:
-            gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
-            res = generate(
-                model,
-                encoded,
-                max_new_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                eos_id=tok.eos_id,
-                generator=gen,
-                pad_id=tok.pad_id,
-            )
-            rows = [
-                {"tokens": t, "finished": f, "truncated": tr}
-                for t, f, tr in zip(res.tokens, res.finished, res.truncated, strict=True)
-            ]
+            res = generate(model, encoded, max_new_tokens, eos_id=tok.eos_id, **options)
     except ValueError as exc:  # prompt too long for max_seq_len and similar input problems
         raise DskUsageError(str(exc)) from None
     elapsed = time.perf_counter() - start
+    rows: list[dict[str, Any]] = [
+        {"tokens": t, "finished": f, "truncated": tr}
+        for t, f, tr in zip(res.tokens, res.finished, res.truncated, strict=True)
+    ]
+    if speculative:
+        for row, drafted, accepted in zip(rows, res.drafted, res.accepted, strict=True):
+            row.update(drafted=drafted, accepted=accepted)
+        stats = {
+            "drafted": sum(res.drafted),
+            "accepted": sum(res.accepted),
+            "acceptance_rate": res.acceptance_rate,
+            "verify_steps": res.verify_steps,
+            "tokens_per_step": round(res.tokens_per_step, 4),
+        }
     n_tokens = sum(len(r["tokens"]) for r in rows)
     for prompt, row in zip(prompts, rows, strict=True):
         row["prompt"] = prompt
@@ -196,7 +186,8 @@ def generate_cmd(
     summary = f"{n_tokens} tokens in {elapsed:.2f}s ({n_tokens / max(elapsed, 1e-9):.1f} tokens/s)"
     if stats:
         summary += (
-            f"; {speculative} draft acceptance {stats['acceptance_rate']:.1%} ({stats['accepted']}/{stats['drafted']})"
+            f"; {speculative} draft acceptance {stats['acceptance_rate']:.1%} ({stats['accepted']}/{stats['drafted']}),"
+            f" {stats['tokens_per_step']:.2f} tokens per row and forward"
         )
     console.print(f"[dim]{summary}[/]")
 

@@ -1,4 +1,4 @@
-"""KV-cached batched sampling, and greedy speculative decoding driven by a drafter protocol.
+"""KV-cached batched sampling, and batched speculative decoding (greedy and sampled) driven by a drafter protocol.
 
 Batching and positions: prompts of different lengths are right-padded to the longest one P for the prefill, so
 row b's real tokens sit at slots and positions ``0 .. len_b-1``, exactly where they sit when the prompt runs
@@ -8,9 +8,12 @@ caches are then cut back row by row to each prompt (the attention-cache contract
 through a mask [B, 1, S] (True = may attend) that shows each row only its own slots. Nothing in a row's
 computation depends on the other rows, so a batch generates what each prompt generates alone.
 
-Speculative decoding (:func:`speculative_generate`) asks a component of the model for a drafter
-(``dsk.api.DrafterProvider`` / ``dsk.api.Drafter``) by name; the loop here verifies its proposals with the main
-model and knows nothing of how they were made.
+Speculative decoding (:func:`speculative_generate`) asks a component of the model for a drafter by name
+(``dsk.api.generation.BatchDrafterProvider`` / ``BatchDrafter``, or the one-sequence ``dsk.api.DrafterProvider`` /
+``Drafter``, run once per row); the loop here verifies its proposals with the main model and knows nothing of how
+they were made. It batches as :func:`generate` does, each row accepting its own number of drafts: its caches are cut
+back row by row (``truncate`` with a length tensor). Greedy, it returns what :func:`generate` does; sampling, it
+accepts or rejects each draft by :func:`speculative_accept`, which keeps plain sampling's distribution exactly.
 
 Many ranks: with a sharded model every forward is a collective (an expert-parallel all-to-all, an FSDP all-gather),
 so a rank that stops early would leave the others waiting forever. ``sync_done`` (:func:`done_across_ranks` builds
@@ -28,13 +31,14 @@ over ranks.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from dsk.api import DrafterProvider
+from dsk.api.generation import BatchDrafterProvider
 
 if TYPE_CHECKING:  # pragma: no cover
     from dsk.model.transformer import DSKModel
@@ -181,10 +185,7 @@ def generate(
             those of the unsynchronised call.
     """
     P = _check_args(model, prompts, max_new_tokens, temperature, top_p)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        generator = list(generator)
-        if not generator or len(prompts) % len(generator):
-            raise ValueError(f"{len(generator)} generators do not split {len(prompts)} prompts into equal blocks")
+    generator = _check_generator(generator, len(prompts))
     was_training = model.training
     model.eval()
     try:
@@ -277,10 +278,10 @@ def _result(tokens, length, done, logps) -> GenerationResult:
 # -- speculative decoding: a drafter proposes, the model verifies ---------------------------------------
 @dataclass
 class SpeculativeResult:
-    """Output of :func:`speculative_generate` (one prompt).
+    """Output of :func:`speculative_generate` for one prompt (a flat list of token ids).
 
     Attributes:
-        tokens: generated ids (EOS included when produced); equal to greedy :func:`generate`'s.
+        tokens: generated ids (EOS included when produced); greedy: equal to :func:`generate`'s.
         finished: stopped at ``eos_id``.
         drafted: draft tokens proposed in total.
         accepted: drafts the main model confirmed.
@@ -304,111 +305,390 @@ class SpeculativeResult:
         return len(self.tokens) / (self.verify_steps + 1)
 
 
+@dataclass
+class SpeculativeBatchResult(GenerationResult):
+    """Output of :func:`speculative_generate` for a batch of prompts: :class:`GenerationResult` plus per-row counts.
+
+    Attributes:
+        drafted: per row, draft tokens proposed while the row was unfinished.
+        accepted: per row, drafts the main model confirmed (and the row kept: not past its EOS or budget).
+        verify_steps: main-model forwards after the prefill (the batch's, shared by all rows).
+    """
+
+    drafted: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+    verify_steps: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """All rows' accepted / drafted (0 when nothing was drafted)."""
+        total = sum(self.drafted)
+        return sum(self.accepted) / total if total else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Generated tokens per row and main-model forward, the prefill included."""
+        return sum(self.lengths) / (len(self.lengths) * (self.verify_steps + 1))
+
+
+def _offers_drafter(m: nn.Module) -> bool:
+    # the attribute first: a runtime-checkable protocol's isinstance costs ~30 us, times every module of the model
+    return hasattr(m, "drafter_name") and isinstance(m, (BatchDrafterProvider, DrafterProvider))
+
+
 def drafter_names(model: nn.Module) -> list[str]:
-    """The names of the drafters the model's components offer (:class:`dsk.api.DrafterProvider`), sorted."""
-    return sorted({m.drafter_name for m in model.modules() if isinstance(m, DrafterProvider)})
+    """The names of the drafters the model's components offer (:class:`dsk.api.generation.BatchDrafterProvider`
+    or :class:`dsk.api.DrafterProvider`), sorted."""
+    return sorted({m.drafter_name for m in model.modules() if _offers_drafter(m)})
 
 
-def find_drafter(model: nn.Module, name: str) -> DrafterProvider:
+def find_drafter(model: nn.Module, name: str) -> BatchDrafterProvider | DrafterProvider:
     """The component of ``model`` that offers the drafter called ``name``; ValueError naming those offered."""
     for m in model.modules():
-        if isinstance(m, DrafterProvider) and m.drafter_name == name:
+        if _offers_drafter(m) and m.drafter_name == name:
             return m
     offered = ", ".join(drafter_names(model)) or "none"
     raise ValueError(f"the model has no component offering a drafter named {name!r} (offered: {offered})")
 
 
+def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw, probs [N, V] (unnormalised allowed) and u [N] in [0, 1) -> tokens [N].
+
+    The first token whose cumulative mass exceeds ``u * total`` (right=True: a zero-probability token is never
+    drawn)."""
+    cdf = probs.cumsum(dim=-1)  # (N, V)
+    at = (u.to(cdf.dtype)[:, None] * cdf[:, -1:]).contiguous()
+    return torch.searchsorted(cdf, at, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+
+
+def _sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The distribution plain sampling draws from: logits [..., V] -> top-p filtered softmax(logits / T) [..., V]."""
+    probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
+    if top_p >= 1.0:
+        return probs
+    return top_p_filter(probs.reshape(-1, probs.shape[-1]), top_p).view(probs.shape)
+
+
+def speculative_accept(
+    p: torch.Tensor, q: torch.Tensor | None, drafts: torch.Tensor, u: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One round of speculative sampling's accept/reject (Leviathan et al. 2023, Chen et al. 2023), row by row.
+
+    Draft ``x_j`` (j = 1..d) is accepted while ``u_j < min(1, p_{j-1}(x_j) / q_j(x_j))``; at the first rejection
+    (a drafts accepted) the next token is drawn from ``norm(max(0, p_a - q_{a+1}))``, and after d acceptances from
+    ``p_d`` (the bonus token). Every committed token then has exactly the distribution ``p`` gives it.
+
+    Args:
+        p: [B, d+1, V] the main model's sampling distributions at the block's positions (``p[:, j]`` follows the
+            committed tokens and drafts ``x_1 .. x_j``).
+        q: [B, d, V] the distributions the drafts were drawn from, or None: certain drafts (a point mass each).
+        drafts: [B, d] the draft tokens.
+        u: [B, d+1] uniforms in [0, 1): ``u[:, :d]`` for the tests, ``u[:, d]`` for the final draw.
+
+    Returns:
+        (accepted [B] in 0..d, next token [B]).
+    """
+    B, T, V = p.shape
+    d = T - 1
+    if d == 0:
+        return torch.zeros(B, dtype=torch.long, device=p.device), _draw(p[:, 0], u[:, 0])
+    p_x = p[:, :d].gather(-1, drafts[..., None]).squeeze(-1)  # (B, d): p_{j-1}(x_j)
+    q_x = torch.ones_like(p_x) if q is None else q.gather(-1, drafts[..., None]).squeeze(-1).to(p_x.dtype)
+    ok = u[:, :d].to(p_x.dtype) * q_x < p_x  # u < p/q without dividing (u < 1 makes the min(1, .) implicit)
+    a = ok.long().cumprod(dim=1).sum(dim=1)  # (B,) leading acceptances
+    p_a = p.gather(1, a[:, None, None].expand(B, 1, V)).squeeze(1)  # (B, V)
+    j = a.clamp(max=d - 1)  # the rejected draft's index (unused where a == d)
+    if q is None:
+        q_a = torch.nn.functional.one_hot(drafts.gather(1, j[:, None]).squeeze(1), V).to(p_a.dtype)
+    else:
+        q_a = q.gather(1, j[:, None, None].expand(B, 1, V)).squeeze(1).to(p_a.dtype)
+    residual = torch.where((a == d)[:, None], p_a, (p_a - q_a).clamp(min=0))
+    # p == q on a row leaves no residual mass, and then the rejection had probability 0: draw from p
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_a)
+    return a, _draw(residual, u[:, d])
+
+
+def _uniform_source(generator, B: int, device: torch.device) -> Callable[[int], torch.Tensor]:
+    """``uniforms(k) -> [B, k]`` from one generator (or the default one), or per block of rows from its own."""
+    if isinstance(generator, list):
+        per = B // len(generator)
+        return lambda k: torch.cat([torch.rand((per, k), generator=g, device=g.device) for g in generator]).to(device)
+    gen_device = generator.device if generator is not None else device
+    return lambda k: torch.rand((B, k), generator=generator, device=gen_device).to(device)
+
+
+class _PerRowDrafters:
+    """A batch drafter made of one one-sequence :class:`dsk.api.Drafter` per row (an older provider's form).
+
+    Its drafts are certain (no distribution), and rows that propose fewer than the widest row are padded with
+    their last draft, which the verifier judges like any other.
+    """
+
+    def __init__(self, provider: DrafterProvider, model: nn.Module, batch: int, max_len: int, max_drafts: int | None):
+        self.rows = [provider.make_drafter(model, max_len) for _ in range(batch)]
+        self.max_drafts = max_drafts
+        self.device = model.embed_tokens.weight.device
+        self.live = [True] * batch
+
+    def begin(self, prompts, lengths, hidden, first) -> None:
+        for b, row in enumerate(self.rows):
+            n = int(lengths[b])
+            row.observe([*prompts[b, :n].tolist(), int(first[b])], hidden[b, :n])
+
+    def observe(self, tokens, counts, hidden) -> None:
+        for b, row in enumerate(self.rows):
+            c = int(counts[b])
+            if c:
+                row.observe(tokens[b, :c].tolist(), hidden[b, :c])
+            else:
+                self.live[b] = False  # finished: proposing for it again would only cost
+
+    def propose(self, limit, sample):
+        rows = [
+            [int(t) for t in row.propose(limit)][:limit] if live else []
+            for row, live in zip(self.rows, self.live, strict=True)
+        ]
+        width = max(len(r) for r in rows)
+        padded = [r + [r[-1] if r else 0] * (width - len(r)) for r in rows]
+        return torch.tensor(padded, dtype=torch.long, device=self.device).view(len(rows), width), None
+
+
 @torch.no_grad()
 def speculative_generate(
     model: DSKModel,
-    prompt: list[int],
+    prompt: list[int] | list[list[int]],
     max_new_tokens: int,
     eos_id: int | None = None,
     *,
-    drafter: str | DrafterProvider,
+    drafter: str | BatchDrafterProvider | DrafterProvider,
     max_drafts: int | None = None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    return_logprobs: bool = False,
+    pad_id: int = 0,
     sync_done: Callable[[bool], bool] | None = None,
-) -> SpeculativeResult:
-    """Greedy decoding where a drafter proposes tokens and the main model verifies them in one cached forward.
+) -> SpeculativeResult | SpeculativeBatchResult:
+    """Decoding where a drafter proposes tokens and the main model verifies them in one cached forward per round.
 
-    Each round the drafter proposes up to ``max_drafts`` tokens ``d_1 .. d_d`` after the committed ``t_0 .. t_n``;
-    the main model runs once on ``[t_n, d_1 .. d_d]``; the longest prefix of drafts equal to the main model's
-    argmax is accepted, plus the main model's own next token; the caches are rolled back (``truncate``) past it.
-    The main model picks every token, so the output equals greedy :func:`generate`'s whatever the drafter does;
-    a good drafter only makes it faster (1 + accepted tokens per forward).
+    Each round the drafter proposes up to ``max_drafts`` tokens ``x_1 .. x_d`` per row after its committed
+    ``t_0 .. t_n``; the main model runs once on ``[t_n, x_1 .. x_d]`` for every row; greedy (temperature 0)
+    accepts the longest prefix of drafts equal to the main model's argmax, sampling accepts by
+    :func:`speculative_accept`; then the main model's own next token follows, and the caches are rolled back
+    (``truncate``, row by row) past it. Greedy output equals :func:`generate`'s token for token, sampled output has
+    exactly its distribution, whatever the drafter does; a good drafter only makes it faster (1 + accepted tokens
+    per forward).
+
+    Batching is :func:`generate`'s (right-padded prefill, a length per cache row, rows independent): rows accept
+    different numbers of drafts and stop at their own EOS; a round drafts as many tokens for every row, and a
+    finished row's cache rows follow the running rows' (or are emptied) so that it costs no room.
 
     Args:
         model: a :class:`DSKModel`.
-        prompt: token ids (one sequence: batched rows would accept different numbers of drafts).
-        max_new_tokens: most tokens to generate.
-        eos_id: stop after producing it.
-        drafter: the name of a drafter one of the model's components offers (:func:`find_drafter`), or a
-            :class:`dsk.api.DrafterProvider`.
-        max_drafts: most drafts per round (default: as many as the drafter proposes).
+        prompt: token ids of one sequence (returns a :class:`SpeculativeResult`), or a list of them (a batch:
+            returns a :class:`SpeculativeBatchResult`).
+        max_new_tokens: most tokens to generate per row (fewer where max_seq_len is reached).
+        eos_id: a row stops after producing it.
+        drafter: the name of a drafter one of the model's components offers (:func:`find_drafter`), or the
+            provider itself (a :class:`dsk.api.generation.BatchDrafterProvider`, or a one-sequence
+            :class:`dsk.api.DrafterProvider`, run once per row).
+        max_drafts: most drafts per round (default: the drafter's ``max_drafts``; a one-sequence drafter is only
+            limited by the budget).
+        temperature: 0 = greedy; above, speculative sampling at this temperature (the drafter draws at it too).
+        top_p: nucleus mass, applied to the main model's and the drafter's distributions alike (1 = off).
+        generator: as in :func:`generate`: one generator, or one per block of consecutive rows.
+        return_logprobs: also return each generated token's log-probability under the main model (batch only;
+            see :class:`GenerationResult`).
+        pad_id: id of the padding after shorter prompts and after a row's end.
         sync_done: as in :func:`generate`: the rounds go on until every rank is done, a finished rank running one
             idle forward of the main model per round. Only the main model's forwards are kept in step: a drafter
             whose own forwards are collectives (MTP heads with sharded experts) is not made safe by it.
     """
+    one = bool(prompt) and not isinstance(prompt[0], (list, tuple))
+    prompts = [list(prompt)] if one else [list(p) for p in prompt]
     provider = find_drafter(model, drafter) if isinstance(drafter, str) else drafter
-    P = _check_args(model, [prompt], max_new_tokens, 0.0, 1.0)
+    P = _check_args(model, prompts, max_new_tokens, temperature, top_p)
     if max_drafts is not None and max_drafts < 0:
         raise ValueError(f"max_drafts = {max_drafts}: must be >= 0")
+    generator = _check_generator(generator, len(prompts))
     was_training = model.training
     model.eval()
     try:
-        return _speculative(model, provider, prompt, P, max_new_tokens, eos_id, max_drafts, sync_done)
+        res = _speculative(
+            model, provider, prompts, P, max_new_tokens, eos_id, max_drafts, temperature, top_p, generator,
+            return_logprobs, pad_id, sync_done,
+        )  # fmt: skip
     finally:
         model.train(was_training)
+    if one:
+        return SpeculativeResult(res.tokens[0], res.finished[0], res.drafted[0], res.accepted[0], res.verify_steps)
+    return res
 
 
-def _speculative(model, provider, prompt, P, max_new_tokens, eos_id, max_drafts, sync_done) -> SpeculativeResult:
+def _check_generator(generator, rows: int):
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    generator = list(generator)
+    if not generator or rows % len(generator):
+        raise ValueError(f"{len(generator)} generators do not split {rows} prompts into equal blocks")
+    return generator
+
+
+def _round_geometry(lengths: torch.Tensor, T: int, device: torch.device):
+    """Positions and mask of T new tokens per row after caches of ``lengths`` [B] (CPU): ([T], None) when the rows
+    agree, else ([B, T], mask [B, T, S]) with S = max(lengths) + T; built once for all layers."""
+    steps = torch.arange(T, device=device)
+    if bool((lengths == lengths[0]).all()):
+        return steps + int(lengths[0]), None
+    pos = lengths.to(device)[:, None] + steps  # (B, T): row b's slots are its positions
+    keys = torch.arange(int(lengths.max()) + T, device=device)
+    return pos, keys[None, None, :] <= pos[:, :, None]  # (B, T, S)
+
+
+def _finished_rows_follow(held: torch.Tensor, done: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """The main caches' lengths [B] (CPU) for the next round: row b's ``n_b`` while it runs; a finished row, whose
+    cache nobody reads again, follows the running rows' common length where they have one and its cache (``held``,
+    the lengths after the last forward) allows, so that the batch keeps the caches' equal-length path; else 0."""
+    running = n[~done]
+    if running.numel() and bool((running == running[0]).all()):
+        follow = torch.minimum(held, running[0])
+        if bool((follow == running[0])[done].all()):
+            return torch.where(done, follow, n)
+    return torch.where(done, 0, n)
+
+
+def _truncate(caches: Sequence[Any], lengths: torch.Tensor) -> None:
+    """Cut every cache back to ``lengths`` [B] (CPU); an int when the rows agree (the caches' cheap path)."""
+    common = bool((lengths == lengths[0]).all())
+    length = int(lengths[0]) if common else lengths
+    for c in caches:
+        c.truncate(length)
+
+
+def _speculative(
+    model, provider, prompts, P, max_new_tokens, eos_id, max_drafts, temperature, top_p, generator, return_logprobs,
+    pad_id, sync_done,
+) -> SpeculativeBatchResult:  # fmt: skip
     device = model.embed_tokens.weight.device
+    B = len(prompts)
     budget = min(max_new_tokens, model.config.max_seq_len - P)
+    lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)  # CPU bookkeeping
     if budget == 0:
-        return SpeculativeResult([], False, 0, 0, 0)
-    # A round drafts at most budget - len(generated) - 1 tokens, so its block never passes slot P + budget - 1.
-    max_len = P + budget
-    caches = model.make_caches(1, max_len, device, model.embed_tokens.weight.dtype)
-    draft = provider.make_drafter(model, max_len)
+        empty = [[] for _ in prompts]
+        return SpeculativeBatchResult(
+            empty, [0] * B, [False] * B, [True] * B, [[] for _ in prompts] if return_logprobs else None,
+            drafted=[0] * B, accepted=[0] * B,
+        )  # fmt: skip
+    ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):  # building the batch, not a per-token loop
+        ids[b, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)
 
-    out = model(torch.tensor([prompt], device=device), caches=caches, keep_logits=1)
-    seq = [*prompt, int(out.logits[0, -1].argmax())]  # committed tokens t_0 .. t_n
-    generated = [seq[-1]]
-    draft.observe(seq, out.hidden[0])
-    drafted = accepted = steps = 0
-    stop = eos_id is not None and generated[-1] == eos_id
+    # Row b commits at most P_b + budget tokens (the drafter's max_len). Its cache also holds the drafts of the
+    # round that verifies its last tokens: at most D - 1 slots past that, capped by max_seq_len (then the rounds
+    # draft fewer).
+    if isinstance(provider, BatchDrafterProvider):
+        draft = provider.make_batch_drafter(model, B, P + budget)
+        D = int(draft.max_drafts) if max_drafts is None else min(max_drafts, int(draft.max_drafts))
+    else:
+        draft = _PerRowDrafters(provider, model, B, P + budget, max_drafts)
+        D = budget if max_drafts is None else max_drafts
+    D = min(D, budget)
+    cache_len = min(model.config.max_seq_len, P + budget + max(D - 1, 0))
+    caches = model.make_caches(B, cache_len, device, model.embed_tokens.weight.dtype)
+    greedy = temperature == 0
+    uniforms = _uniform_source(generator, B, device)
+
+    def sample(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The drafter's sampler (dsk.api.generation.DraftSampler): logits [B, V] -> (tokens [B], probs [B, V])."""
+        if greedy:
+            return logits.argmax(dim=-1), None
+        probs = _sampling_probs(logits, temperature, top_p)
+        return _draw(probs, uniforms(1)[:, 0]), probs
+
+    out = model(ids, pos=torch.arange(P, device=device), caches=caches, keep_logits=1)
+    ragged = bool((lens != P).any())
+    if ragged:
+        _truncate(caches, lens)  # each row keeps its prompt
+        logits = model.lm_head(out.hidden[torch.arange(B, device=device), lens.to(device) - 1])  # (B, V)
+    else:
+        logits = out.logits[:, -1]  # (B, V)
+    last = sample(logits)[0]  # (B,) the first generated token, t_{n_b}
+    draft.begin(ids, lens, out.hidden, last)
+
+    width = budget + D + 1  # a round writes up to D + 1 tokens from a row's count on; the result cuts at lengths
+    tokens = torch.full((B, width), pad_id, dtype=torch.long, device=device)
+    logps = torch.zeros((B, width), device=device, dtype=torch.promote_types(model.lm_head.weight.dtype, torch.float32))
+    tokens[:, 0] = last
+    if return_logprobs:
+        logps[:, 0] = torch.log_softmax(logits.to(logps.dtype), dim=-1).gather(-1, last[:, None]).squeeze(-1)
+    n = lens.clone()  # (B,) CPU: t_{n_b} is committed, not yet fed (the main caches hold n_b tokens of a running row)
+    g = torch.ones(B, dtype=torch.long)  # (B,) CPU: tokens generated
+    ended = (last == eos_id).cpu() if eos_id is not None else torch.zeros(B, dtype=torch.bool)  # stopped at EOS
+    done = ended | (g >= budget)
+    drafted = torch.zeros(B, dtype=torch.long)
+    accepted = torch.zeros(B, dtype=torch.long)
+    steps = 0
+    held = n.clone()  # (B,) CPU: what the main caches hold per row
+    if bool(done.any()):
+        held = _finished_rows_follow(held, done, n)
+        _truncate(caches, held)
     while True:
-        finished = len(generated) >= budget or stop
+        finished = bool(done.all())
         if finished if sync_done is None else sync_done(finished):
             break
         if finished:
-            _idle_forward(model, device, 0)  # keep pace with the ranks still generating
+            _idle_forward(model, device, pad_id)  # keep pace with the ranks still generating
             continue
-        n = len(seq) - 1  # t_n is committed but not yet fed to the main model
-        limit = budget - len(generated) - 1
-        if max_drafts is not None:
-            limit = min(limit, max_drafts)
-        drafts = [int(t) for t in draft.propose(limit)][:limit] if limit > 0 else []
-        d = len(drafts)
-        block = torch.tensor([[seq[n], *drafts]], device=device)  # (1, d+1) at positions n..n+d
-        out = model(block, caches=caches)
+        active = ~done
+        # drafts this round: what the drafter may give, what the neediest row can still use, what the caches hold
+        d = min(D, int((budget - g)[active].max()) - 1, cache_len - 1 - int(n[active].max()))
+        if d > 0:
+            xs, q = draft.propose(d, sample)
+            xs, d = xs[:, :d].to(device=device, dtype=torch.long), min(d, xs.shape[1])
+            q = q[:, :d] if q is not None else None
+        else:
+            xs, q, d = torch.empty((B, 0), dtype=torch.long, device=device), None, 0
+        T = d + 1
+        block = torch.cat([last[:, None], xs], dim=1)  # (B, T) at positions n_b .. n_b + d
+        pos, mask = _round_geometry(held, T, device)
+        out = model(block, pos=pos, mask=mask, caches=caches)
         steps += 1
-        greedy = out.logits[0].argmax(dim=-1).tolist()  # greedy[j]: the main model's t_{n+j+1}
-        a = 0
-        while a < d and drafts[a] == greedy[a]:
-            a += 1
-        drafted += d
-        accepted += a
-        for c in caches:
-            c.truncate(n + a + 1)
-        new = drafts[:a] + [greedy[a]]
-        draft.observe(new, out.hidden[0, : a + 1])
-        seq += new
-        generated += new
-        stop = eos_id is not None and eos_id in new
-    tokens = generated[:budget]
-    finished = False
-    if eos_id is not None and eos_id in tokens:
-        tokens = tokens[: tokens.index(eos_id) + 1]
-        finished = True
-    return SpeculativeResult(tokens, finished, drafted, accepted, steps)
+        if greedy:
+            target = out.logits.argmax(dim=-1)  # (B, T): the main model's own token after each block position
+            a = (xs == target[:, :d]).long().cumprod(dim=1).sum(dim=1)
+            new = target  # row b commits new[b, :a_b + 1]: its accepted drafts equal the targets
+        else:
+            p = _sampling_probs(out.logits, temperature, top_p)  # (B, T, V)
+            a, nxt = speculative_accept(p, q, xs, uniforms(T))
+            new = torch.cat([xs, nxt[:, None]], dim=1).scatter_(1, a[:, None], nxt[:, None])
+        # each row's count: its accepted drafts and the next token, cut at its budget and after its first EOS
+        j = torch.arange(T, device=device)
+        g_dev = g.to(device)
+        count = torch.minimum(a + 1, budget - g_dev)
+        if eos_id is not None:
+            is_eos = (new == eos_id) & (j[None, :] < count[:, None])
+            count = torch.where(is_eos.any(dim=1), is_eos.long().argmax(dim=1) + 1, count)
+        count = torch.where(done.to(device), 0, count)
+        at = g_dev[:, None] + j  # (B, T) output slots; those past a row's count are rewritten later or cut
+        tokens.scatter_(1, at, new)
+        if return_logprobs:
+            lp = torch.log_softmax(out.logits.to(logps.dtype), dim=-1).gather(-1, new[..., None]).squeeze(-1)
+            logps.scatter_(1, at, lp)
+        last = torch.where(count > 0, new.gather(1, (count - 1).clamp(min=0)[:, None]).squeeze(1), last)
+        count_cpu = count.cpu()  # the round's one device-to-host copy: the caches' lengths are host bookkeeping
+        drafted += torch.where(active, d, 0)
+        accepted += torch.minimum(a.cpu(), count_cpu)
+        g += count_cpu
+        n += count_cpu
+        if eos_id is not None:
+            ended |= (count_cpu > 0) & (last.cpu() == eos_id)
+        done = ended | (g >= budget)
+        held = _finished_rows_follow(held + T, done, n)
+        _truncate(caches, held)
+        draft.observe(new, count_cpu, out.hidden)
+    logps_out = logps if return_logprobs else None
+    res = _result(tokens, g, ended, logps_out)
+    return SpeculativeBatchResult(
+        res.tokens, res.lengths, res.finished, res.truncated, res.logprobs,
+        drafted=drafted.tolist(), accepted=accepted.tolist(), verify_steps=steps,
+    )  # fmt: skip

@@ -71,7 +71,7 @@ class MTP(nn.Module):
 
     Built as ``MTP(config, ctx, block_factory)``; block k is ``block_factory(ctx.n_layers + k)`` so its layer
     index is the one the HF checkpoint uses (``model.layers.{num_hidden_layers + k}``). It offers the drafter
-    ``"mtp"`` for speculative decoding (a ``dsk.api.DrafterProvider``, see :mod:`dsk_mtp.speculative`).
+    ``"mtp"`` for speculative decoding (a ``dsk.api.generation.BatchDrafterProvider``, see :mod:`dsk_mtp.speculative`).
     """
 
     drafter_name = "mtp"  # the name this component is registered under (dsk_mtp.plugin)
@@ -173,11 +173,11 @@ class MTP(nn.Module):
         )
 
     # -- speculative decoding ----------------------------------------------------------------------
-    def make_drafter(self, model: nn.Module, max_len: int) -> Any:
-        """A :class:`dsk_mtp.speculative.MTPDrafter` for one sequence of at most ``max_len`` tokens of ``model``."""
+    def make_batch_drafter(self, model: nn.Module, batch: int, max_len: int) -> Any:
+        """A :class:`dsk_mtp.speculative.MTPDrafter` for ``batch`` rows of at most ``max_len`` tokens of ``model``."""
         from dsk_mtp.speculative import MTPDrafter
 
-        return MTPDrafter(self, model, max_len)
+        return MTPDrafter(self, model, batch, max_len)
 
     def make_caches(
         self, batch: int, max_len: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None

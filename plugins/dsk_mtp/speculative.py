@@ -1,11 +1,13 @@
-"""Speculative decoding with the MTP heads: the drafter the core's greedy speculative loop asks for (spec §4.6).
+"""Speculative decoding with the MTP heads: the drafter the core's speculative loop asks for (spec §4.6).
 
 Depth k drafts ``t_{n+k}`` from the committed ``t_0 .. t_n``, chained as in training: depth k at position i reads
 depth k-1's hidden state ``h^{k-1}_i`` and the embedding of ``t_{i+k}``, which for the last positions runs past
 ``t_n`` into the drafts of the shallower depths. Each depth keeps its own KV cache, and of it only the positions
-computed from committed tokens survive a round; the rest are recomputed in the next one. The core loop
-(:func:`dsk.api.runtime.speculative_generate`) verifies the drafts with one forward of the main model, so the
-output equals greedy decoding's.
+computed from committed tokens survive a round; the rest are recomputed in the next one. Every row of a batch
+does this at its own length, in one chunk per depth for the whole batch. The core loop
+(:func:`dsk.api.runtime.speculative_generate`) verifies the drafts with one forward of the main model, so greedy
+output equals greedy decoding's and sampled output has plain sampling's distribution (the drafts are drawn with
+the loop's sampler, and their distribution is the ``q`` of the acceptance rule).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from dsk.api.runtime import SpeculativeResult
+from dsk.api.generation import DraftSampler
+from dsk.api.runtime import SpeculativeBatchResult, SpeculativeResult
 from dsk.api.runtime import speculative_generate as _speculative_generate
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -25,77 +28,119 @@ __all__ = ["MTPDrafter", "speculative_generate"]
 
 
 class MTPDrafter:
-    """Drafts up to ``mtp.depth`` tokens per round for one sequence (a ``dsk.api.Drafter``).
+    """Drafts up to ``mtp.depth`` tokens per round for every row of a batch (a ``dsk.api.generation.BatchDrafter``).
 
-    State: the committed tokens ``seq``; ``hid[k, i] = h^k_i`` (k = 0: the main model's final-norm output at the
-    committed positions), preallocated so a round writes O(depth) rows; ``valid[k]``: depth k's cache holds
-    positions ``0 .. valid[k]-1`` computed from committed tokens only, to be kept.
+    State, row b: ``n[b]``, the index of its last committed token ``t_{n_b}`` (CPU); ``seq[b]``, its committed
+    tokens followed by this round's drafts at ``n_b + 1 ..``; ``hid[k, b, i] = h^k_i`` (k = 0: the main model's
+    final-norm output), preallocated so a round writes O(depth) rows; ``valid[k, b]``: depth k's cache holds
+    positions ``0 .. valid[k, b] - 1`` computed from committed tokens only, to be kept. The buffers start at zero
+    so that padding positions hold finite values (a NaN key would poison the scores of its whole row).
     """
 
-    def __init__(self, mtp: MTP, model: nn.Module, max_len: int):
+    def __init__(self, mtp: MTP, model: nn.Module, batch: int, max_len: int):
         self.mtp = mtp
+        self.max_drafts = mtp.depth
         self.embed, self.head = model.embed_tokens, model.lm_head
         weight = self.embed.weight
         self.device = weight.device
-        self.caches = mtp.make_caches(1, max_len, weight.device, weight.dtype)
-        self.hid = weight.new_empty((mtp.depth + 1, max_len, weight.shape[1]))
-        self.valid = [0] * (mtp.depth + 1)
-        self.seq: list[int] = []
-        self.fed = 0  # committed positions whose h^0 is known: all but the last committed token
-        self.proposed: list[int] = []
+        width = max_len + mtp.depth + 1  # committed tokens, then a round's drafts or the verifier's block
+        self.caches = mtp.make_caches(batch, max_len, weight.device, weight.dtype)
+        self.seq = torch.zeros((batch, width), dtype=torch.long, device=weight.device)
+        self.hid = weight.new_zeros((mtp.depth + 1, batch, width, weight.shape[1]))
+        self.valid = torch.zeros((mtp.depth + 1, batch), dtype=torch.long)
+        self.n = torch.zeros(batch, dtype=torch.long)
+        self.proposed: torch.Tensor | None = None  # [B, d] the last round's drafts
 
-    def observe(self, tokens: list[int], hidden: torch.Tensor) -> None:
-        """Commit ``tokens`` and the main model's hidden states ``hidden [N, D]`` of the newly fed positions."""
-        n = self.fed  # the last round's t_n (0 before the prefill)
-        a = 0  # drafts the verifier accepted: the new tokens start with them
-        while a < len(self.proposed) and a < len(tokens) and self.proposed[a] == tokens[a]:
-            a += 1
-        for k in range(1, len(self.proposed) + 1):
-            # position i of depth k read tokens up to t_{i+k}; those up to t_{n+a} are now committed
-            self.valid[k] = max(0, min(n, n + a - k + 1))
-        self.hid[0, self.fed : self.fed + hidden.shape[0]] = hidden
-        self.fed += hidden.shape[0]
-        self.seq += tokens
-        self.proposed = []
+    def begin(self, prompts: torch.Tensor, lengths: torch.Tensor, hidden: torch.Tensor, first: torch.Tensor) -> None:
+        """The prefill: prompts [B, P] (right-padded to ``lengths``), hidden [B, P, D], first tokens [B]."""
+        P = prompts.shape[1]
+        self.seq[:, :P] = prompts
+        self.seq.scatter_(1, lengths.to(self.device)[:, None], first[:, None])
+        self.hid[0, :, :P] = hidden
+        self.n = lengths.clone()
+
+    def observe(self, tokens: torch.Tensor, counts: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Commit row b's ``tokens[b, :counts[b]]`` (tokens [B, T]) and the hidden states [B, T, D] at its newly fed
+        positions."""
+        B, T = tokens.shape
+        if self.proposed is not None:
+            d = self.proposed.shape[1]
+            m = min(d, T)
+            j = torch.arange(m, device=self.device)
+            kept = (self.proposed[:, :m] == tokens[:, :m]) & (j[None, :] < counts.to(self.device)[:, None])
+            a = kept.long().cumprod(dim=1).sum(dim=1).cpu()  # (B,) drafts now committed
+            for k in range(1, d + 1):
+                # position i of depth k read tokens up to t_{i+k}; those up to t_{n+a} are now committed
+                self.valid[k] = torch.minimum(self.n, self.n + a - k + 1).clamp(min=0)
+            # depth k's positions also need depth k-1's there
+            self.valid[1:] = torch.cummin(self.valid[1:], dim=0).values
+        at = self.n.to(self.device)[:, None] + torch.arange(T, device=self.device)  # (B, T)
+        # unmasked writes: what lies past a row's count is past its new length, rewritten before it is read
+        self.hid[0].scatter_(1, at[..., None].expand(B, T, hidden.shape[-1]), hidden.to(self.hid.dtype))
+        self.seq.scatter_(1, at + 1, tokens)
+        self.n = self.n + counts
+        self.proposed = None
 
     @torch.no_grad()
-    def propose(self, limit: int) -> list[int]:
-        """Drafts ``t_{n+1} .. t_{n+d}``, ``d = min(limit, depth)``: one chunk per depth over its stale positions."""
-        n = len(self.seq) - 1  # t_n is committed but not yet fed to the main model
-        drafts: list[int] = []
+    def propose(self, limit: int, sample: DraftSampler) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Drafts ``t_{n+1} .. t_{n+d}`` per row, ``d = min(limit, depth)``: one chunk per depth over the rows' stale
+        positions -> (tokens [B, d], probs [B, d, V] | None)."""
+        B = self.seq.shape[0]
+        dim = self.hid.shape[-1]
+        n = self.n
+        n_dev = n.to(self.device)
+        drafts, probs = [], []
         for k in range(1, min(limit, self.mtp.depth) + 1):
-            start = self.valid[k]
-            self.caches[k - 1].truncate(start)
-            # depth k at positions start..n-1 reads h^{k-1} there and t_{i+k}, which runs past t_n into the drafts
-            toks = torch.tensor([(self.seq[start + k :] + drafts)[: n - start]], device=self.device)
-            h_k, logits = self.mtp.step(
-                k,
-                self.hid[k - 1, start:n][None],
-                toks,
-                self.embed,
-                self.head,
-                pos=torch.arange(start, n, device=self.device),
-                cache=self.caches[k - 1],
-            )
-            self.hid[k, start:n] = h_k[0]
-            drafts.append(int(logits[0, -1].argmax()))
-        self.proposed = drafts
-        return drafts
+            # Row b recomputes positions valid[k, b] .. n_b - 1. One chunk of L positions serves all rows: it ends
+            # at n_b - 1 (recomputing a few kept positions, whose inputs are committed) or, for a row shorter than
+            # L, starts at 0 and runs past n_b - 1 into padding that no real position attends to.
+            L = max(int((n - self.valid[k]).max()), 1)
+            start = (n - L).clamp(min=0)  # (B,) CPU
+            cache = self.caches[k - 1]
+            steps = torch.arange(L, device=self.device)
+            if bool((start == start[0]).all()):
+                cache.truncate(int(start[0]))
+                pos = steps + int(start[0])  # (L,)
+                pos_BL = pos.expand(B, L)
+            else:
+                cache.truncate(start)
+                pos = pos_BL = start.to(self.device)[:, None] + steps  # (B, L)
+            toks = self.seq.gather(1, pos_BL + k)  # t_{i+k}: committed, then the shallower depths' drafts
+            index = pos_BL[..., None].expand(B, L, dim)
+            layer = self.mtp.layers[k - 1]
+            h = layer(self.hid[k - 1].gather(1, index), self.embed(toks), pos, None, cache)  # (B, L, D)
+            self.hid[k].scatter_(1, index, h)
+            at = (torch.minimum(n, torch.tensor(L)) - 1).to(self.device)  # each row's last real position in the chunk
+            h_last = h.gather(1, at[:, None, None].expand(B, 1, dim)).squeeze(1)  # (B, D)
+            token, prob = sample(self.head(layer.shared_head.norm(h_last)))  # (B,), (B, V) | None
+            self.seq.scatter_(1, (n_dev + k)[:, None], token[:, None])
+            drafts.append(token)
+            probs.append(prob)
+        self.proposed = torch.stack(drafts, dim=1)  # (B, d)
+        return self.proposed, None if probs[0] is None else torch.stack(probs, dim=1)
 
 
 def speculative_generate(
-    model: Any, prompt: list[int], max_new_tokens: int, eos_id: int | None = None, *, depth: int | None = None
-) -> SpeculativeResult:
-    """Greedy decoding with the MTP heads drafting: the core's speculative loop with the ``"mtp"`` drafter.
+    model: Any,
+    prompt: list[int] | list[list[int]],
+    max_new_tokens: int,
+    eos_id: int | None = None,
+    *,
+    depth: int | None = None,
+    **options: Any,
+) -> SpeculativeResult | SpeculativeBatchResult:
+    """Speculative decoding with the MTP heads drafting: the core's speculative loop with the ``"mtp"`` drafter.
 
     Args:
         model: a model with MTP heads (``model.mtp``).
-        prompt: token ids (one sequence).
-        max_new_tokens: most tokens to generate.
-        eos_id: stop after producing it.
+        prompt: token ids of one sequence, or a list of them (a batch).
+        max_new_tokens: most tokens to generate per row.
+        eos_id: a row stops after producing it.
         depth: drafts per round (default: all of ``model.mtp.depth``).
+        options: the core loop's keyword options (``temperature``, ``top_p``, ``generator``, ``return_logprobs``,
+            ``pad_id``, ``sync_done``: :func:`dsk.api.runtime.speculative_generate`).
     """
     mtp = getattr(model, "mtp", None)
     if mtp is None:
         raise ValueError("the model has no MTP heads (model.mtp); speculative decoding needs them")
-    return _speculative_generate(model, prompt, max_new_tokens, eos_id, drafter=mtp, max_drafts=depth)
+    return _speculative_generate(model, prompt, max_new_tokens, eos_id, drafter=mtp, max_drafts=depth, **options)

@@ -44,13 +44,29 @@ def test_generate_json_reports_completions_and_speed(dsk_cli, ckpt):
 
 
 def test_greedy_speculative_generation_matches_plain_greedy_and_reports_acceptance(dsk_cli, ckpt):
-    args = ["generate", ckpt, "--prompt", "12+3=", "--max-new-tokens", "6", "--json"]
-    plain = json.loads(dsk_cli([*args, "--temperature", "0"]).stdout)
+    args = ["generate", ckpt, "--prompt", "12+3=", "--prompt", "7", "--prompt", "ab*c", "--max-new-tokens", "6"]
+    args += ["--temperature", "0", "--json"]
+    plain = json.loads(dsk_cli(args).stdout)
     r = dsk_cli([*args, "--speculative", "mtp"])
     assert r.exit_code == 0, r.output
     spec = json.loads(r.stdout)
-    assert spec["completions"][0]["tokens"] == plain["completions"][0]["tokens"]
-    assert 0.0 <= spec["speculation"]["acceptance_rate"] <= 1.0
+    assert [c["tokens"] for c in spec["completions"]] == [c["tokens"] for c in plain["completions"]]
+    stats = spec["speculation"]
+    assert 0.0 <= stats["acceptance_rate"] <= 1.0 and stats["verify_steps"] >= 1
+    assert stats["drafted"] == sum(c["drafted"] for c in spec["completions"])
+    assert spec["tokens_per_s"] > 0 and plain["tokens_per_s"] > 0
+
+
+def test_speculative_sampling_runs_the_batch_at_a_temperature_and_reports_acceptance_in_the_text(dsk_cli, ckpt):
+    args = ["generate", ckpt, "--prompt", "12+3=", "--prompt", "9", "--max-new-tokens", "5", "--speculative", "mtp"]
+    r = dsk_cli([*args, "--temperature", "0.8", "--top-p", "0.9", "--json"])
+    assert r.exit_code == 0, r.output
+    payload = json.loads(r.stdout)
+    assert payload["temperature"] == 0.8 and len(payload["completions"]) == 2
+    assert all(len(c["tokens"]) <= 5 for c in payload["completions"])
+    r = dsk_cli([*args, "--temperature", "0.8"])
+    assert r.exit_code == 0, r.output
+    assert "tokens/s" in r.stdout and "mtp draft acceptance" in r.stdout
 
 
 def test_generate_text_output_ends_with_a_summary(dsk_cli, ckpt):
@@ -69,11 +85,6 @@ def test_generate_without_a_tokenizer_asks_for_one(dsk_cli, tmp_path):
     save_dsk(tiny_model(), tmp_path / "m")
     r = dsk_cli(["generate", str(tmp_path / "m"), "--prompt", "x"])
     assert r.exit_code == 2 and "--tokenizer" in r.stderr
-
-
-def test_speculative_with_a_temperature_is_a_usage_error(dsk_cli, ckpt):
-    r = dsk_cli(["generate", ckpt, "--prompt", "1", "--speculative", "mtp", "--temperature", "0.5"])
-    assert r.exit_code == 2 and "greedily" in r.stderr
 
 
 def test_speculative_with_a_drafter_no_component_offers_exits_2_listing_those_offered(dsk_cli, ckpt, tmp_path):

@@ -97,3 +97,16 @@ def test_an_unknown_drafter_name_is_a_value_error_listing_those_offered():
         speculative_generate(model, [1, 2], 4, drafter="medusa")
     with pytest.raises(ValueError, match="offered: none"):
         find_drafter(tiny_model(mtp=None), "oracle")
+
+
+def test_a_one_sequence_drafter_runs_once_per_row_of_a_batch_and_the_output_is_greedy():
+    # the older, one-sequence Drafter form: the loop makes one per row; rows of different lengths, one stopping at
+    # an EOS, right drafts (shift 0) and wrong ones (shift 1)
+    model = tiny_model(mtp=None)
+    eos = generate(model, [PROMPTS[1]], 12, temperature=0).tokens[0][3]
+    plain = generate(model, PROMPTS, 12, temperature=0, eos_id=eos)
+    assert plain.finished[1]
+    for shift in (0, 1):
+        spec = speculative_generate(model, PROMPTS, 12, eos_id=eos, drafter=Oracle(shift), max_drafts=3)
+        assert spec.tokens == plain.tokens and spec.finished == plain.finished
+        assert (spec.acceptance_rate == 1.0) if shift == 0 else (sum(spec.accepted) == 0)

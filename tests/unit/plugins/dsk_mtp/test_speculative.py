@@ -66,13 +66,54 @@ def test_speculative_respects_max_seq_len():
 
 
 def test_the_mtp_heads_offer_the_drafter_the_core_loop_finds_by_name():
-    from dsk.api import Drafter, DrafterProvider
+    from dsk.api.generation import BatchDrafter, BatchDrafterProvider
     from dsk.model.generate import find_drafter
     from dsk.model.generate import speculative_generate as core_speculative_generate
 
     model = tiny_model(seed=2)
-    assert isinstance(model.mtp, DrafterProvider) and find_drafter(model, "mtp") is model.mtp
-    assert isinstance(model.mtp.make_drafter(model, 16), Drafter)
+    assert isinstance(model.mtp, BatchDrafterProvider) and find_drafter(model, "mtp") is model.mtp
+    assert isinstance(model.mtp.make_batch_drafter(model, 3, 16), BatchDrafter)
     for prompt in PROMPTS:
         by_name = core_speculative_generate(model, prompt, 12, drafter="mtp", max_drafts=2)
         assert by_name == speculative_generate(model, prompt, 12, depth=2)
+
+
+def _trained_on_cycle(cycle: list[int], seed: int = 0):
+    """The tiny model (float64) after 25 AdamW steps on a repeating cycle: its MTP heads draft what it accepts."""
+    model = tiny_model(seed=seed).train()
+    seq = torch.tensor(cycle).repeat(10)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(25):
+        ids = torch.stack([seq[s : s + 24] for s in torch.randint(0, len(cycle), (4,), generator=g).tolist()])
+        loss = training_loss(model, ids, ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+BATCH = [[3, 7, 1, 9, 4], [5], [8, 8, 6, 1, 2, 2, 2], [11, 2], [30, 7, 19], [41, 5, 11, 2, 30, 7, 19, 41, 5]]
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("trained", [False, True])
+def test_batched_speculative_output_equals_batched_greedy_row_for_row(depth, trained):
+    # rows of different lengths; an EOS that some rows produce early and others never; heads that draft well
+    # (trained on the cycle) and heads that draft badly (random): every row is greedy decoding's, token for token
+    model = _trained_on_cycle([5, 11, 2, 30, 7, 19, 41]) if trained else tiny_model(seed=depth)
+    budget = 6 if trained else 18  # the cycle reaches every token within 7: some rows must run out first
+    eos = generate(model, BATCH, budget, temperature=0).tokens[1][4]
+    plain = generate(model, BATCH, budget, temperature=0, eos_id=eos, return_logprobs=True)
+    assert any(plain.finished) and not all(plain.finished)
+    spec = speculative_generate(model, BATCH, budget, eos, depth=depth, return_logprobs=True)
+    assert spec.tokens == plain.tokens
+    assert spec.finished == plain.finished and spec.truncated == plain.truncated
+    for b, prompt in enumerate(BATCH):  # the batch of one is the one-prompt call
+        alone = speculative_generate(model, prompt, budget, eos, depth=depth)
+        assert alone.tokens == plain.tokens[b]
+    ref = plain.logprobs
+    torch.testing.assert_close(torch.tensor(sum(spec.logprobs, [])), torch.tensor(sum(ref, [])))
+    assert all(0 <= a <= d for a, d in zip(spec.accepted, spec.drafted, strict=True))
+    if trained:
+        assert spec.acceptance_rate > 0.8
