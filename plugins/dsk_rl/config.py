@@ -87,6 +87,12 @@ class GRPOConfig(OptimConfig, SamplingConfig, EvalConfig):
         16, ge=1, description="distinct prompts per rollout step (a multiple of the data-parallel ranks)"
     )
     num_generations: int = Field(8, ge=2, description="G: completions sampled per prompt (one group)")
+    rollout_drafter: str | None = Field(
+        None,
+        description='speculative rollouts: the drafter a model component offers under this name (e.g. "mtp") '
+        "proposes tokens and the policy verifies them, keeping exactly the sampling distribution; logs "
+        "rollout/acceptance_rate and rollout/tokens_per_forward (one process only; unset: plain sampling)",
+    )
     micro_batch_size: int = Field(
         64, ge=1, description="completions per forward/backward; a step accumulates all its micro-batches"
     )

@@ -49,6 +49,7 @@ from dsk.api.runtime import (
     TrainerRun,
     build_run,
     done_across_ranks,
+    find_drafter,
     list_checkpoints,
     load_model_weights,
     model_state_for_saving,
@@ -172,6 +173,16 @@ class _GRPORun(TrainerRun):
                 f"trainer.prompts_per_step = {cfg.prompts_per_step} does not split over the {world} data-parallel "
                 f"ranks (a group's completions stay on one rank): make it a multiple of {world}"
             )
+        if cfg.rollout_drafter is not None:
+            if world > 1:
+                raise RunSetupError(
+                    f"trainer.rollout_drafter = {cfg.rollout_drafter!r} runs on one process: a drafter's own "
+                    f"forwards are not kept in step over the {world} data-parallel ranks; unset it for this run"
+                )
+            try:
+                find_drafter(self.model, cfg.rollout_drafter)
+            except ValueError as exc:
+                raise RunSetupError(f"trainer.rollout_drafter: {exc}") from None
         self.tokenizer, self.task = built.tokenizer, built.task
         if not callable(getattr(self.task, "check", None)):
             raise RunSetupError("GRPO needs a [data] task with a checker (check(record, text)) for its rewards")
@@ -226,7 +237,7 @@ class _GRPORun(TrainerRun):
             self.model, self.tokenizer, encode_prompts(self.tokenizer, prompts), cfg.num_generations,
             max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p,
             batch_size=cfg.generation_batch_size, generator=generators, sync_done=done_across_ranks(parallel),
-            max_prompt_len=longest,
+            max_prompt_len=longest, drafter=cfg.rollout_drafter,
         )  # fmt: skip
         records = [r for r in prompts for _ in range(cfg.num_generations)]
         scores = score(
@@ -372,6 +383,10 @@ class _GRPORun(TrainerRun):
             tokens, elapsed, gen_s,
         )  # fmt: skip
         row.update(moe)
+        if cfg.rollout_drafter is not None:  # speculative rollouts (one process: these are the step's)
+            row["rollout/acceptance_rate"] = samples.accepted / samples.drafted if samples.drafted else None
+            generated = sum(len(c) for c in samples.completion_ids)
+            row["rollout/tokens_per_forward"] = generated / samples.forwards if samples.forwards else None
         self._last_batch = (records, samples, scores, advantages)
         return row
 

@@ -37,12 +37,18 @@ class Samples:
         completion_ids: generated ids, EOS included when produced.
         truncated: the completion stopped at the length limit, not at EOS.
         texts: completions decoded without control tokens (markup such as ``<think>`` kept).
+        drafted, accepted: speculative sampling's draft tokens proposed and accepted, all rows (0 without it).
+        forwards: the policy's forwards per row summed over the generation calls, prefills included (0 without
+            speculation: then it is one per generated token).
     """
 
     prompt_ids: list[list[int]]
     completion_ids: list[list[int]]
     truncated: list[bool]
     texts: list[str]
+    drafted: int = 0
+    accepted: int = 0
+    forwards: int = 0
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -62,6 +68,7 @@ def sample(
     generator: torch.Generator | Sequence[torch.Generator] | None,
     sync_done: Callable[[bool], bool] | None = None,
     max_prompt_len: int | None = None,
+    drafter: str | None = None,
 ) -> Samples:
     """``n`` completions of each prompt (KV-cached, batched ``batch_size`` completions per call).
 
@@ -73,8 +80,14 @@ def sample(
     then a call holds whole groups (``batch_size // n`` of them, at least one), and a group samples the same
     completions whichever prompts it is batched with and on whichever rank. ``sync_done``: ``generate``'s (every
     rank runs the same number of forwards; every rank must make the same number of calls).
+
+    ``drafter``: speculative sampling with the drafter a model component offers under this name
+    (:func:`dsk.api.runtime.speculative_generate`): the completions keep exactly the distribution of plain sampling
+    (greedy ones are identical), drawn with other random numbers; a group's draws then also depend on the rows it
+    is batched with (a round drafts as many tokens for every row), which a fixed ``generation_batch_size`` keeps
+    reproducible.
     """
-    from dsk.api.runtime import generate
+    from dsk.api.runtime import generate, speculative_generate
 
     repeated = [list(p) for p in prompt_ids for _ in range(n)]
     longest = max(max(len(p) for p in repeated), max_prompt_len or 0)
@@ -88,16 +101,24 @@ def sample(
     step = batch_size if groups is None else max(1, batch_size // n) * n
     tokens: list[list[int]] = []
     truncated: list[bool] = []
+    drafted = accepted = forwards = 0
     for start in range(0, len(repeated), step):
         gen = generator if groups is None else groups[start // n : (start + step) // n]
-        out = generate(
-            model, repeated[start : start + step], budget, temperature=temperature, top_p=top_p,
-            eos_id=tokenizer.eos_id, generator=gen, pad_id=tokenizer.pad_id, sync_done=sync_done,
-        )  # fmt: skip
+        rows = repeated[start : start + step]
+        kw = {"temperature": temperature, "top_p": top_p, "generator": gen, "pad_id": tokenizer.pad_id}
+        if drafter is None:
+            out = generate(model, rows, budget, eos_id=tokenizer.eos_id, sync_done=sync_done, **kw)
+        else:
+            out = speculative_generate(
+                model, rows, budget, tokenizer.eos_id, drafter=drafter, sync_done=sync_done, **kw
+            )
+            drafted += sum(out.drafted)
+            accepted += sum(out.accepted)
+            forwards += len(rows) * (out.verify_steps + 1)
         tokens.extend(out.tokens)
         truncated.extend(out.truncated)
     texts = [tokenizer.decode(t) for t in tokens]
-    return Samples(repeated, tokens, truncated, texts)
+    return Samples(repeated, tokens, truncated, texts, drafted, accepted, forwards)
 
 
 @dataclass
