@@ -96,14 +96,10 @@ def sample_next(
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
-    probs = top_p_filter(probs, top_p)
+    probs = _sampling_probs(logits, temperature, top_p)
     if uniform is None:
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    cdf_BV = probs.cumsum(dim=-1)
-    # right=True: the first token whose cumulative mass is above u*total, so a zero-probability token is never drawn
-    at_B1 = (uniform.to(cdf_BV.dtype)[:, None] * cdf_BV[:, -1:]).contiguous()
-    return torch.searchsorted(cdf_BV, at_B1, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+    return _draw(probs, uniform)
 
 
 def done_across_ranks(parallel: Any) -> Callable[[bool], bool] | None:

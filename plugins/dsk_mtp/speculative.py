@@ -110,7 +110,7 @@ class MTPDrafter:
             layer = self.mtp.layers[k - 1]
             h = layer(self.hid[k - 1].gather(1, index), self.embed(toks), pos, None, cache)  # (B, L, D)
             self.hid[k].scatter_(1, index, h)
-            at = (torch.minimum(n, torch.tensor(L)) - 1).to(self.device)  # each row's last real position in the chunk
+            at = (n.clamp(max=L) - 1).to(self.device)  # each row's last real position in the chunk
             h_last = h.gather(1, at[:, None, None].expand(B, 1, dim)).squeeze(1)  # (B, D)
             token, prob = sample(self.head(layer.shared_head.norm(h_last)))  # (B,), (B, V) | None
             self.seq.scatter_(1, (n_dev + k)[:, None], token[:, None])

@@ -2,8 +2,9 @@
 
 Building the policy (seeded, initialised from the previous stage), training records, checkpoints with the
 runtime's atomic format, evaluation rows (greedy and sampled) and their summary columns, and the side channels of
-the model's components (auxiliary losses, MoE step metrics); and the pieces the trainers share across ranks: per-group sampling generators, the agreed stop
-of generation, and the share of a list of work items each data rank takes.
+the model's components (auxiliary losses, MoE step metrics); and the pieces the trainers share across ranks:
+per-group sampling generators, the agreed stop of generation, and the share of a list of work items each data rank
+takes.
 """
 
 from __future__ import annotations
