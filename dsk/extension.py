@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -62,7 +62,8 @@ _STALE_LOCK_S = 4 * 60
 
 def kernels_disabled() -> bool:
     """Whether ``DSK_CPU_KERNELS`` (0/false/no/off) turns the native kernels off; read at each call."""
-    return os.environ.get("DSK_CPU_KERNELS", "1").strip().lower() in ("0", "false", "no", "off")
+    value = os.environ.get("DSK_CPU_KERNELS")
+    return value is not None and value.strip().lower() in ("0", "false", "no", "off")
 
 
 def cpu_kernel_supports(*tensors: torch.Tensor) -> bool:
@@ -73,25 +74,32 @@ def cpu_kernel_supports(*tensors: torch.Tensor) -> bool:
     traced by torch.compile -> False, so the caller takes its PyTorch path (which knows how to handle them). Builds
     nothing.
     """
-    import torch
-    from torch import nn
-
     if not tensors:
         return False
+    torch = sys.modules["torch"]  # imported by whoever holds a tensor; this module itself stays torch-free
     if torch.compiler.is_compiling():
         # a pybind call is opaque to torch.compile (a graph break per call): compiled code runs the PyTorch path
         return False
     dtype = tensors[0].dtype
-    if dtype not in (torch.float32, torch.float64):
+    if dtype is not torch.float32 and dtype is not torch.float64:
         return False
+    plain = _plain_types(torch)
+    strided = torch.strided
     # nn.Parameter(DTensor) is a DTensor instance, so an exact type check also refuses sharded parameters
-    return all(
-        type(t) in (torch.Tensor, nn.Parameter)
-        and t.dtype == dtype
-        and t.device.type == "cpu"
-        and t.layout == torch.strided
-        for t in tensors
-    )
+    for t in tensors:
+        if type(t) not in plain or t.dtype is not dtype or t.layout is not strided or t.device.type != "cpu":
+            return False
+    return True
+
+
+_PLAIN: tuple[type, ...] = ()
+
+
+def _plain_types(torch: Any) -> tuple[type, ...]:
+    global _PLAIN
+    if not _PLAIN:
+        _PLAIN = (torch.Tensor, torch.nn.Parameter)
+    return _PLAIN
 
 
 def _cxx() -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -45,19 +45,32 @@ def _stack() -> list[str]:
     return stack
 
 
-@contextmanager
-def region(name: str) -> Iterator[None]:
-    """Mark the ops run inside as belonging to region ``name`` (nestable; innermost last)."""
-    stack = _stack()
-    stack.append(name)
-    try:
+class region:  # noqa: N801 (used as a function: ``with region("norm"):``)
+    """Mark the ops run inside as belonging to region ``name`` (nestable; innermost last).
+
+    A class rather than a generator context manager: it runs in every layer of every decode step, where
+    contextlib's generator machinery costs more than the ops it marks.
+    """
+
+    __slots__ = ("name", "_range")
+
+    def __init__(self, name: str):
+        self.name = name
+        self._range = None
+
+    def __enter__(self) -> None:
+        _stack().append(self.name)
         if torch.autograd.profiler._is_profiler_enabled:
-            with torch.profiler.record_function(f"dsk.{name}"):
-                yield
-        else:
-            yield
-    finally:
-        stack.pop()
+            self._range = torch.profiler.record_function(f"dsk.{self.name}")
+            self._range.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self._range is not None:
+                self._range.__exit__(*exc)
+                self._range = None
+        finally:
+            _stack().pop()
 
 
 #: the ``record_function`` name of a profile part is this prefix, ``*`` when it absorbs its nested parts, ``:`` and
@@ -65,20 +78,20 @@ def region(name: str) -> Iterator[None]:
 PART_PREFIX = "dsk.part"
 
 
-@contextmanager
-def profile_part(name: str, *, absorb: bool = False) -> Iterator[None]:
+def profile_part(name: str, *, absorb: bool = False) -> AbstractContextManager[Any]:
     """Attribute the time of what runs inside, forward and backward, to part ``name`` in ``dsk profile``'s table.
 
     Parts nest and the innermost one takes the time, unless an enclosing part was opened with ``absorb=True``: then
     that part takes the time of everything inside it (an MTP module's blocks count as "mtp", not as "attention").
     The backward of an op is attributed to the part its forward ran in. Outside ``torch.profiler`` a part costs one
-    flag test; unlike :func:`region`, it changes nothing a feature sees.
+    flag test (a shared no-op context); unlike :func:`region`, it changes nothing a feature sees.
     """
     if torch.autograd.profiler._is_profiler_enabled:
-        with torch.profiler.record_function(f"{PART_PREFIX}{'*' if absorb else ''}:{name}"):
-            yield
-    else:
-        yield
+        return torch.profiler.record_function(f"{PART_PREFIX}{'*' if absorb else ''}:{name}")
+    return _NO_PART
+
+
+_NO_PART = nullcontext()
 
 
 def current_regions() -> tuple[str, ...]:
@@ -111,8 +124,15 @@ def recomputable(name: str, fn: Callable[..., Any], *inputs: Any) -> Any:
     may drop its outputs after the forward and call it again when the backward needs them."""
     handler = getattr(_state, "handler", None)
     if handler is None or not torch.is_grad_enabled():
-        with region(name):
+        if torch.autograd.profiler._is_profiler_enabled:
+            with region(name):
+                return fn(*inputs)
+        stack = _stack()  # region(name) without the context manager: this runs in every layer of every step
+        stack.append(name)
+        try:
             return fn(*inputs)
+        finally:
+            stack.pop()
     return handler(name, fn, inputs)
 
 

@@ -181,8 +181,32 @@ def parse_value(text: str) -> Any:
     return text
 
 
+def _by_name(data: Any, path: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``path`` with each name that picks an element of an array of tables (``stages.grpo``) replaced by the index
+    of the element whose ``name`` it is (``stages.1``); other paths unchanged."""
+    node, out = data, []
+    for i, key in enumerate(path):
+        if isinstance(node, list) and isinstance(key, str):
+            names = [e.get("name") if isinstance(e, dict) else None for e in node]
+            if key not in names:
+                known = ", ".join(str(n) for n in names if n is not None) or "none has a name"
+                where = format_path(tuple(out) + (key,))
+                raise RecipeError([Problem(format_path(path), f"{where}: no element named {key!r} ({known})", None)])
+            key = names.index(key)
+        out.append(key)
+        if isinstance(node, dict):
+            node = node.get(key)
+        elif isinstance(node, list) and isinstance(key, int) and key < len(node):
+            node = node[key]
+        else:
+            return tuple(out) + tuple(path[i + 1 :])
+    return tuple(out)
+
+
 def apply_set(recipe: Recipe, path: tuple[Any, ...], value: Any, origin: str) -> None:
-    """Set ``path`` to ``value``, creating tables on the way; a new slot ``type`` resets the slot."""
+    """Set ``path`` to ``value``, creating tables on the way; a new slot ``type`` resets the slot. An element of an
+    array of tables is picked by its index or by its ``name`` (``stages.grpo.trainer.steps``)."""
+    path = _by_name(recipe.data, path)
     node: Any = recipe.data
     for i, key in enumerate(path[:-1]):
         where = format_path(path[: i + 1])
@@ -218,6 +242,7 @@ def apply_set(recipe: Recipe, path: tuple[Any, ...], value: Any, origin: str) ->
 
 def apply_unset(recipe: Recipe, path: tuple[Any, ...], origin: str) -> None:
     """Remove ``path`` (a key or a whole table); an unknown path is an error with a suggestion."""
+    path = _by_name(recipe.data, path)
     node: Any = recipe.data
     for i, key in enumerate(path):
         container = node

@@ -96,6 +96,16 @@ class GRPOConfig(OptimConfig, SamplingConfig, EvalConfig):
     micro_batch_size: int = Field(
         64, ge=1, description="completions per forward/backward; a step accumulates all its micro-batches"
     )
+    group_by_length: bool = Field(
+        True,
+        description="split each micro-batch's rows into groups of similar length, one forward/backward each, where "
+        "that saves more padded token slots than length_group_overhead per extra pass (the update is unchanged)",
+    )
+    length_group_overhead: int = Field(
+        512,
+        ge=1,
+        description="the fixed cost of one more forward/backward pass, in token slots, that group_by_length weighs",
+    )
     num_iterations: int = Field(
         1,
         ge=1,

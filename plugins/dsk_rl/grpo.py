@@ -68,7 +68,16 @@ from dsk_rl.common import (
 )
 from dsk_rl.config import GRPOConfig
 from dsk_rl.grpo_loss import aggregate, clipped_surrogate, group_advantages, token_entropy, token_logprobs
-from dsk_rl.rollout import Packed, RewardScores, completion_logits, encode_prompts, pack, sample, score
+from dsk_rl.rollout import (
+    Packed,
+    RewardScores,
+    completion_logits,
+    encode_prompts,
+    length_groups,
+    pack,
+    sample,
+    score,
+)
 from dsk_rl.sft import resolve_checkpoint
 
 __all__ = ["GRPOTrainer", "write_completions_table"]
@@ -259,6 +268,16 @@ class _GRPORun(TrainerRun):
         full[parallel.data_rank * n : (parallel.data_rank + 1) * n] = local_NC
         return parallel.all_reduce(full, "sum")  # x + 0 is exact (NaN stays NaN): the rows themselves
 
+    def _length_groups(self, idx: torch.Tensor, samples: Any) -> list[torch.Tensor]:
+        """The rows ``idx`` of a micro-batch in groups of similar length, one pass each (``group_by_length``)."""
+        if idx.numel() == 0:
+            return []
+        if not self.cfg.group_by_length or idx.numel() == 1:
+            return [idx]
+        rows = idx.tolist()
+        lengths = [len(samples.prompt_ids[i]) + len(samples.completion_ids[i]) for i in rows]
+        return [idx[g] for g in length_groups(lengths, self.cfg.length_group_overhead)]
+
     def _idle_pass(self, packed: Packed, chunk: torch.Tensor) -> None:
         """A zero-weighted forward and backward of one row, for a micro-batch another rank trains on while this one
         has no row with a signal in it: a sharded model's forward and backward are collectives that every rank
@@ -301,16 +320,27 @@ class _GRPORun(TrainerRun):
         signal = has_tokens if cfg.beta > 0 else has_tokens & (advantages != 0)
         active = [chunk[signal[chunk]] for chunk in chunks]
         chunk_tokens = [packed.mask[chunk].sum() for chunk in chunks]
+        # Each micro-batch's rows that run are split into groups of similar length, one forward and backward each
+        # (group_by_length): fewer padded token slots for a few more passes. The losses are sums over rows with the
+        # micro-batch's normalisers, so the split leaves the loss and the update unchanged.
+        pieces = [self._length_groups(idx, samples) for idx in active]
         # N_glob of the dapo normaliser (the whole step's active tokens, all ranks) and the micro-batches that run
         # on some rank, in one all-reduce
         counts = torch.tensor([float(packed.mask.sum())] + [float(idx.numel()) for idx in active], dtype=torch.float64)
         if world > 1:
             counts = parallel.all_reduce(counts, "sum")
+            # every rank runs as many passes per micro-batch as the rank with the most groups (collectives)
+            most = parallel.all_reduce(torch.tensor([float(len(p)) for p in pieces], dtype=torch.float64), "max")
+            empty = torch.zeros(0, dtype=torch.long)
+            pieces = [p + [empty] * (int(n) - len(p)) for p, n in zip(pieces, most.tolist(), strict=True)]
         n_active = counts[0].to(packed.mask.dtype)
         runs = [bool(c > 0) for c in counts[1:].tolist()]
+        flat = [(c, k, piece) for c, chunk_pieces in enumerate(pieces) for k, piece in enumerate(chunk_pieces)]
         stats = _StepStats()
-        ref_logps = self._reference_logps(packed, active) if self.ref is not None and n_active > 0 else None
-        old_logps: list[torch.Tensor | None] = [None] * len(chunks)
+        ref_logps = None
+        if self.ref is not None and n_active > 0:
+            ref_logps = self._reference_logps(packed, [piece for _, _, piece in flat])
+        old_logps: list[torch.Tensor | None] = [None] * len(flat)
         grad_norm = torch.tensor(0.0)
         finite = True
         moe: dict[str, float] = {}
@@ -324,34 +354,35 @@ class _GRPORun(TrainerRun):
                 continue
             model.train()
             loss_total = torch.zeros((), device=self.device)
-            for c, chunk in enumerate(chunks):
-                idx = active[c]
+            for f, (c, k, idx) in enumerate(flat):
                 if not runs[c]:
                     continue
                 if idx.numel() == 0:
-                    self._idle_pass(packed, chunk)  # another rank trains on its micro-batch c
+                    self._idle_pass(packed, chunks[c])  # another rank trains on this pass of micro-batch c
                     continue
                 mb = packed.rows(idx).to(self.device)
                 logits = completion_logits(model, mb)  # (B, C, V)
                 logp = token_logprobs(logits, mb.targets)  # (B, C)
-                if old_logps[c] is None:
-                    old_logps[c] = logp.detach()  # pi_old = the policy before this batch's first update
-                old = old_logps[c][:, : logp.shape[1]]
+                if old_logps[f] is None:
+                    old_logps[f] = logp.detach()  # pi_old = the policy before this batch's first update
+                old = old_logps[f][:, : logp.shape[1]]
                 token = clipped_surrogate(
                     logp, old, advantages[idx].to(self.device), epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high,
-                    delta=cfg.delta, ref_logp_BT=None if ref_logps is None else ref_logps[c].to(self.device),
+                    delta=cfg.delta, ref_logp_BT=None if ref_logps is None else ref_logps[f].to(self.device),
                     beta=cfg.beta,
                 )  # fmt: skip
                 loss = aggregate(
                     token.loss, mb.mask, cfg.loss_type, max_completion_length=cfg.max_completion_length,
                     num_items_in_batch=n_active.to(self.device), grad_accum_steps=len(chunks),
-                    num_processes=world, batch_size=len(chunk), local_tokens=chunk_tokens[c],
+                    num_processes=world, batch_size=len(chunks[c]), local_tokens=chunk_tokens[c],
                 )  # fmt: skip
                 aux = self.built.side.aux_loss(torch.float32)
                 total = loss if aux is None else loss + aux * (len(idx) / N)
                 total.backward()
                 loss_total = loss_total + loss.detach()
-                stats.add(token, mb.mask, logits if it == 0 else None, aux, chunk_tokens[c])
+                # the clip ratios' denominator is the micro-batch's active tokens: counted with its first pass
+                share = chunk_tokens[c] if k == 0 else torch.zeros_like(chunk_tokens[c])
+                stats.add(token, mb.mask, logits if it == 0 else None, aux, share)
             if not any(runs):
                 # no completion carries a signal on any rank: the gradient is exactly zero, and AdamW still applies
                 # its momentum, as it would after a full zero-gradient backward

@@ -239,3 +239,40 @@ def completion_logits(model: Any, packed: Packed) -> torch.Tensor:
     logits = model(packed.input_ids).logits  # (N, S, V)
     V = logits.shape[-1]
     return logits.gather(1, packed.logit_index[:, :, None].expand(-1, -1, V))
+
+
+def length_groups(lengths: Sequence[int], overhead_tokens: int) -> list[list[int]]:
+    """Split rows into groups of similar length for separate forwards: fewer padded tokens for a few more passes.
+
+    A forward over a group costs about ``rows * longest`` token slots (each row is padded to the group's longest)
+    plus a fixed ``overhead_tokens`` (the per-pass cost of launching every op, in token-slot units). Over the rows
+    sorted by length, the split into consecutive groups that minimises the total is found exactly by dynamic
+    programming over the distinct lengths (O(m^2), m <= the longest row). Returns the groups as lists of row indices
+    into ``lengths``, shortest rows first; one group (all rows) when no split pays.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    if len(order) <= 1:
+        return [order] if order else []
+    values: list[int] = []
+    ends: list[int] = []  # ends[k]: how many sorted rows have length <= values[k]
+    for n, i in enumerate(order, 1):
+        if values and values[-1] == lengths[i]:
+            ends[-1] = n
+        else:
+            values.append(lengths[i])
+            ends.append(n)
+    m = len(values)
+    best = [0.0] + [math.inf] * m  # best[k]: the cheapest split of the rows up to distinct length k
+    cut = [0] * (m + 1)
+    for k in range(1, m + 1):
+        for j in range(k):  # the last group: distinct lengths j+1 .. k
+            rows = ends[k - 1] - (ends[j - 1] if j else 0)
+            cost = best[j] + rows * values[k - 1] + overhead_tokens
+            if cost < best[k]:
+                best[k], cut[k] = cost, j
+    bounds = []
+    k = m
+    while k > 0:
+        bounds.append((ends[cut[k] - 1] if cut[k] else 0, ends[k - 1]))
+        k = cut[k]
+    return [order[a:b] for a, b in reversed(bounds)]

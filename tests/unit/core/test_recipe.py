@@ -295,3 +295,28 @@ def test_ambiguous_component_in_a_recipe_asks_for_provider(tmp_path):
     ok = write(tmp_path / "ok.toml", "[data]\ntype = 'prov_b:dup_task'\n")
     result = validate_recipe(load_recipe(ok), registry)
     assert result.ok and result.resolved["data"].provider == "prov_b"
+
+
+def test_set_and_unset_pick_a_stage_by_its_name_or_index(tmp_path):
+    top = write(
+        tmp_path / "top.toml",
+        """
+        [[stages]]
+        name = "pretrain"
+        trainer = { steps = 5 }
+        [[stages]]
+        name = "grpo"
+        trainer = { steps = 50, eval_every = 10 }
+        """,
+    )
+    by_name = load_recipe(
+        top, overrides=[("set", "stages.grpo.trainer.steps=150"), ("unset", "stages.grpo.trainer.eval_every")]
+    )
+    by_index = load_recipe(
+        top, overrides=[("set", "stages.1.trainer.steps=150"), ("unset", "stages.1.trainer.eval_every")]
+    )
+    assert by_name.data["stages"] == by_index.data["stages"]
+    assert by_name.data["stages"][1]["trainer"] == {"steps": 150}
+    assert by_name.data["stages"][0]["trainer"] == {"steps": 5}
+    with pytest.raises(RecipeError, match=r"stages.grpx: no element named 'grpx' \(pretrain, grpo\)"):
+        load_recipe(top, overrides=[("set", "stages.grpx.trainer.steps=1")])

@@ -75,13 +75,15 @@ def test_zero_reward_spread_gives_zero_loss_without_running_the_backward(tmp_pat
     assert all(torch.equal(v, before[n]) for n, v in parameters(run.model).items())
 
 
+@pytest.mark.parametrize("overhead", [100_000, 1], ids=["one_pass_per_micro_batch", "length_groups"])
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
-def test_leaving_out_zero_advantage_rows_keeps_the_exact_update(tmp_path, dsk_registry, dsk_pm, loss_type):
-    """Rows with advantage 0 are not forwarded; the update equals the full batch's (computed here by hand)."""
+def test_leaving_out_zero_advantage_rows_keeps_the_exact_update(tmp_path, dsk_registry, dsk_pm, loss_type, overhead):
+    """Rows with advantage 0 are not forwarded, and (overhead 1) the rows of a micro-batch run in groups of equal
+    length; either way the update equals the full batch's in one pass per micro-batch (computed here by hand)."""
     from dsk_rl.grpo_loss import aggregate, clipped_surrogate, group_advantages, token_logprobs
-    from dsk_rl.rollout import completion_logits, pack
+    from dsk_rl.rollout import completion_logits, length_groups, pack
 
-    table = grpo_table(loss_type=loss_type, micro_batch_size=6, lr=1e-2)
+    table = grpo_table(loss_type=loss_type, micro_batch_size=6, lr=1e-2, length_group_overhead=overhead)
     run = with_reward_spread(make_grpo_run(tmp_path, table, dsk_registry, dsk_pm))
     run.model.double()
     records, samples, scores = run.rollout(1)
@@ -104,7 +106,27 @@ def test_leaving_out_zero_advantage_rows_keeps_the_exact_update(tmp_path, dsk_re
     aux = run.model.layers[1].mlp
     aux.aux_loss = lambda: None  # compare the policy gradient alone
     run.optimizer.step = lambda: None  # keep the gradients for inspection
-    run.train_step()
+    passes = []
+    forward = completion_logits
+
+    def counted(model, mb):
+        passes.append(mb.input_ids.shape)
+        return forward(model, mb)
+
+    grpo_module.completion_logits = counted
+    try:
+        run.train_step()
+    finally:
+        grpo_module.completion_logits = forward
+    # one pass per micro-batch with rows that carry a signal, or (overhead 1) about one per distinct row length
+    lengths = [len(p) + len(c) for p, c in zip(samples.prompt_ids, samples.completion_ids, strict=True)]
+    signal = [[i for i in idx.tolist() if adv[i] != 0] for idx in chunks]
+    signal = [rows for rows in signal if rows]
+    if overhead == 1:
+        assert len(passes) == sum(len(length_groups([lengths[i] for i in rows], 1)) for rows in signal)
+        assert len(passes) > len(signal), "the completions should differ in length"
+    else:
+        assert len(passes) == len(signal)
     for name, p in run.model.named_parameters():
         if name in expected:
             torch.testing.assert_close(p.grad, expected[name], rtol=1e-9, atol=1e-12, msg=name)
