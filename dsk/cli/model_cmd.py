@@ -132,6 +132,7 @@ def generate_cmd(
 
     from dsk.model.generate import generate, speculative_generate
 
+    _warm_up(model, encoded[0], tok, speculative, temperature, top_p)
     gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
     options = {"temperature": temperature, "top_p": top_p, "generator": gen, "pad_id": tok.pad_id}
     stats: dict[str, Any] | None = None
@@ -190,6 +191,27 @@ def generate_cmd(
             f" {stats['tokens_per_step']:.2f} tokens per row and forward"
         )
     console.print(f"[dim]{summary}[/]")
+
+
+def _warm_up(model: Any, prompt: list[int], tok: Any, speculative: str | None, temperature: float, top_p: float):
+    """Run the first prompt for a few tokens, untimed and with its own generator, so that the timed call measures
+    decoding rather than one-time costs (the C++ kernels' loading, the first allocations of the caches, the thread
+    pool's start), which are a large share of a short generation and vary from process to process."""
+    import torch
+
+    from dsk.extension import load_declared
+    from dsk.model.generate import generate, speculative_generate
+
+    load_declared()
+    if model.config.max_seq_len <= len(prompt) + 1:
+        return  # too long for any continuation: the timed call reports it
+    device = model.embed_tokens.weight.device
+    options = {"temperature": temperature, "top_p": top_p, "generator": torch.Generator(device=device).manual_seed(0)}
+    options["pad_id"] = tok.pad_id
+    if speculative:
+        speculative_generate(model, [prompt], 4, tok.eos_id, drafter=speculative, **options)
+    else:
+        generate(model, [prompt], 4, eos_id=tok.eos_id, **options)
 
 
 @click.command("convert")
