@@ -60,8 +60,16 @@ _declared: dict[str, CppExtension] = {}
 _STALE_LOCK_S = 4 * 60
 
 
+# os.environ.get of a missing key raises and catches a KeyError inside (~1 us); this runs on every kernel call of a
+# decode step, so the unset case reads the environment's own mapping (CPython's os.environ keeps it as ``_data``)
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey("DSK_CPU_KERNELS") if hasattr(os.environ, "encodekey") else None
+
+
 def kernels_disabled() -> bool:
     """Whether ``DSK_CPU_KERNELS`` (0/false/no/off) turns the native kernels off; read at each call."""
+    if _ENV_DATA is not None and _ENV_KEY is not None and _ENV_KEY not in _ENV_DATA:
+        return False
     value = os.environ.get("DSK_CPU_KERNELS")
     return value is not None and value.strip().lower() in ("0", "false", "no", "off")
 

@@ -161,6 +161,10 @@ class KVCache:
         return f"KVCache(layout={self.layout!r}, lengths={lengths}, max_len={self.max_len})"
 
 
+# causal biases by (T, S, offset, dtype, device, inference mode); a few shapes recur, step after step
+_CAUSAL_BIAS: dict[tuple, Tensor] = {}
+
+
 def attention_bias(
     mask: Tensor | None, n_queries: int, n_keys: int, offset: int, dtype: torch.dtype, device: torch.device
 ) -> Tensor | None:
@@ -173,8 +177,22 @@ def attention_bias(
     if mask is None:
         if n_queries == 1:
             return None  # the single new token sees every cached key
+        # every layer of a forward asks for the same causal bias (a speculative verify, a chunked prefill): build it
+        # once; it is only read (scores + bias), and inference mode's tensors cannot leak into autograd
+        # (not while torch.compile traces: a traced tensor must not outlive its graph)
+        cached = not torch.compiler.is_compiling()
+        key = (n_queries, n_keys, offset, dtype, device, torch.is_inference_mode_enabled())
+        hit = _CAUSAL_BIAS.get(key) if cached else None
+        if hit is not None:
+            return hit
         q_slot = torch.arange(n_queries, device=device)[:, None] + offset
         mask = (torch.arange(n_keys, device=device)[None, :] <= q_slot)[None]  # [1, T, S]
+        bias = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
+        if cached:
+            if len(_CAUSAL_BIAS) >= 64:
+                _CAUSAL_BIAS.clear()
+            _CAUSAL_BIAS[key] = bias
+        return bias
     elif mask.shape[-2:] != (n_queries, n_keys) or mask.dim() != 3:
         raise ValueError(f"attention mask has shape {tuple(mask.shape)}; expected [B, {n_queries}, {n_keys}]")
     return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
