@@ -57,6 +57,10 @@ class AttentionCache(Protocol):
         """
         ...
 
+    # Optional: ``keep_rows(rows: LongTensor) -> None`` keeps only batch rows ``rows`` (row i becomes old row
+    # ``rows[i]``, its tokens and length unchanged). Where every cache of a model has it, generation drops the rows
+    # that have finished from its forwards; without it every row runs to the end (the tokens are the same).
+
 
 @runtime_checkable
 class Drafter(Protocol):

@@ -161,6 +161,7 @@ def generate(
     return_logprobs: bool = False,
     pad_id: int = 0,
     sync_done: Callable[[bool], bool] | None = None,
+    compact_finished: bool = True,
 ) -> GenerationResult:
     """Sample continuations of a batch of prompts with a KV cache (one forward per decode step).
 
@@ -179,6 +180,8 @@ def generate(
             runs until every rank is done and this rank idles (one-token forwards) after its own rows have
             finished, so all ranks run the same number of forwards (:func:`done_across_ranks`). The tokens are
             those of the unsynchronised call.
+        compact_finished: drop finished rows from the forwards once they are half of the batch (greedy, or one
+            generator per block of rows; caches with ``keep_rows``); the tokens are the same either way.
     """
     P = _check_args(model, prompts, max_new_tokens, temperature, top_p)
     generator = _check_generator(generator, len(prompts))
@@ -187,15 +190,16 @@ def generate(
     try:
         return _generate(
             model, prompts, P, max_new_tokens, temperature, top_p, eos_id, generator, return_logprobs, pad_id,
-            sync_done,
+            sync_done, compact_finished,
         )  # fmt: skip
     finally:
         model.train(was_training)
 
 
 def _generate(
-    model, prompts, P, max_new_tokens, temperature, top_p, eos_id, generator, return_logprobs, pad_id, sync_done
-):
+    model, prompts, P, max_new_tokens, temperature, top_p, eos_id, generator, return_logprobs, pad_id, sync_done,
+    compact_finished=True,
+):  # fmt: skip
     device = model.embed_tokens.weight.device
     B = len(prompts)
     budget = min(max_new_tokens, model.config.max_seq_len - P)
@@ -228,33 +232,57 @@ def _generate(
     else:
         logits = out.logits[:, -1]  # (B, V)
     blocks = generator if isinstance(generator, list) else None
+    # Rows that have finished leave the forwards once they are at least half of the batch (the caches keep the rest,
+    # keep_rows): a row's computation never depends on the others, and each step draws every row's uniform (or
+    # none: greedy), so the tokens are those of the full batch. Not with torch.multinomial, whose draws depend on the
+    # batch, nor with sync_done (every rank keeps its shapes), nor for caches without keep_rows.
+    compact = (
+        compact_finished
+        and sync_done is None
+        and (temperature == 0 or blocks is not None)
+        and all(hasattr(c, "keep_rows") for c in caches)
+    )
+    live: torch.Tensor | None = None  # the full batch's rows that the caches and logits hold, once compacted
+    lens_now, P_now = lens, P
     step = 0
     finished = False  # this rank's rows are all done (EOS or budget)
     while True:
         if not finished:
             if blocks is not None and temperature != 0:
-                nxt = sample_next(logits, temperature, top_p, uniform=_row_uniforms(blocks, B, device))
+                u = _row_uniforms(blocks, B, device)
+                nxt = sample_next(logits, temperature, top_p, uniform=u if live is None else u[live])
             else:
                 nxt = sample_next(logits, temperature, top_p, generator)
-            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-            tokens[:, step] = nxt
+            done_now = done if live is None else done[live]
+            nxt = torch.where(done_now, torch.full_like(nxt, pad_id), nxt)
+            rows = slice(None) if live is None else live
+            tokens[rows, step] = nxt
             if return_logprobs:
                 lp = torch.log_softmax(logits.to(logps.dtype), dim=-1).gather(-1, nxt[:, None]).squeeze(-1)
-                logps[:, step] = torch.where(done, torch.zeros_like(lp), lp)
+                logps[rows, step] = torch.where(done_now, torch.zeros_like(lp), lp)
             if eos_id is not None:
-                hit = ~done & (nxt == eos_id)
-                length = torch.where(hit, torch.full_like(length, step + 1), length)
-                done = done | hit
+                hit = ~done_now & (nxt == eos_id)
+                length[rows] = torch.where(hit, torch.full_like(hit, step + 1, dtype=length.dtype), length[rows])
+                done[rows] = done_now | hit
             finished = step == budget - 1 or bool(done.all())
         if finished if sync_done is None else sync_done(finished):
             break
         if finished:
             _idle_forward(model, device, pad_id)  # keep pace with the ranks still generating
             continue
+        if compact:
+            going = (~(done if live is None else done[live])).nonzero().squeeze(1)  # positions in the current batch
+            if going.numel() * 2 <= nxt.shape[0]:
+                for c in caches:
+                    c.keep_rows(going)
+                nxt, lens_now = nxt[going], lens_now[going]
+                live = going if live is None else live[going]
+                P_now = int(lens_now.max())
+                ragged = bool((lens_now != P_now).any())
         step_mask = None
         if ragged:
             # row b's new token sits at slot lens[b] + step and sees the slots up to it; built once for all layers
-            step_mask = torch.arange(P + step + 1, device=device)[None, None, :] <= (lens + step)[:, None, None]
+            step_mask = torch.arange(P_now + step + 1, device=device)[None, None, :] <= (lens_now + step)[:, None, None]
         logits = model(nxt[:, None], pos=caches[0].positions(1), mask=step_mask, caches=caches).logits[:, -1]
         step += 1
     return _result(tokens, length, done, logps if return_logprobs else None)

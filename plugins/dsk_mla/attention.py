@@ -156,6 +156,15 @@ class KVCache:
             )
         self._set_rows(new)
 
+    def keep_rows(self, rows: Tensor) -> None:
+        """Keep only batch rows ``rows`` (a LongTensor of row indices, in the new order): the buffers shrink to them
+        and row i becomes old row ``rows[i]``, its tokens and length unchanged. Generation drops finished rows
+        this way (``dsk.api.generation.AttentionCache``)."""
+        index = rows.to(self.device)
+        old = self.lengths
+        self.buffers = {name: buf.index_select(0, index) for name, buf in self.buffers.items()}
+        self._set_rows(old.index_select(0, rows.to("cpu")))
+
     def __repr__(self) -> str:
         lengths = self._common if self._common is not None else self._rows.tolist()
         return f"KVCache(layout={self.layout!r}, lengths={lengths}, max_len={self.max_len})"

@@ -156,3 +156,45 @@ def test_top_p_sampling_only_draws_from_the_nucleus():
 def test_temperature_zero_is_argmax():
     logits = torch.randn(5, VOCAB, generator=torch.Generator().manual_seed(0))
     assert torch.equal(sample_next(logits, temperature=0.0), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("sampling", ["greedy", "block_generators"])
+def test_dropping_finished_rows_from_the_forwards_keeps_every_token(sampling):
+    """Rows that stopped at EOS leave the decode forwards (the caches keep_rows the rest) once they are half of the
+    batch; the tokens, lengths, flags and log-probs are those of the full-batch loop."""
+    model = tiny_model(mtp=None)
+    prompts = [[3 + i % 5, 7, 1 + i % 3][: 1 + i % 3] for i in range(12)]
+    kwargs = {"return_logprobs": True}
+    if sampling == "greedy":
+        kwargs["temperature"] = 0
+    else:
+        kwargs["generator"] = [torch.Generator().manual_seed(g) for g in range(4)]  # one per block of 3 rows
+        kwargs["temperature"] = 0.5
+    # EOS = the token found in the most rows of the free run's first 12, so that rows finish at different steps
+    free = generate(model, prompts, 16, **dict(kwargs, generator=_fresh(kwargs))).tokens
+    eos = max(range(VOCAB), key=lambda t: sum(t in row[:12] for row in free))
+    kwargs["eos_id"] = eos
+    seen = []
+    real_keep = type(model.make_caches(1, 4, "cpu", torch.float64)[0]).keep_rows
+
+    def spy(self, rows):
+        seen.append(rows.numel())
+        return real_keep(self, rows)
+
+    full = generate(model, prompts, 16, compact_finished=False, **dict(kwargs, generator=_fresh(kwargs)))
+    type(model.make_caches(1, 4, "cpu", torch.float64)[0]).keep_rows = spy
+    try:
+        compacted = generate(model, prompts, 16, **dict(kwargs, generator=_fresh(kwargs)))
+    finally:
+        type(model.make_caches(1, 4, "cpu", torch.float64)[0]).keep_rows = real_keep
+    assert seen, "no row finished early enough: the test must exercise the compaction"
+    assert compacted.tokens == full.tokens
+    assert compacted.lengths == full.lengths and compacted.finished == full.finished
+    assert any(compacted.finished) and not all(compacted.finished)
+    for a, b in zip(compacted.logprobs, full.logprobs, strict=True):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-12, atol=1e-12)
+
+
+def _fresh(kwargs):
+    gens = kwargs.get("generator")
+    return None if gens is None else [torch.Generator().manual_seed(g) for g in range(len(gens))]
