@@ -78,7 +78,7 @@ class MoE(nn.Module):
         """x [B, T, D] -> y [B, T, D]."""
         B, T, _ = x_BTD.shape
         N, K = B * T, self.top_k
-        x_ND = rearrange(x_BTD, "b t d -> (b t) d")
+        x_ND = x_BTD.reshape(B * T, -1)  # b t d -> (b t) d
         with profile_part("router"):
             weights_NK, idx_NK, stats = self.gate(x_ND, seq_shape=(B, T))
         if self.dispatcher is not None:  # expert parallelism: the strategy moves the tokens to their experts
@@ -105,7 +105,7 @@ class MoE(nn.Module):
                 routed_ND = kernels.routed_experts(
                     x_ND, weights_NK, order_R, stats["load"], ex.w_gate, ex.w_up, ex.w_down, K
                 )
-            return rearrange(routed_ND if y_ND is None else y_ND + routed_ND, "(b t) d -> b t d", b=B)
+            return (routed_ND if y_ND is None else y_ND + routed_ND).view(B, T, -1)  # (b t) d -> b t d
         with profile_part("routed_experts"):  # the gather, the experts and the combine
             token_R = order_R // K  # slot n*K + k belongs to token n
             # the gather is a recomputable region: a copy of R x D values, as cheap to redo as to keep

@@ -127,6 +127,9 @@ def test_forward_matches_float64_reference_of_the_equations(q_lora_rank, yarn):
     with torch.no_grad():
         torch.testing.assert_close(m(x, pos), reference_mla(m, x, pos), rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(m.forward_absorbed(x, pos), reference_mla(m, x, pos), rtol=1e-10, atol=1e-12)
+        # one token per row: the decode step's batched-GEMM form of the absorbed path
+        one = x[:, :1], pos[:1]
+        torch.testing.assert_close(m.forward_absorbed(*one), reference_mla(m, *one), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("q_lora_rank,yarn", CASES)
