@@ -152,19 +152,14 @@ def _dsk_run(tmp: Path, table: dict[str, Any]):
     return run, registry
 
 
-_ROWS: list[dict[str, Any]] = []  # every timed step's metrics row, for the rollout share and the acceptance rate
-
-
-def _time_dsk(run: Any, registry: Any, n: int) -> tuple[list[float], list[float]]:
-    """Step times and frac_reward_zero_std of ``n`` steps."""
-    times, zero_std = [], []
+def _time_dsk(run: Any, registry: Any, n: int) -> tuple[list[float], list[dict[str, Any]]]:
+    """Step times and metrics rows of ``n`` steps."""
+    times, rows = [], []
     for _ in range(n):
         t0 = time.perf_counter()
-        row = run.train_step()
+        rows.append(run.train_step())
         times.append(time.perf_counter() - t0)
-        zero_std.append(row["frac_reward_zero_std"])
-        _ROWS.append(row)
-    return times, zero_std
+    return times, rows
 
 
 def _rollout_share(rows: list[dict[str, Any]]) -> float:
@@ -172,7 +167,7 @@ def _rollout_share(rows: list[dict[str, Any]]) -> float:
     return sum(r["generate_s"] for r in rows) / sum(r["step_s"] for r in rows)
 
 
-def _time_dsk_all_rows(run: Any, registry: Any, n: int) -> list[float]:
+def _time_dsk_all_rows(run: Any, registry: Any, n: int) -> tuple[list[float], list[dict[str, Any]]]:
     """Step times with every completion forwarded (zero advantages nudged to 1e-3, so none is left out): what
     dsk's step costs without the zero-signal shortcut, for an honest split of the ratio.
 
@@ -190,7 +185,7 @@ def _time_dsk_all_rows(run: Any, registry: Any, n: int) -> list[float]:
 
     grpo.group_advantages = nudged
     try:
-        return _time_dsk(run, registry, n)[0]
+        return _time_dsk(run, registry, n)
     finally:
         grpo.group_advantages = original
 
@@ -280,36 +275,30 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         hf_dir = save_hf(run_.model, tmp / "hf")  # the weights GRPO starts from, before any dsk step
         peer_model = DeepseekV3ForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
         tokenizer = _hf_tokenizer(run_.tokenizer)
-        dsk_times, dsk_zero = _time_dsk(run_, registry, s["warmup"] + s["steps"])
-        dsk_times, dsk_zero = dsk_times[s["warmup"] :], dsk_zero[s["warmup"] :]
+        dsk_times, default_rows = _time_dsk(run_, registry, s["warmup"] + s["steps"])
+        dsk_times, default_rows = dsk_times[s["warmup"] :], default_rows[s["warmup"] :]
         peer_times, peer_zero = _time_trl(peer_model, tokenizer, run_.task, s, tmp / "trl")
-        more_times, more_zero = _time_dsk(run_, registry, s["steps"])
-        dsk_times, dsk_zero = dsk_times + more_times, dsk_zero + more_zero
-        default_rows = _ROWS[s["warmup"] :]
-        _ROWS.clear()
-        all_rows = _time_dsk_all_rows(run_, registry, s["steps"])
-        full_share = _rollout_share(_ROWS)
-        _ROWS.clear()
+        more_times, more_rows = _time_dsk(run_, registry, s["steps"])
+        dsk_times, default_rows = dsk_times + more_times, default_rows + more_rows
+        all_rows, full_rows = _time_dsk_all_rows(run_, registry, s["steps"])
         # speculative rollouts (trainer.rollout_drafter = "mtp"): the MTP head drafts, the policy verifies, the
         # completions keep exactly plain sampling's distribution; from the same starting weights
         spec_table = _grpo_table(s, init)
         spec_table["trainer"]["rollout_drafter"] = "mtp"
         spec_run, _ = _dsk_run(tmp / "spec", spec_table)
         _time_dsk(spec_run, registry, s["warmup"])
-        _ROWS.clear()
-        spec_times, _ = _time_dsk(spec_run, registry, s["steps"])
-        spec_rows = list(_ROWS)
-        _ROWS.clear()
+        spec_times, spec_rows = _time_dsk(spec_run, registry, s["steps"])
     dsk, peer, full = statistics.median(dsk_times), statistics.median(peer_times), statistics.median(all_rows)
     spec = statistics.median(spec_times)
     settings = f"{s['prompts']} prompts x G={s['G']}, L={s['L']}, {n_params:,} params, fp32 CPU"
-    zero = f"frac_reward_zero_std dsk {sum(dsk_zero) / len(dsk_zero):.2f} / trl {peer_zero:.2f}"
+    dsk_zero = statistics.mean(r["frac_reward_zero_std"] for r in default_rows)
+    zero = f"frac_reward_zero_std dsk {dsk_zero:.2f} / trl {peer_zero:.2f}"
     accept = statistics.mean(r["rollout/acceptance_rate"] or 0.0 for r in spec_rows)
     per_forward = statistics.mean(r["rollout/tokens_per_forward"] or 0.0 for r in spec_rows)
     return [
         {"bench": "grpo", "case": f"step_vs_trl ({settings}; {zero}; rollout {_rollout_share(default_rows):.0%} of "
          "the step)", "dsk": dsk, "peer": peer, "ratio": peer / dsk, "target": TARGET, "unit": "s/step"},
-        {"bench": "grpo", "case": f"step_vs_trl_every_row_computed ({settings}; rollout {full_share:.0%} of the "
+        {"bench": "grpo", "case": f"step_vs_trl_every_row_computed ({settings}; rollout {_rollout_share(full_rows):.0%} of the "
          "step)", "dsk": full, "peer": peer, "ratio": peer / full, "target": "info", "unit": "s/step"},
         {"bench": "grpo", "case": f"step_vs_trl_speculative_rollouts (rollout_drafter = mtp; acceptance "
          f"{accept:.2f}, {per_forward:.2f} tokens per forward; rollout {_rollout_share(spec_rows):.0%} of the step)",

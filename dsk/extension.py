@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -91,23 +91,12 @@ def cpu_kernel_supports(*tensors: torch.Tensor) -> bool:
     dtype = tensors[0].dtype
     if dtype is not torch.float32 and dtype is not torch.float64:
         return False
-    plain = _plain_types(torch)
-    strided = torch.strided
+    plain, strided = (torch.Tensor, torch.nn.Parameter), torch.strided
     # nn.Parameter(DTensor) is a DTensor instance, so an exact type check also refuses sharded parameters
     for t in tensors:
         if type(t) not in plain or t.dtype is not dtype or t.layout is not strided or t.device.type != "cpu":
             return False
     return True
-
-
-_PLAIN: tuple[type, ...] = ()
-
-
-def _plain_types(torch: Any) -> tuple[type, ...]:
-    global _PLAIN
-    if not _PLAIN:
-        _PLAIN = (torch.Tensor, torch.nn.Parameter)
-    return _PLAIN
 
 
 def _cxx() -> str:

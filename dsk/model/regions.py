@@ -124,15 +124,8 @@ def recomputable(name: str, fn: Callable[..., Any], *inputs: Any) -> Any:
     may drop its outputs after the forward and call it again when the backward needs them."""
     handler = getattr(_state, "handler", None)
     if handler is None or not torch.is_grad_enabled():
-        if torch.autograd.profiler._is_profiler_enabled:
-            with region(name):
-                return fn(*inputs)
-        stack = _stack()  # region(name) without the context manager: this runs in every layer of every step
-        stack.append(name)
-        try:
+        with region(name):
             return fn(*inputs)
-        finally:
-            stack.pop()
     return handler(name, fn, inputs)
 
 

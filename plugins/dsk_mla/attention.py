@@ -183,6 +183,7 @@ def attention_bias(
     ``offset + i``) sees keys ``0 .. offset + i``. The finite minimum instead of -inf keeps a fully masked row
     (a left-padding query) finite instead of NaN.
     """
+    cached = False
     if mask is None:
         if n_queries == 1:
             return None  # the single new token sees every cached key
@@ -196,15 +197,14 @@ def attention_bias(
             return hit
         q_slot = torch.arange(n_queries, device=device)[:, None] + offset
         mask = (torch.arange(n_keys, device=device)[None, :] <= q_slot)[None]  # [1, T, S]
-        bias = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
-        if cached:
-            if len(_CAUSAL_BIAS) >= 64:
-                _CAUSAL_BIAS.clear()
-            _CAUSAL_BIAS[key] = bias
-        return bias
     elif mask.shape[-2:] != (n_queries, n_keys) or mask.dim() != 3:
         raise ValueError(f"attention mask has shape {tuple(mask.shape)}; expected [B, {n_queries}, {n_keys}]")
-    return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
+    bias = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
+    if cached:
+        if len(_CAUSAL_BIAS) >= 64:
+            _CAUSAL_BIAS.clear()
+        _CAUSAL_BIAS[key] = bias
+    return bias
 
 
 # Score-matrix size (T * S) above which attend() pads V to use the fused kernel. Measured forward+backward on CPU,

@@ -159,7 +159,7 @@ def test_temperature_zero_is_argmax():
 
 
 @pytest.mark.parametrize("sampling", ["greedy", "block_generators"])
-def test_dropping_finished_rows_from_the_forwards_keeps_every_token(sampling):
+def test_dropping_finished_rows_from_the_forwards_keeps_every_token(sampling, monkeypatch):
     """Rows that stopped at EOS leave the decode forwards (the caches keep_rows the rest) once they are half of the
     batch; the tokens, lengths, flags and log-probs are those of the full-batch loop."""
     model = tiny_model(mtp=None)
@@ -174,19 +174,16 @@ def test_dropping_finished_rows_from_the_forwards_keeps_every_token(sampling):
     free = generate(model, prompts, 16, **dict(kwargs, generator=_fresh(kwargs))).tokens
     eos = max(range(VOCAB), key=lambda t: sum(t in row[:12] for row in free))
     kwargs["eos_id"] = eos
-    seen = []
-    real_keep = type(model.make_caches(1, 4, "cpu", torch.float64)[0]).keep_rows
+    full = generate(model, prompts, 16, compact_finished=False, **dict(kwargs, generator=_fresh(kwargs)))
+    cache_type = type(model.make_caches(1, 4, "cpu", torch.float64)[0])
+    real_keep, seen = cache_type.keep_rows, []
 
     def spy(self, rows):
         seen.append(rows.numel())
         return real_keep(self, rows)
 
-    full = generate(model, prompts, 16, compact_finished=False, **dict(kwargs, generator=_fresh(kwargs)))
-    type(model.make_caches(1, 4, "cpu", torch.float64)[0]).keep_rows = spy
-    try:
-        compacted = generate(model, prompts, 16, **dict(kwargs, generator=_fresh(kwargs)))
-    finally:
-        type(model.make_caches(1, 4, "cpu", torch.float64)[0]).keep_rows = real_keep
+    monkeypatch.setattr(cache_type, "keep_rows", spy)
+    compacted = generate(model, prompts, 16, **dict(kwargs, generator=_fresh(kwargs)))
     assert seen, "no row finished early enough: the test must exercise the compaction"
     assert compacted.tokens == full.tokens
     assert compacted.lengths == full.lengths and compacted.finished == full.finished
