@@ -17,7 +17,8 @@ as ``frac_reward_zero_std``) are left out of the forward and backward, which lea
 normalisers still count them; see docs/post-training.md). TRL computes them.
 
 Timing: per-step wall time (median over the timed steps, after warm-up); dsk runs before and after the peer and
-its steps are pooled, so drifting load from other processes hits both sides. ``ratio = peer / dsk``.
+its steps are pooled, so drifting load from other processes hits both sides, in the default row and in the row that
+computes every completion alike. ``ratio = peer / dsk``.
 """
 
 from __future__ import annotations
@@ -277,10 +278,12 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         tokenizer = _hf_tokenizer(run_.tokenizer)
         dsk_times, default_rows = _time_dsk(run_, registry, s["warmup"] + s["steps"])
         dsk_times, default_rows = dsk_times[s["warmup"] :], default_rows[s["warmup"] :]
+        all_rows, full_rows = _time_dsk_all_rows(run_, registry, s["steps"])
         peer_times, peer_zero = _time_trl(peer_model, tokenizer, run_.task, s, tmp / "trl")
         more_times, more_rows = _time_dsk(run_, registry, s["steps"])
         dsk_times, default_rows = dsk_times + more_times, default_rows + more_rows
-        all_rows, full_rows = _time_dsk_all_rows(run_, registry, s["steps"])
+        more_times, more_rows = _time_dsk_all_rows(run_, registry, s["steps"])
+        all_rows, full_rows = all_rows + more_times, full_rows + more_rows
         # speculative rollouts (trainer.rollout_drafter = "mtp"): the MTP head drafts, the policy verifies, the
         # completions keep exactly plain sampling's distribution; from the same starting weights
         spec_table = _grpo_table(s, init)

@@ -218,19 +218,37 @@ def _generate(
         return _result(tokens, length, done, logps if return_logprobs else None)
 
     ragged = bool((lens != P).any())
-    caches = model.make_caches(B, P + budget, device, model.embed_tokens.weight.dtype)
+    # Rows with the same prompt (a GRPO group's completions) are prefilled once: the distinct prompts run, then
+    # every cache repeats their rows (keep_rows) and the first logits are repeated alike. A row's computation never
+    # depends on the others, so the tokens are those of the full prefill.
+    first_row: dict[tuple[int, ...], int] = {}
+    inverse = [first_row.setdefault(tuple(p), b) for b, p in enumerate(prompts)]  # row b's first twin
+    distinct = sorted(set(inverse))
+    dtype = model.embed_tokens.weight.dtype
+    repeat = len(distinct) < B
+    caches = model.make_caches(len(distinct) if repeat else B, P + budget, device, dtype)
+    if repeat and not all(hasattr(c, "keep_rows") for c in caches):
+        repeat, caches = False, model.make_caches(B, P + budget, device, dtype)
+    rows_in = len(distinct) if repeat else B
+    pre_ids, pre_lens = (ids[distinct], lens[distinct]) if repeat else (ids, lens)
     # Causal attention keeps every real token blind to the padding after it, so the prefill needs no mask.
-    out = model(ids, pos=torch.arange(P, device=device), caches=caches, keep_logits=1)
+    out = model(pre_ids, pos=torch.arange(P, device=device), caches=caches, keep_logits=1)
     if ragged:
-        lens_host = lens.cpu()  # cache lengths are host bookkeeping: one copy, not one per layer
+        lens_host = pre_lens.cpu()  # cache lengths are host bookkeeping: one copy, not one per layer
         for c in caches:
             c.truncate(lens_host)  # each row keeps its prompt; its padding slots are overwritten by what it generates
     if ragged or sync_done is not None:
         # each row's last prompt token, where the padded prefill put it (synchronised: every rank calls the head
         # the same way, whether its own batch is ragged or not)
-        logits = model.lm_head(out.hidden[torch.arange(B, device=device), lens - 1])  # (B, V)
+        logits = model.lm_head(out.hidden[torch.arange(rows_in, device=device), pre_lens - 1])  # (rows_in, V)
     else:
-        logits = out.logits[:, -1]  # (B, V)
+        logits = out.logits[:, -1]  # (rows_in, V)
+    if repeat:
+        position = {b: i for i, b in enumerate(distinct)}
+        expand = torch.tensor([position[b] for b in inverse], dtype=torch.long)
+        for c in caches:
+            c.keep_rows(expand)
+        logits = logits[expand.to(device)]  # (B, V)
     blocks = generator if isinstance(generator, list) else None
     # Rows that have finished leave the forwards once they are at least half of the batch (the caches keep the rest,
     # keep_rows): a row's computation never depends on the others, and each step draws every row's uniform (or

@@ -245,7 +245,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float, c
     return out[..., :dv] if pad else out
 
 
-_CAUSAL_BIAS: dict[tuple, Tensor] = {}
+# additive causal biases of _causal_attention_small by (T, dtype, device, inference mode)
+_SMALL_CAUSAL_BIAS: dict[tuple, Tensor] = {}
 
 
 def _causal_attention_small(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -257,12 +258,12 @@ def _causal_attention_small(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Te
     """
     B, H, T, dk = q.shape
     key = (T, q.dtype, q.device, torch.is_inference_mode_enabled())
-    bias = _CAUSAL_BIAS.get(key)
+    bias = _SMALL_CAUSAL_BIAS.get(key)
     if bias is None:
         bias = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
-        if len(_CAUSAL_BIAS) >= 8:  # a few sequence lengths recur in training; generation brings many
-            _CAUSAL_BIAS.pop(next(iter(_CAUSAL_BIAS)))
-        _CAUSAL_BIAS[key] = bias
+        if len(_SMALL_CAUSAL_BIAS) >= 8:  # a few sequence lengths recur in training; generation brings many
+            _SMALL_CAUSAL_BIAS.pop(next(iter(_SMALL_CAUSAL_BIAS)))
+        _SMALL_CAUSAL_BIAS[key] = bias
     scores = torch.baddbmm(bias, q.reshape(B * H, T, dk), k.reshape(B * H, T, dk).transpose(1, 2), alpha=scale)
     out = torch.bmm(torch.softmax(scores, dim=-1), v.reshape(B * H, T, v.shape[-1]))
     return out.view(B, H, T, v.shape[-1])

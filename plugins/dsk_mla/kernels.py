@@ -8,6 +8,10 @@ through ATen's ``at::cpu::mm_out``. :class:`dsk_mla.mla.MLA` takes it for plain 
 CPU tensors once :data:`EXTENSION` has built, and otherwise runs its PyTorch path, which the kernel is tested
 against.
 
+:func:`absorbed_decode` is the absorbed path's attention over a latent cache for a few queries per row (decoding,
+a speculative verify), without autograd: one call where the PyTorch path makes a dozen dispatches per layer and
+step.
+
 The forward is also an operator of the torch dispatcher, ``torch.ops.dsk_mla.attention_forward``, which the
 autograd node calls: a dispatch mode (selective recomputation, the saved-activation measure) then sees the kernel as
 one op whose outputs it can keep. A no-grad call (eval, generation) calls the kernel directly.
@@ -21,7 +25,7 @@ import torch
 
 from dsk.api.runtime import CppExtension
 
-__all__ = ["EXTENSION", "mla_attention"]
+__all__ = ["EXTENSION", "absorbed_decode", "mla_attention"]
 
 #: The MLA attention kernel; ``EXTENSION.load()`` is the module, or None where it cannot build or run.
 EXTENSION = CppExtension("dsk_mla_kernels", [Path(__file__).parent / "csrc" / "attention.cpp"])
@@ -79,3 +83,25 @@ def mla_attention(
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in args):
         return EXTENSION.load().mla_attention_forward(*args, scale)[0]
     return _MLAAttention.apply(*args, scale)
+
+
+def absorbed_decode(
+    q_nope: torch.Tensor,
+    q_pe: torch.Tensor,
+    kv: torch.Tensor,
+    w_kv_b: torch.Tensor,
+    mask: torch.Tensor | None,
+    offset: int,
+    scale: float,
+) -> torch.Tensor:
+    """MLA's absorbed attention over a latent cache, no autograd: ``q_nope [B, T, H, dn], q_pe [B, T, H, dr]``,
+    ``kv [B, S, c + dr]`` (the cache's view: normalised latent, then the rope key), ``w_kv_b [H * (dn + dv), c]``
+    (``kv_b_proj.weight``: W_UK and W_UV stacked per head) -> ``o [B, T, H, dv]``.
+
+    Query t of row b sees key s where ``mask[b, t, s]`` (bool [B, T, S]) or, with ``mask`` None, where
+    ``s <= offset + t``. Equal to :meth:`dsk_mla.mla.MLA._attend_absorbed`'s PyTorch path (tested against it); one
+    call instead of its dozen dispatches, which cost more than the products in a decode step. The caller has
+    checked ``cpu_kernel_supports`` and that ``EXTENSION.load()`` is not None; operands may be strided views with a
+    contiguous last dim.
+    """
+    return EXTENSION.load().mla_absorbed_decode(q_nope, q_pe, kv, w_kv_b, mask, offset, scale)

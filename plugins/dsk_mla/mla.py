@@ -168,11 +168,17 @@ class MLA(nn.Module):
         product is one batched GEMM (over heads for the folds, over batch rows for the scores and values): no einsum
         or einops pattern, whose per-call work a decode step would pay in every layer (measured against the einsum
         form: 3.0 against 3.3 ms per decode step of the 3-layer GRPO bench model at 128 rows with one thread, 2.6
-        against 2.9 with two).
+        against 2.9 with two). Without autograd on plain float CPU tensors (generation) the whole of it is one call
+        of :func:`dsk_mla.kernels.absorbed_decode` instead, tested against this path.
         """
         B, T, H, dn = q_nope.shape
         S, c, dr = kv.shape[1], self.kv_lora_rank, self.qk_rope_head_dim
-        w = self.kv_b_proj.weight.view(H, -1, c)  # (h d) c -> h d c
+        weight = self.kv_b_proj.weight
+        no_grad = not torch.is_grad_enabled() or not any(t.requires_grad for t in (q_nope, q_pe, kv, weight))
+        if no_grad and self._kernel_ok(q_nope, q_pe, kv, weight) and (mask is None or mask.dtype == torch.bool):
+            # decoding on CPU: one kernel call for the whole of it (dsk_mla.kernels.absorbed_decode)
+            return kernels.absorbed_decode(q_nope, q_pe, kv, weight, mask, offset, self.softmax_scale)
+        w = weight.view(H, -1, c)  # (h d) c -> h d c
         w_uk, w_uv = w[:, :dn], w[:, dn:]
         q_c = torch.bmm(q_nope.reshape(B * T, H, dn).transpose(0, 1), w_uk)  # h (b t) c: W_UK folded into the query
         q_abs = torch.cat((q_c, q_pe.reshape(B * T, H, dr).transpose(0, 1)), dim=-1)  # h (b t) (c + dr)

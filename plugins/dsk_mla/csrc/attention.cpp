@@ -7,11 +7,15 @@
 // reads; its GEMMs are small (e.g. 64 x 64 x 16), so up to dsk::kSmallGemmFlops they run in dsk_gemm.h's
 // register-blocked kernel rather than through ATen, whose per-call cost would exceed the product's. Operands are read through their strides (last dim contiguous), so the views of the projections need no
 // transposes or copies. The probabilities are kept for the backward ([B, H, T, T]).
+//
+// mla_absorbed_decode, further down: the absorbed path over a latent cache for a few new tokens per row (decoding),
+// forward only, one call per layer and step in place of the PyTorch path's dozen dispatches.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -183,6 +187,125 @@ std::vector<at::Tensor> mla_attention_backward(const at::Tensor& dO, const at::T
   return {dqn, dqp, dkn, dkp_heads.sum(1), dv};
 }
 
+// MLA's absorbed attention over a latent cache for a few new tokens per row (decoding, a speculative verify), no
+// autograd: for query t of row b and head h,
+//   q_c = q_nope[b,t,h] W_UK[h]                                      (W_UK folded into the query, c values)
+//   p_s = softmax_s(scale * (q_c . kv[b,s,:c] + q_pe[b,t,h] . kv[b,s,c:]))   over the keys the query may see
+//   o[b,t,h] = W_UV[h] (sum_s p_s kv[b,s,:c])                         (W_UV folded into the output, dv values)
+// with W_UK[h], W_UV[h] the rows h*(dn+dv) .. of kv_b_proj's weight [H*(dn+dv), c]. Key s is visible to query t
+// of row b where mask[b,t,s] (a bool mask [B, T, S]) or, without a mask, where s <= offset + t (causal by slot).
+// The PyTorch path is five batched GEMMs, a concatenation, transposes, a bias and a softmax, each a dispatch that
+// costs more than the products at these sizes; here one task per (row, query, head) does all of it in registers
+// and two scratch rows, its scores and softmax in float for float32 operands (as the PyTorch path's fp32 softmax).
+template <typename T>
+void mla_absorbed_decode_impl(const at::Tensor& qn, const at::Tensor& qp, const at::Tensor& kv, const at::Tensor& w,
+                              const at::Tensor& mask, int64_t offset, double scale, at::Tensor& o) {
+  const int64_t B = qn.size(0), Tq = qn.size(1), H = qn.size(2), dn = qn.size(3), dr = qp.size(3);
+  const int64_t S = kv.size(1), c = kv.size(2) - dr, dv = w.size(0) / H - dn;
+  const T *QN = qn.data_ptr<T>(), *QP = qp.data_ptr<T>(), *KV = kv.data_ptr<T>(), *W = w.data_ptr<T>();
+  const bool* M = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  const int64_t qn_b = qn.stride(0), qn_t = qn.stride(1), qn_h = qn.stride(2);
+  const int64_t qp_b = qp.stride(0), qp_t = qp.stride(1), qp_h = qp.stride(2);
+  const int64_t kv_b = kv.stride(0), kv_s = kv.stride(1);
+  const int64_t m_b = M ? mask.stride(0) : 0, m_t = M ? mask.stride(1) : 0, m_s = M ? mask.stride(2) : 0;
+  T* O = o.data_ptr<T>();
+  const T sc = static_cast<T>(scale);
+  const int64_t work = H * ((dn + dv) * c + S * (2 * c + dr));  // multiply-adds per (row, query)
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(work, 1));
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  // W_UV[h]^T [c, dv] per head, once per call: the output products then read their B operand as stored (the small
+  // GEMM packs a transposed B on every call)
+  std::vector<T> w_uv_t(H * c * dv);
+  for (int64_t h = 0; h < H; ++h) {
+    const T* w_uv = W + (h * (dn + dv) + dn) * c;  // [dv, c]
+    for (int64_t e = 0; e < dv; ++e)
+      for (int64_t j = 0; j < c; ++j) w_uv_t[(h * c + j) * dv + e] = w_uv[e * c + j];
+  }
+  at::parallel_for(0, B * Tq, grain, [&](int64_t t0, int64_t t1) {
+    // every head of one query at once: [q_c | q_pe] per head (the cache's row layout), scores, latent outputs
+    std::vector<T> q_abs(H * (c + dr)), scores_t(S * H), P(H * S), o_c(H * c);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / Tq, t = task % Tq;
+      const T* kv_bv = KV + b * kv_b;
+      const bool* see = M ? M + b * m_b + t * m_t : nullptr;
+      const int64_t keys = M ? S : std::min<int64_t>(S, offset + t + 1);  // causal by slot: keys 0 .. offset + t
+      for (int64_t h = 0; h < H; ++h) {
+        const T* w_uk = W + h * (dn + dv) * c;  // [dn, c]
+        dsk::gemm_rm_auto<T>(false, false, 1, c, dn, QN + b * qn_b + t * qn_t + h * qn_h, dn, w_uk, c, T(0),
+                             q_abs.data() + h * (c + dr), c + dr);
+        std::copy_n(QP + b * qp_b + t * qp_t + h * qp_h, dr, q_abs.data() + h * (c + dr) + c);
+      }
+      // scores of every head, transposed: [keys, c + dr] x [H, c + dr]^T (the keys as A: only the small query
+      // block is packed), then one row of P per head
+      dsk::gemm_rm_auto<T>(false, true, H, keys, c + dr, q_abs.data(), c + dr, kv_bv, kv_s, T(0), scores_t.data(), S);
+      T* out = O + (b * Tq + t) * H * dv;
+      bool any = true;
+      for (int64_t h = 0; h < H; ++h) {
+        T* row = P.data() + h * S;
+        T mx = kNegInf;
+        for (int64_t s = 0; s < keys; ++s) {
+          // hidden keys: a finite exp input below, zeroed after it
+          row[s] = see && !see[s * m_s] ? kNegInf : scores_t[h * S + s];
+          mx = std::max(mx, row[s]);
+        }
+        if (mx == kNegInf) {  // a query that may see nothing (padding): zeros, not NaN
+          any = false;
+          break;
+        }
+        dsk::exp_scaled_row(row, keys, sc, sc * mx);  // softmax numerators exp(scale * (score - max))
+        T sum = 0;
+        for (int64_t s = 0; s < keys; ++s) {
+          if (see && !see[s * m_s]) row[s] = T(0);
+          sum += row[s];
+        }
+        const T inv = T(1) / sum;
+        for (int64_t s = 0; s < keys; ++s) row[s] *= inv;
+      }
+      if (!any) {
+        std::fill(out, out + H * dv, T(0));
+        continue;
+      }
+      // latent outputs [H, keys] x [keys, c], then W_UV per head: o[h] = o_c[h] W_UV[h]^T
+      dsk::gemm_rm_auto<T>(false, false, H, c, keys, P.data(), S, kv_bv, kv_s, T(0), o_c.data(), c);
+      for (int64_t h = 0; h < H; ++h) {
+        dsk::gemm_rm_auto<T>(false, false, 1, dv, c, o_c.data() + h * c, c, w_uv_t.data() + h * c * dv, dv, T(0),
+                             out + h * dv, dv);
+      }
+    }
+  });
+}
+
+at::Tensor mla_absorbed_decode(const at::Tensor& q_nope, const at::Tensor& q_pe, const at::Tensor& kv,
+                               const at::Tensor& w_kv_b, const c10::optional<at::Tensor>& mask, int64_t offset,
+                               double scale) {
+  TORCH_CHECK(q_nope.dim() == 4 && q_pe.dim() == 4 && kv.dim() == 3 && w_kv_b.dim() == 2,
+              "expected q_nope [B, T, H, dn], q_pe [B, T, H, dr], kv [B, S, c + dr], w_kv_b [H * (dn + dv), c]");
+  TORCH_CHECK(q_nope.scalar_type() == at::kFloat || q_nope.scalar_type() == at::kDouble, "float32 or float64 only");
+  for (const auto* t : {&q_pe, &kv, &w_kv_b}) {
+    TORCH_CHECK(t->scalar_type() == q_nope.scalar_type() && t->device().is_cpu(), "operands must share dtype, on CPU");
+  }
+  const int64_t B = q_nope.size(0), Tq = q_nope.size(1), H = q_nope.size(2), dn = q_nope.size(3), dr = q_pe.size(3);
+  TORCH_CHECK(q_pe.size(0) == B && q_pe.size(1) == Tq && q_pe.size(2) == H, "q_pe must be [B, T, H, dr]");
+  TORCH_CHECK(q_nope.stride(3) == 1 && q_pe.stride(3) == 1 && kv.stride(2) == 1, "contiguous last dims");
+  TORCH_CHECK(w_kv_b.is_contiguous(), "w_kv_b must be contiguous");
+  TORCH_CHECK(kv.size(0) == B && kv.size(2) > dr, "kv must be [B, S, c + dr]");
+  const int64_t c = kv.size(2) - dr;
+  TORCH_CHECK(w_kv_b.size(1) == c && w_kv_b.size(0) % H == 0 && w_kv_b.size(0) / H > dn,
+              "w_kv_b must be [H * (dn + dv), c]");
+  at::Tensor m;
+  if (mask.has_value() && mask->defined()) {
+    m = *mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 3 && m.size(0) == B && m.size(1) == Tq &&
+                    m.size(2) == kv.size(1),
+                "mask must be a bool [B, T, S] tensor");
+  }
+  auto o = at::empty({B, Tq, H, w_kv_b.size(0) / H - dn}, q_nope.options());
+  AT_DISPATCH_FLOATING_TYPES(q_nope.scalar_type(), "dsk_mla_absorbed_decode", [&] {
+    mla_absorbed_decode_impl<scalar_t>(q_nope, q_pe, kv, w_kv_b, m, offset, scale, o);
+  });
+  return o;
+}
+
 // The kernel's small GEMM on stored 2-D operands (rows ld apart, last dim contiguous), exposed for its tests.
 at::Tensor small_gemm(const at::Tensor& a, const at::Tensor& b, at::Tensor c, bool ta, bool tb, bool accumulate) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && c.dim() == 2 && a.stride(1) == 1 && b.stride(1) == 1 && c.stride(1) == 1,
@@ -205,5 +328,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mla_attention_backward", &mla_attention_backward,
         "mla_attention_backward(do, q_nope, q_pe, k_nope, k_pe, v, probs, scale) -> (dq_nope, dq_pe, dk_nope, dk_pe, "
         "dv)");
+  m.def("mla_absorbed_decode", &mla_absorbed_decode,
+        "mla_absorbed_decode(q_nope, q_pe, kv, w_kv_b, mask | None, offset, scale) -> o [B, T, H, dv] (no autograd)");
   m.def("small_gemm", &small_gemm, "small_gemm(a, b, c, ta, tb, accumulate) -> c = op(a) op(b) (+ c), for tests");
 }

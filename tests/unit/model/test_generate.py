@@ -195,3 +195,31 @@ def test_dropping_finished_rows_from_the_forwards_keeps_every_token(sampling, mo
 def _fresh(kwargs):
     gens = kwargs.get("generator")
     return None if gens is None else [torch.Generator().manual_seed(g) for g in range(len(gens))]
+
+
+@pytest.mark.parametrize("sampling", ["greedy", "per_row_generators"])
+def test_repeated_prompts_are_prefilled_once_and_generate_as_alone(sampling, monkeypatch):
+    # GRPO's groups: every prompt G times. The prefill runs the distinct prompts only, the caches repeat their rows,
+    # and every row generates what it generates alone.
+    model = tiny_model(seed=3)
+    distinct = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    prompts = [p for p in distinct for _ in range(3)]
+    if sampling == "greedy":
+        kwargs = lambda rows: {"temperature": 0}  # noqa: E731
+    else:
+        kwargs = lambda rows: {"temperature": 1.0, "generator": [torch.Generator().manual_seed(r) for r in rows]}  # noqa: E731
+    alone = [generate(model, [p], 10, **kwargs([r]), return_logprobs=True) for r, p in enumerate(prompts)]
+    prefill_rows = []
+    real_forward = type(model).forward
+
+    def spy(self, ids, *args, **kw):
+        if not prefill_rows:
+            prefill_rows.append(ids.shape[0])
+        return real_forward(self, ids, *args, **kw)
+
+    monkeypatch.setattr(type(model), "forward", spy)
+    together = generate(model, prompts, 10, **kwargs(range(len(prompts))), return_logprobs=True)
+    assert prefill_rows == [len(distinct)]
+    assert together.tokens == [a.tokens[0] for a in alone]
+    for got, want in zip(together.logprobs, alone, strict=True):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want.logprobs[0]), rtol=1e-10, atol=1e-10)

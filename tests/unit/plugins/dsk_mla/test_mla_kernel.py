@@ -123,3 +123,73 @@ def test_small_gemm_matches_matmul_for_every_layout(dtype, ta, tb):
             got = ext.small_gemm(a, b, c, ta, tb, accumulate)
             torch.testing.assert_close(got, want + c0 if accumulate else want, **tol, msg=f"{m}x{n}x{k}")
             assert got.data_ptr() == c.data_ptr()
+
+
+# -- the absorbed decode kernel (dsk_mla.kernels.absorbed_decode) ------------------------------------------------
+
+
+def _decode_steps(m, dtype):
+    """Cached decoding through the layer: a prefill that leaves the rows at lengths 7, 4 and 9 (ragged, so the
+    steps carry masks), then one-token and three-token steps (a speculative verify's shape) -> the outputs."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 9, m.dim, generator=g, dtype=dtype)
+    cache = m.make_cache(3, 20, dtype=dtype)
+    outs = []
+    with torch.no_grad():
+        outs.append(m(x, torch.arange(9), cache=cache))
+        cache.truncate(torch.tensor([7, 4, 9]))
+        for T in (1, 3, 1):
+            step = torch.randn(3, T, m.dim, generator=g, dtype=dtype)
+            outs.append(m(step, cache.positions(T), cache=cache))
+        cache.truncate(5)  # equal rows again: no mask, causal by slot from the common offset
+        for T in (1, 2):
+            step = torch.randn(3, T, m.dim, generator=g, dtype=dtype)
+            outs.append(m(step, cache.positions(T), cache=cache))
+    return outs
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("q_lora_rank,yarn", CASES)
+def test_cached_decoding_with_the_absorbed_kernel_equals_its_pytorch_path(monkeypatch, dtype, q_lora_rank, yarn):
+    m = make_mla(q_lora_rank, yarn).to(dtype)
+    calls = []
+    real = kernels.absorbed_decode
+    monkeypatch.setattr(kernels, "absorbed_decode", lambda *a: calls.append(1) or real(*a))
+    fused = _decode_steps(m, dtype)
+    # every step, and the prefill too: at these sizes (c = 10) absorbing is cheaper even for 9 queries
+    assert len(calls) == 6, "every absorbed step of a float CPU latent cache should take the kernel"
+    monkeypatch.setenv("DSK_CPU_KERNELS", "0")
+    plain = _decode_steps(m, dtype)
+    assert len(calls) == 6
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    for a, b in zip(fused, plain, strict=True):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_absorbed_kernel_masks_and_a_query_that_sees_nothing():
+    g = torch.Generator().manual_seed(0)
+    B, T, H, dn, dr, dv, c, S = 2, 2, 3, 4, 2, 5, 6, 7
+    q_nope = torch.randn(B, T, H, dn, generator=g, dtype=torch.float64)
+    q_pe = torch.randn(B, T, H, dr, generator=g, dtype=torch.float64)
+    kv = torch.randn(B, 10, c + dr, generator=g, dtype=torch.float64)[:, :S]  # a cache's view: rows 10 slots apart
+    w = torch.randn(H * (dn + dv), c, generator=g, dtype=torch.float64)
+    mask = torch.rand(B, T, S, generator=g) < 0.6
+    mask[1, 0] = False  # sees no key: zeros, not NaN
+    got = kernels.absorbed_decode(q_nope, q_pe, kv, w, mask, 0, 0.4)
+    w_uk, w_uv = w.view(H, dn + dv, c)[:, :dn], w.view(H, dn + dv, c)[:, dn:]
+    q_c = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)
+    scores = (
+        torch.einsum("bthc,bsc->bhts", q_c, kv[..., :c]) + torch.einsum("bthd,bsd->bhts", q_pe, kv[..., c:])
+    ) * 0.4
+    probs = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1).nan_to_num(0.0)
+    want = torch.einsum("bhts,bsc,hec->bthe", probs, kv[..., :c], w_uv)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(got[1, 0], torch.zeros(H, dv, dtype=torch.float64))
+    # without a mask: causal by slot, query t sees keys 0 .. offset + t
+    causal = torch.arange(S)[None, :] <= 4 + torch.arange(T)[:, None]
+    torch.testing.assert_close(
+        kernels.absorbed_decode(q_nope, q_pe, kv, w, None, 4, 0.4),
+        kernels.absorbed_decode(q_nope, q_pe, kv, w, causal.expand(B, T, S).contiguous(), 0, 0.4),
+        rtol=0,
+        atol=0,
+    )
