@@ -221,16 +221,18 @@ def _generate(
     # Rows with the same prompt (a GRPO group's completions) are prefilled once: the distinct prompts run, then
     # every cache repeats their rows (keep_rows) and the first logits are repeated alike. A row's computation never
     # depends on the others, so the tokens are those of the full prefill.
-    first_row: dict[tuple[int, ...], int] = {}
-    inverse = [first_row.setdefault(tuple(p), b) for b, p in enumerate(prompts)]  # row b's first twin
-    distinct = sorted(set(inverse))
+    row_of: dict[tuple[int, ...], int] = {}
+    expand = [row_of.setdefault(tuple(p), len(row_of)) for p in prompts]  # row b's index among the distinct prompts
+    first = [0] * len(row_of)
+    for b in reversed(range(B)):
+        first[expand[b]] = b  # each distinct prompt's first row
     dtype = model.embed_tokens.weight.dtype
-    repeat = len(distinct) < B
-    caches = model.make_caches(len(distinct) if repeat else B, P + budget, device, dtype)
+    repeat = len(first) < B
+    caches = model.make_caches(len(first) if repeat else B, P + budget, device, dtype)
     if repeat and not all(hasattr(c, "keep_rows") for c in caches):
         repeat, caches = False, model.make_caches(B, P + budget, device, dtype)
-    rows_in = len(distinct) if repeat else B
-    pre_ids, pre_lens = (ids[distinct], lens[distinct]) if repeat else (ids, lens)
+    rows_in = len(first) if repeat else B
+    pre_ids, pre_lens = (ids[first], lens[first]) if repeat else (ids, lens)
     # Causal attention keeps every real token blind to the padding after it, so the prefill needs no mask.
     out = model(pre_ids, pos=torch.arange(P, device=device), caches=caches, keep_logits=1)
     if ragged:
@@ -244,11 +246,10 @@ def _generate(
     else:
         logits = out.logits[:, -1]  # (rows_in, V)
     if repeat:
-        position = {b: i for i, b in enumerate(distinct)}
-        expand = torch.tensor([position[b] for b in inverse], dtype=torch.long)
+        rows = torch.tensor(expand, dtype=torch.long)
         for c in caches:
-            c.keep_rows(expand)
-        logits = logits[expand.to(device)]  # (B, V)
+            c.keep_rows(rows)
+        logits = logits[rows.to(device)]  # (B, V)
     blocks = generator if isinstance(generator, list) else None
     # Rows that have finished leave the forwards once they are at least half of the batch (the caches keep the rest,
     # keep_rows): a row's computation never depends on the others, and each step draws every row's uniform (or

@@ -175,7 +175,7 @@ class MLA(nn.Module):
         S, c, dr = kv.shape[1], self.kv_lora_rank, self.qk_rope_head_dim
         weight = self.kv_b_proj.weight
         no_grad = not torch.is_grad_enabled() or not any(t.requires_grad for t in (q_nope, q_pe, kv, weight))
-        if no_grad and self._kernel_ok(q_nope, q_pe, kv, weight) and (mask is None or mask.dtype == torch.bool):
+        if no_grad and self._kernel_ok(q_nope, q_pe, kv, weight):
             # decoding on CPU: one kernel call for the whole of it (dsk_mla.kernels.absorbed_decode)
             return kernels.absorbed_decode(q_nope, q_pe, kv, weight, mask, offset, self.softmax_scale)
         w = weight.view(H, -1, c)  # (h d) c -> h d c

@@ -15,7 +15,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -195,8 +194,9 @@ std::vector<at::Tensor> mla_attention_backward(const at::Tensor& dO, const at::T
 // with W_UK[h], W_UV[h] the rows h*(dn+dv) .. of kv_b_proj's weight [H*(dn+dv), c]. Key s is visible to query t
 // of row b where mask[b,t,s] (a bool mask [B, T, S]) or, without a mask, where s <= offset + t (causal by slot).
 // The PyTorch path is five batched GEMMs, a concatenation, transposes, a bias and a softmax, each a dispatch that
-// costs more than the products at these sizes; here one task per (row, query, head) does all of it in registers
-// and two scratch rows, its scores and softmax in float for float32 operands (as the PyTorch path's fp32 softmax).
+// costs more than the products at these sizes; here one task per (row, query) does it for every head, its products
+// in dsk_gemm.h's small GEMM and its softmax with the vectorised exp, in the operands' dtype (float32's softmax in
+// float32, as the PyTorch path's).
 template <typename T>
 void mla_absorbed_decode_impl(const at::Tensor& qn, const at::Tensor& qp, const at::Tensor& kv, const at::Tensor& w,
                               const at::Tensor& mask, int64_t offset, double scale, at::Tensor& o) {
@@ -223,34 +223,33 @@ void mla_absorbed_decode_impl(const at::Tensor& qn, const at::Tensor& qp, const 
   }
   at::parallel_for(0, B * Tq, grain, [&](int64_t t0, int64_t t1) {
     // every head of one query at once: [q_c | q_pe] per head (the cache's row layout), scores, latent outputs
-    std::vector<T> q_abs(H * (c + dr)), scores_t(S * H), P(H * S), o_c(H * c);
+    std::vector<T> q_abs(H * (c + dr)), P(H * S), o_c(H * c);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / Tq, t = task % Tq;
       const T* kv_bv = KV + b * kv_b;
       const bool* see = M ? M + b * m_b + t * m_t : nullptr;
       const int64_t keys = M ? S : std::min<int64_t>(S, offset + t + 1);  // causal by slot: keys 0 .. offset + t
+      T* out = O + (b * Tq + t) * H * dv;
+      bool visible = !see;
+      for (int64_t s = 0; s < keys && !visible; ++s) visible = see[s * m_s];
+      if (!visible) {  // a query that may see nothing (padding): zeros, not NaN
+        std::fill(out, out + H * dv, T(0));
+        continue;
+      }
       for (int64_t h = 0; h < H; ++h) {
         const T* w_uk = W + h * (dn + dv) * c;  // [dn, c]
         dsk::gemm_rm_auto<T>(false, false, 1, c, dn, QN + b * qn_b + t * qn_t + h * qn_h, dn, w_uk, c, T(0),
                              q_abs.data() + h * (c + dr), c + dr);
         std::copy_n(QP + b * qp_b + t * qp_t + h * qp_h, dr, q_abs.data() + h * (c + dr) + c);
       }
-      // scores of every head, transposed: [keys, c + dr] x [H, c + dr]^T (the keys as A: only the small query
-      // block is packed), then one row of P per head
-      dsk::gemm_rm_auto<T>(false, true, H, keys, c + dr, q_abs.data(), c + dr, kv_bv, kv_s, T(0), scores_t.data(), S);
-      T* out = O + (b * Tq + t) * H * dv;
-      bool any = true;
+      // scores of every head over the keys: [H, c + dr] x [keys, c + dr]^T, then a softmax per row
+      dsk::gemm_rm_auto<T>(false, true, H, keys, c + dr, q_abs.data(), c + dr, kv_bv, kv_s, T(0), P.data(), S);
       for (int64_t h = 0; h < H; ++h) {
         T* row = P.data() + h * S;
         T mx = kNegInf;
         for (int64_t s = 0; s < keys; ++s) {
-          // hidden keys: a finite exp input below, zeroed after it
-          row[s] = see && !see[s * m_s] ? kNegInf : scores_t[h * S + s];
+          if (see && !see[s * m_s]) row[s] = kNegInf;  // hidden: a finite exp input below, zeroed after it
           mx = std::max(mx, row[s]);
-        }
-        if (mx == kNegInf) {  // a query that may see nothing (padding): zeros, not NaN
-          any = false;
-          break;
         }
         dsk::exp_scaled_row(row, keys, sc, sc * mx);  // softmax numerators exp(scale * (score - max))
         T sum = 0;
@@ -260,10 +259,6 @@ void mla_absorbed_decode_impl(const at::Tensor& qn, const at::Tensor& qp, const 
         }
         const T inv = T(1) / sum;
         for (int64_t s = 0; s < keys; ++s) row[s] *= inv;
-      }
-      if (!any) {
-        std::fill(out, out + H * dv, T(0));
-        continue;
       }
       // latent outputs [H, keys] x [keys, c], then W_UV per head: o[h] = o_c[h] W_UV[h]^T
       dsk::gemm_rm_auto<T>(false, false, H, c, keys, P.data(), S, kv_bv, kv_s, T(0), o_c.data(), c);
