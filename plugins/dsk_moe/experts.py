@@ -55,16 +55,89 @@ class _SwiGLU(torch.autograd.Function):
         return d_gate, d_up, d_scale
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``silu(gate) * up`` (times a per-row ``scale [R]`` or ``[R, 1]`` when given): the SwiGLU activation.
-
-    Under autograd it is one node that keeps only ``gate``, ``up`` and ``scale`` (:class:`_SwiGLU`).
-    """
+def swiglu_torch(gate: torch.Tensor, up: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`swiglu` by PyTorch ops, whatever the tensors (the path the CPU kernel is tested against): under autograd
+    one node that keeps only ``gate``, ``up`` and ``scale`` (:class:`_SwiGLU`)."""
     if scale is not None and scale.dim() == up.dim() - 1:
         scale = scale.unsqueeze(-1)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (gate, up, scale)):
         return _SwiGLU.apply(gate, up, scale)
     return F.silu(gate) * (up if scale is None else up * scale)
+
+
+class _SwiGLUKernel(torch.autograd.Function):
+    """The CPU kernel as an autograd node: over the rows [R, H] of the gate and of up (any row stride), or over
+    ``gu = [gate | up]`` [R, 2H] when ``up`` is None, and a scale [R] (or empty). It keeps its inputs; the backward
+    is one pass that recomputes ``sigmoid(gate)`` and writes both gradients, for ``gu`` into one [R, 2H] tensor, so
+    that the gradient of a stacked GEMM's output needs no concatenation of its halves."""
+
+    @staticmethod
+    def forward(ctx, gate, up, scale_R):  # type: ignore[override]
+        ctx.save_for_backward(gate, up, scale_R)
+        return kernels.EXTENSION.load().swiglu_forward(*_halves(gate, up), scale_R)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_RH):  # type: ignore[override]
+        gate, up, scale_R = ctx.saved_tensors
+        g, u = _halves(gate, up)
+        d_first = torch.empty_like(gate, memory_format=torch.contiguous_format)
+        d_gate, d_up = _halves(d_first, None) if up is None else (d_first, gate.new_empty(u.shape))
+        d_scale = kernels.EXTENSION.load().swiglu_backward(grad_RH.contiguous(), g, u, scale_R, d_gate, d_up)
+        return d_first, (None if up is None else d_up), (d_scale if ctx.needs_input_grad[2] else None)
+
+
+def _halves(gate: torch.Tensor, up: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if up is not None:
+        return gate, up
+    H = gate.shape[1] // 2
+    return gate[:, :H], gate[:, H:]
+
+
+def _swiglu_kernel(gate: torch.Tensor, up: torch.Tensor | None, scale: torch.Tensor | None) -> torch.Tensor | None:
+    """The kernel's result [R, H] for rows [R, H] of the gate and of up, or of ``gu`` [R, 2H] when ``up`` is None;
+    None where it cannot run (then the caller runs :func:`swiglu_torch`): plain float32/float64 CPU tensors with
+    unit stride along a row, a scale with one value per row."""
+    rows = gate.shape[0]
+    flat = scale.reshape(-1) if scale is not None else None
+    if gate.shape[1] == 0 or (flat is not None and flat.numel() != rows):
+        return None
+    tensors = [t for t in (gate, up, flat) if t is not None]
+    if not cpu_kernel_supports(*tensors) or kernels.EXTENSION.load() is None:
+        return None
+    if any(t.stride(-1) != 1 for t in tensors[:2]):
+        return None
+    flat = flat.contiguous() if flat is not None else gate.new_empty(0)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return _SwiGLUKernel.apply(gate, up, flat)
+    return kernels.EXTENSION.load().swiglu_forward(*_halves(gate, up), flat)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(gate) * up`` (times a per-row ``scale [R]`` or ``[R, 1]`` when given): the SwiGLU activation.
+
+    Plain float32/float64 CPU tensors take the CPU kernel (:mod:`dsk_moe.kernels`: one pass each way, where ATen's
+    composition takes ~3 forward and ~10 backward); anything else :func:`swiglu_torch`. Either way the node keeps
+    only its inputs.
+    """
+    H = gate.shape[-1]
+    out = None
+    if gate.dim() >= 1 and up.shape == gate.shape:
+        out = _swiglu_kernel(gate.reshape(-1, H), up.reshape(-1, H), scale)
+    return swiglu_torch(gate, up, scale) if out is None else out.view(gate.shape)
+
+
+def swiglu_stacked(gu: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`swiglu` of the stacked pre-activations ``gu = [gate | up]`` [..., 2H], as one GEMM over the stacked
+    gate and up weights produces them; -> [..., H]. With the kernel, the gradient of ``gu`` comes as one tensor
+    (no concatenation of the halves' gradients)."""
+    out = None
+    if gu.dim() >= 1 and gu.shape[-1] % 2 == 0:
+        out = _swiglu_kernel(gu.reshape(-1, gu.shape[-1]), None, scale)
+    if out is None:
+        gate, up = gu.chunk(2, dim=-1)
+        return swiglu_torch(gate, up, scale)
+    return out.view(*gu.shape[:-1], gu.shape[-1] // 2)
 
 
 class SwiGLU(nn.Module):
@@ -92,8 +165,8 @@ class SwiGLU(nn.Module):
         # gate and up as one GEMM over the stacked weights (one pass over x, one wider product, one dX GEMM in
         # the backward); the parameters stay separate under their HF names
         lin = self.linear_impl.linear
-        gate, up = lin(x, torch.cat((self.gate_proj.weight, self.up_proj.weight)), "gate_up").chunk(2, dim=-1)
-        h = recomputable("ffn.activation", swiglu, gate, up)
+        gu = lin(x, torch.cat((self.gate_proj.weight, self.up_proj.weight)), "gate_up")
+        h = recomputable("ffn.activation", swiglu_stacked, gu)
         return lin(h, self.down_proj.weight, "down_proj")
 
     def linear_sites(self) -> list[LinearSite]:
@@ -295,10 +368,8 @@ class RoutedExperts(nn.Module):
     def _through_impl(self, x_RD: torch.Tensor, load_E: torch.Tensor, scale_R: torch.Tensor | None) -> torch.Tensor:
         # gate and up stacked per expert: one grouped GEMM over [E, 2H, D], then the activation, then down
         impl = self.linear_impl
-        gate_RH, up_RH = impl.grouped(x_RD, torch.cat((self.w_gate, self.w_up), dim=1), load_E, "w_gate_up").chunk(
-            2, dim=-1
-        )
-        h_RH = recomputable("ffn.activation", swiglu, gate_RH, up_RH, scale_R)
+        gu_R2H = impl.grouped(x_RD, torch.cat((self.w_gate, self.w_up), dim=1), load_E, "w_gate_up")
+        h_RH = recomputable("ffn.activation", swiglu_stacked, gu_R2H, scale_R)
         return impl.grouped(h_RH, self.w_down, load_E, "w_down")
 
     def _grouped(self, x_RD: torch.Tensor, load_E: torch.Tensor, scale_R: torch.Tensor | None) -> torch.Tensor:
@@ -310,7 +381,9 @@ class RoutedExperts(nn.Module):
             x_RD, w_gate, w_up, w_down = (t.to(cast) for t in (x_RD, w_gate, w_up, w_down))
             scale_R = scale_R.to(cast) if scale_R is not None else None
         x_RD = x_RD.contiguous()
-        # w[E, out, in].transpose -> [E, in, out] column-major view, the layout _grouped_mm expects (no copy).
+        # w[E, out, in].transpose -> [E, in, out] column-major view, the layout _grouped_mm expects (no copy). Gate
+        # and up stay two GEMMs: stacking them would copy the experts' weights ([E, 2H, D]) and keep the copy for the
+        # backward
         gate_RH = torch._grouped_mm(x_RD, w_gate.transpose(-2, -1), offs=offs_E)
         up_RH = torch._grouped_mm(x_RD, w_up.transpose(-2, -1), offs=offs_E)
         h_RH = recomputable("ffn.activation", swiglu, gate_RH, up_RH, scale_R)

@@ -127,6 +127,23 @@ void stack_gate_up(const T* WG, const T* WU, int64_t e, int64_t H, int64_t D, T*
   std::copy_n(WU + e * H * D, H * D, wgu + H * D);
 }
 
+// The SwiGLU product a = silu(g) * u * s of one row of H and its gradients: with sigmoid(g) already in dg's place,
+// writes dg and du from da (and a itself when kWriteA, for a backward that needs the activation again) and returns
+// the gradient of the row's scale s.
+template <typename T, bool kWriteA>
+inline T swiglu_row_backward(const T* g, const T* u, const T* da, T s, int64_t H, T* dg, T* du, T* a) {
+  T ds = 0;
+#pragma omp simd reduction(+ : ds)
+  for (int64_t h = 0; h < H; ++h) {
+    const T gv = g[h], sg = dg[h], silu = gv * sg, uv = u[h], dav = da[h];
+    if constexpr (kWriteA) a[h] = silu * uv * s;
+    ds += dav * silu * uv;
+    du[h] = dav * silu * s;
+    dg[h] = dav * uv * s * sg * (T(1) + gv * (T(1) - sg));
+  }
+  return ds;
+}
+
 template <typename T>
 void forward_impl(const Problem& p, const at::Tensor& x, const at::Tensor& order_t, const at::Tensor& starts_t,
                   const at::Tensor& weight, const at::Tensor& wg, const at::Tensor& wu, const at::Tensor& wd,
@@ -228,17 +245,9 @@ void backward_impl(const Problem& p, const at::Tensor& dy, const at::Tensor& x, 
     for (int64_t i = 0; i < m; ++i) dsk::sigmoid_row(gue + i * 2 * H, H, dgue + i * 2 * H);  // sigmoid(g) in dG's place
     for (int64_t i = 0; i < m; ++i) {
       const T s = W ? W[slots[i]] : T(1);
-      const T *g = gue + i * 2 * H, *u = g + H, *da = dae + i * H;
-      T *a = ae + i * H, *dg = dgue + i * 2 * H, *du = dg + H;
-      T ds = 0;
-#pragma omp simd reduction(+ : ds)
-      for (int64_t h = 0; h < H; ++h) {
-        const T gv = g[h], sg = dg[h], silu = gv * sg, uv = u[h], dav = da[h];
-        a[h] = silu * uv * s;
-        ds += dav * silu * uv;
-        du[h] = dav * silu * s;
-        dg[h] = dav * uv * s * sg * (T(1) + gv * (T(1) - sg));
-      }
+      const T* g = gue + i * 2 * H;
+      T* dg = dgue + i * 2 * H;
+      const T ds = swiglu_row_backward<T, true>(g, g + H, dae + i * H, s, H, dg, dg + H, ae + i * H);
       if (DW) DW[slots[i]] = ds;
     }
     // dWd = dY^T a  [D, H]
@@ -273,6 +282,87 @@ std::vector<at::Tensor> experts_backward(const at::Tensor& dy, const at::Tensor&
   return {dx, dwg, dwu, dwd, dweight};
 }
 
+// The SwiGLU activation alone, for the dense FFN, the shared experts and the grouped-GEMM expert path: a = silu(g)
+// * u * s over rows of H, g and u 2-D [R, H] with unit stride along a row and any row stride (the two halves of one
+// stacked GEMM's output [R, 2H] are such views), s [R] a routing weight per row or empty for none. The backward
+// writes dg and du through the same kind of views (into one [R, 2H] tensor for stacked inputs, so nothing splits or
+// concatenates the halves). ATen's composition takes 3 kernels forward and ~10 backward, each a pass over [R, H]
+// values that no longer fit in cache at a few thousand rows. Rows split over the threads.
+int64_t swiglu_grain(int64_t H) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, H)); }
+
+void check_rows(const at::Tensor& t, const at::Tensor& like, const char* what) {
+  TORCH_CHECK(t.dim() == 2 && t.sizes() == like.sizes() && t.stride(1) == 1 && (t.size(0) <= 1 || t.stride(0) >= t.size(1)) &&
+                  t.scalar_type() == like.scalar_type() && t.device().is_cpu(),
+              what, " must be a CPU tensor [R, H] like the gate, with unit stride along a row");
+}
+
+void check_swiglu(const at::Tensor& g, const at::Tensor& u, const at::Tensor& scale) {
+  TORCH_CHECK(g.dim() == 2 && g.stride(1) == 1 && (g.size(0) <= 1 || g.stride(0) >= g.size(1)) && g.device().is_cpu(),
+              "gate must be a CPU tensor [R, H] with unit stride along a row");
+  check_rows(u, g, "up");
+  TORCH_CHECK(scale.numel() == 0 || (scale.dim() == 1 && scale.numel() == g.size(0) && scale.is_contiguous() &&
+                                     scale.scalar_type() == g.scalar_type()),
+              "scale must be empty or a contiguous [R] tensor of the gate's dtype");
+}
+
+template <typename T>
+void swiglu_forward_impl(const T* G, int64_t ldg, const T* U, int64_t ldu, const T* S, int64_t R, int64_t H, T* A) {
+  at::parallel_for(0, R, swiglu_grain(H), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T *g = G + r * ldg, *u = U + r * ldu, s = S ? S[r] : T(1);
+      T* out = A + r * H;
+      dsk::sigmoid_row(g, H, out);
+#pragma omp simd
+      for (int64_t h = 0; h < H; ++h) out[h] = g[h] * out[h] * (u[h] * s);
+    }
+  });
+}
+
+template <typename T>
+void swiglu_backward_impl(const T* DA, const T* G, int64_t ldg, const T* U, int64_t ldu, const T* S, int64_t R,
+                          int64_t H, T* DG, int64_t lddg, T* DU, int64_t lddu, T* DS) {
+  at::parallel_for(0, R, swiglu_grain(H), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T *g = G + r * ldg, *u = U + r * ldu;
+      T* dg = DG + r * lddg;
+      dsk::sigmoid_row(g, H, dg);  // sigmoid(g) in dg's place
+      const T ds = swiglu_row_backward<T, false>(g, u, DA + r * H, S ? S[r] : T(1), H, dg, DU + r * lddu, nullptr);
+      if (DS) DS[r] = ds;
+    }
+  });
+}
+
+at::Tensor swiglu_forward(const at::Tensor& g, const at::Tensor& u, const at::Tensor& scale) {
+  check_swiglu(g, u, scale);
+  const int64_t R = g.size(0), H = g.size(1);
+  auto a = at::empty({R, H}, g.options());
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "dsk_swiglu_forward", [&] {
+    swiglu_forward_impl<scalar_t>(g.data_ptr<scalar_t>(), g.stride(0), u.data_ptr<scalar_t>(), u.stride(0),
+                                  scale.numel() ? scale.data_ptr<scalar_t>() : nullptr, R, H, a.data_ptr<scalar_t>());
+  });
+  return a;
+}
+
+// Writes dg and du (views [R, H] as the inputs may be); returns dscale [R], or an empty tensor when scale is.
+at::Tensor swiglu_backward(const at::Tensor& da, const at::Tensor& g, const at::Tensor& u, const at::Tensor& scale,
+                           at::Tensor dg, at::Tensor du) {
+  check_swiglu(g, u, scale);
+  const int64_t R = g.size(0), H = g.size(1);
+  TORCH_CHECK(da.is_contiguous(), "da must be contiguous");
+  check_rows(da, g, "da");
+  check_rows(dg, g, "dg");
+  check_rows(du, g, "du");
+  auto dscale = scale.numel() ? at::empty_like(scale) : at::empty({0}, g.options());
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "dsk_swiglu_backward", [&] {
+    const bool scaled = scale.numel() > 0;
+    swiglu_backward_impl<scalar_t>(da.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), g.stride(0),
+                                   u.data_ptr<scalar_t>(), u.stride(0), scaled ? scale.data_ptr<scalar_t>() : nullptr,
+                                   R, H, dg.data_ptr<scalar_t>(), dg.stride(0), du.data_ptr<scalar_t>(), du.stride(0),
+                                   scaled ? dscale.data_ptr<scalar_t>() : nullptr);
+  });
+  return dscale;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -281,6 +371,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("experts_backward", &experts_backward,
         "experts_backward(dy, x, gu, order, starts, K, weight, w_gate, w_up, w_down) -> "
         "(dx, dw_gate, dw_up, dw_down, dweight)");
+  m.def("swiglu_forward", &swiglu_forward, "swiglu_forward(g [R, H], u [R, H], scale [R] or empty) -> a [R, H]");
+  m.def("swiglu_backward", &swiglu_backward, "swiglu_backward(da, g, u, scale, dg, du) -> dscale (writes dg, du)");
   m.def("route_topk", &dsk_moe::route_topk,
         "route_topk(scores [N, E], bias [E] or empty, n_groups, topk_groups, top_k, top2_sum) -> (idx, order, load)");
   m.def("route_weights_forward", &dsk_moe::route_weights_forward,
