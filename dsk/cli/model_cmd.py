@@ -6,6 +6,7 @@ imported inside the command bodies.
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -95,10 +96,18 @@ def _load_tokenizer(checkpoint: str, spec: str | None) -> Any:
 @click.option("--bos/--no-bos", default=True, show_default=True, help="Prepend the tokenizer's BOS token.")
 @click.option("--dtype", type=click.Choice(["float32", "float64", "bfloat16"]), default=None, help="[default: float32]")
 @click.option("--ema", is_flag=True, help="Sample from the EMA weights of a training checkpoint ([features.ema]).")
+@click.option(
+    "--repeat",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Time this many runs of the whole batch (each from the same seed, so with the same output) and report the "
+    "median: one short generation's time varies from run to run.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
 def generate_cmd(
     checkpoint, prompts, max_new_tokens, temperature, top_p, seed, speculative, tokenizer_spec, bos, dtype, ema,
-    as_json,
+    repeat, as_json,
 ) -> None:  # fmt: skip
     """Sample continuations of prompts from a checkpoint (HF DeepSeek-V3 or dsk directory), with a KV cache.
 
@@ -108,6 +117,7 @@ def generate_cmd(
       dsk generate ckpt --prompt "a" --prompt "b" --top-p 0.9 --json
       dsk generate ckpt --prompt "12+7=" --prompt "3+4=" --temperature 0 --speculative mtp
       dsk generate runs/fp8/checkpoints/step-300 --prompt "12+7=" --ema
+      dsk generate ckpt --prompt "12+7=" --temperature 0 --speculative mtp --repeat 9 --json
     """
     tok = _load_tokenizer(checkpoint, tokenizer_spec)
     model = _load_model(checkpoint, dtype, ema)
@@ -133,18 +143,21 @@ def generate_cmd(
     from dsk.model.generate import generate, speculative_generate
 
     _warm_up(model, encoded[0], tok, speculative, temperature, top_p)
-    gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
-    options = {"temperature": temperature, "top_p": top_p, "generator": gen, "pad_id": tok.pad_id}
     stats: dict[str, Any] | None = None
-    start = time.perf_counter()
-    try:  # the whole batch in one call either way, so that the two are timed alike
-        if speculative:
-            res = speculative_generate(model, encoded, max_new_tokens, tok.eos_id, drafter=speculative, **options)
-        else:
-            res = generate(model, encoded, max_new_tokens, eos_id=tok.eos_id, **options)
-    except ValueError as exc:  # prompt too long for max_seq_len and similar input problems
-        raise DskUsageError(str(exc)) from None
-    elapsed = time.perf_counter() - start
+    runs: list[float] = []
+    for _ in range(repeat):
+        gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
+        options = {"temperature": temperature, "top_p": top_p, "generator": gen, "pad_id": tok.pad_id}
+        start = time.perf_counter()
+        try:  # the whole batch in one call either way, so that the two are timed alike
+            if speculative:
+                res = speculative_generate(model, encoded, max_new_tokens, tok.eos_id, drafter=speculative, **options)
+            else:
+                res = generate(model, encoded, max_new_tokens, eos_id=tok.eos_id, **options)
+        except ValueError as exc:  # prompt too long for max_seq_len and similar input problems
+            raise DskUsageError(str(exc)) from None
+        runs.append(time.perf_counter() - start)
+    elapsed = statistics.median(runs)
     rows: list[dict[str, Any]] = [
         {"tokens": t, "finished": f, "truncated": tr}
         for t, f, tr in zip(res.tokens, res.finished, res.truncated, strict=True)
@@ -176,6 +189,8 @@ def generate_cmd(
                 "tokens": n_tokens,
                 "seconds": round(elapsed, 4),
                 "tokens_per_s": round(n_tokens / elapsed, 2) if elapsed > 0 else None,
+                "repeat": repeat,
+                "seconds_runs": [round(t, 4) for t in runs],
             }
         )
         return
@@ -184,7 +199,8 @@ def generate_cmd(
 
     for row in rows:
         console.print(f"[bold]{escape(row['prompt'])}[/]{escape(row['text'])}")
-    summary = f"{n_tokens} tokens in {elapsed:.2f}s ({n_tokens / max(elapsed, 1e-9):.1f} tokens/s)"
+    median = f", the median of {repeat} runs" if repeat > 1 else ""
+    summary = f"{n_tokens} tokens in {elapsed:.3f}s{median} ({n_tokens / max(elapsed, 1e-9):.1f} tokens/s)"
     if stats:
         summary += (
             f"; {speculative} draft acceptance {stats['acceptance_rate']:.1%} ({stats['accepted']}/{stats['drafted']}),"

@@ -69,6 +69,25 @@ def test_speculative_sampling_runs_the_batch_at_a_temperature_and_reports_accept
     assert "tokens/s" in r.stdout and "mtp draft acceptance" in r.stdout
 
 
+@pytest.mark.parametrize("speculative", [[], ["--speculative", "mtp"]])
+def test_repeat_times_several_runs_of_the_same_output_and_reports_their_median(dsk_cli, ckpt, speculative):
+    args = ["generate", ckpt, "--prompt", "12+3=", "--max-new-tokens", "4", "--temperature", "0.9", *speculative]
+    once = json.loads(dsk_cli([*args, "--json"]).stdout)
+    r = dsk_cli([*args, "--repeat", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    payload = json.loads(r.stdout)
+    # every run starts from the same seed: the sampled output is the single run's
+    assert [c["tokens"] for c in payload["completions"]] == [c["tokens"] for c in once["completions"]]
+    runs = payload["seconds_runs"]
+    assert payload["repeat"] == 3 and len(runs) == 3 and payload["seconds"] == sorted(runs)[1]
+    assert payload["tokens_per_s"] == pytest.approx(payload["tokens"] / payload["seconds"], rel=0.02)  # rounded
+    assert once["repeat"] == 1 and len(once["seconds_runs"]) == 1
+    text = dsk_cli([*args, "--repeat", "2"])
+    assert text.exit_code == 0 and "the median of 2 runs" in text.stdout
+    bad = dsk_cli([*args, "--repeat", "0"])
+    assert bad.exit_code == 2 and "--repeat" in bad.output
+
+
 def test_generate_text_output_ends_with_a_summary(dsk_cli, ckpt):
     r = dsk_cli(["generate", ckpt, "--prompt", "7*", "--max-new-tokens", "3", "--seed", "1"])
     assert r.exit_code == 0, r.output
