@@ -65,6 +65,48 @@ class GenerationResult:
     logprobs: list[list[float]] | None = None
 
 
+#: A decode step whose widest GEMM has fewer multiply-adds than this runs on one thread. Measured on 2 cores: a
+#: [2, 64] x [64, 384] product (a 2-token verify of the quickstart model) takes 4.3 us on one thread and 6.3 us on
+#: two, a [16, 64] x [64, 384] one 7.4 us against 11.2 (the pool's wake-up costs more than the work it splits); at
+#: [32, 64] x [64, 384] two threads win (23 against 26 us).
+SINGLE_THREAD_DECODE_MACS = 300_000
+
+_WIDEST: dict[int, tuple[Any, int]] = {}
+
+
+def _widest_gemm(model: nn.Module) -> int:
+    """The most multiply-adds per token of one of the model's GEMMs (its largest 2-D weight, or slice of a stacked
+    one); cached per model."""
+    hit = _WIDEST.get(id(model))
+    if hit is None or hit[0]() is not model:
+        import weakref
+
+        widest = max((p.shape[-1] * p.shape[-2] for p in model.parameters() if p.dim() >= 2), default=0)
+        hit = _WIDEST[id(model)] = (weakref.ref(model), int(widest))
+    return hit[1]
+
+
+class _DecodeThreads:
+    """Decode steps of ``rows`` token rows on one thread when their GEMMs are that small
+    (:data:`SINGLE_THREAD_DECODE_MACS`); the previous thread count after. A CPU-only policy: off elsewhere, and off
+    where one thread is already the setting. The results do not depend on it (each row's products are the same)."""
+
+    def __init__(self, model: nn.Module, rows: int):
+        self.threads = torch.get_num_threads()
+        device = model.embed_tokens.weight.device
+        self.active = (
+            device.type == "cpu" and self.threads > 1 and rows * _widest_gemm(model) < SINGLE_THREAD_DECODE_MACS
+        )
+
+    def __enter__(self) -> None:
+        if self.active:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.active:
+            torch.set_num_threads(self.threads)
+
+
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Nucleus filtering: keep the smallest set of most likely tokens whose mass reaches ``top_p``; renormalise.
 
@@ -265,45 +307,46 @@ def _generate(
     lens_now, P_now = lens, P
     step = 0
     finished = False  # this rank's rows are all done (EOS or budget)
-    while True:
-        if not finished:
-            if blocks is not None and temperature != 0:
-                u = _row_uniforms(blocks, B, device)
-                nxt = sample_next(logits, temperature, top_p, uniform=u if live is None else u[live])
-            else:
-                nxt = sample_next(logits, temperature, top_p, generator)
-            done_now = done if live is None else done[live]
-            nxt = torch.where(done_now, torch.full_like(nxt, pad_id), nxt)
-            rows = slice(None) if live is None else live
-            tokens[rows, step] = nxt
-            if return_logprobs:
-                lp = torch.log_softmax(logits.to(logps.dtype), dim=-1).gather(-1, nxt[:, None]).squeeze(-1)
-                logps[rows, step] = torch.where(done_now, torch.zeros_like(lp), lp)
-            if eos_id is not None:
-                hit = ~done_now & (nxt == eos_id)
-                length[rows] = torch.where(hit, torch.full_like(hit, step + 1, dtype=length.dtype), length[rows])
-                done[rows] = done_now | hit
-            finished = step == budget - 1 or bool(done.all())
-        if finished if sync_done is None else sync_done(finished):
-            break
-        if finished:
-            _idle_forward(model, device, pad_id)  # keep pace with the ranks still generating
-            continue
-        if compact:
-            going = (~(done if live is None else done[live])).nonzero().squeeze(1)  # positions in the current batch
-            if going.numel() * 2 <= nxt.shape[0]:
-                for c in caches:
-                    c.keep_rows(going)
-                nxt, lens_now = nxt[going], lens_now[going]
-                live = going if live is None else live[going]
-                P_now = int(lens_now.max())
-                ragged = bool((lens_now != P_now).any())
-        step_mask = None
-        if ragged:
-            # row b's new token sits at slot lens[b] + step and sees the slots up to it; built once for all layers
-            step_mask = torch.arange(P_now + step + 1, device=device)[None, None, :] <= (lens_now + step)[:, None, None]
-        logits = model(nxt[:, None], pos=caches[0].positions(1), mask=step_mask, caches=caches).logits[:, -1]
-        step += 1
+    with _DecodeThreads(model, B):
+        while True:
+            if not finished:
+                if blocks is not None and temperature != 0:
+                    u = _row_uniforms(blocks, B, device)
+                    nxt = sample_next(logits, temperature, top_p, uniform=u if live is None else u[live])
+                else:
+                    nxt = sample_next(logits, temperature, top_p, generator)
+                done_now = done if live is None else done[live]
+                nxt = torch.where(done_now, torch.full_like(nxt, pad_id), nxt)
+                rows = slice(None) if live is None else live
+                tokens[rows, step] = nxt
+                if return_logprobs:
+                    lp = torch.log_softmax(logits.to(logps.dtype), dim=-1).gather(-1, nxt[:, None]).squeeze(-1)
+                    logps[rows, step] = torch.where(done_now, torch.zeros_like(lp), lp)
+                if eos_id is not None:
+                    hit = ~done_now & (nxt == eos_id)
+                    length[rows] = torch.where(hit, torch.full_like(hit, step + 1, dtype=length.dtype), length[rows])
+                    done[rows] = done_now | hit
+                finished = step == budget - 1 or bool(done.all())
+            if finished if sync_done is None else sync_done(finished):
+                break
+            if finished:
+                _idle_forward(model, device, pad_id)  # keep pace with the ranks still generating
+                continue
+            if compact:
+                going = (~(done if live is None else done[live])).nonzero().squeeze(1)  # positions in the current batch
+                if going.numel() * 2 <= nxt.shape[0]:
+                    for c in caches:
+                        c.keep_rows(going)
+                    nxt, lens_now = nxt[going], lens_now[going]
+                    live = going if live is None else live[going]
+                    P_now = int(lens_now.max())
+                    ragged = bool((lens_now != P_now).any())
+            step_mask = None
+            if ragged:
+                # row b's new token sits at slot lens[b] + step and sees the slots up to it; built once for all layers
+                step_mask = torch.arange(P_now + step + 1, device=device)[None, None, :] <= (lens_now + step)[:, None, None]
+            logits = model(nxt[:, None], pos=caches[0].positions(1), mask=step_mask, caches=caches).logits[:, -1]
+            step += 1
     return _result(tokens, length, done, logps if return_logprobs else None)
 
 
@@ -577,33 +620,35 @@ def _check_generator(generator, rows: int):
     return generator
 
 
-def _round_geometry(lengths: torch.Tensor, T: int, device: torch.device):
-    """Positions and mask of T new tokens per row after caches of ``lengths`` [B] (CPU): ([T], None) when the rows
-    agree, else ([B, T], mask [B, T, S]) with S = max(lengths) + T; built once for all layers."""
+def _round_geometry(lengths: list[int], T: int, device: torch.device):
+    """Positions and mask of T new tokens per row after caches of ``lengths`` (one per row): ([T], None) when the
+    rows agree, else ([B, T], mask [B, T, S]) with S = max(lengths) + T; built once for all layers."""
     steps = torch.arange(T, device=device)
-    if bool((lengths == lengths[0]).all()):
-        return steps + int(lengths[0]), None
-    pos = lengths.to(device)[:, None] + steps  # (B, T): row b's slots are its positions
-    keys = torch.arange(int(lengths.max()) + T, device=device)
+    first = lengths[0]
+    if all(x == first for x in lengths):
+        return steps + first, None
+    pos = torch.tensor(lengths, device=device)[:, None] + steps  # (B, T): row b's slots are its positions
+    keys = torch.arange(max(lengths) + T, device=device)
     return pos, keys[None, None, :] <= pos[:, :, None]  # (B, T, S)
 
 
-def _finished_rows_follow(held: torch.Tensor, done: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """The main caches' lengths [B] (CPU) for the next round: row b's ``n_b`` while it runs; a finished row, whose
-    cache nobody reads again, follows the running rows' common length where they have one and its cache (``held``,
-    the lengths after the last forward) allows, so that the batch keeps the caches' equal-length path; else 0."""
-    running = n[~done]
-    if running.numel() and bool((running == running[0]).all()):
-        follow = torch.minimum(held, running[0])
-        if bool((follow == running[0])[done].all()):
-            return torch.where(done, follow, n)
-    return torch.where(done, 0, n)
+def _finished_rows_follow(held: list[int], done: list[bool], n: list[int]) -> list[int]:
+    """The main caches' lengths for the next round, one per row: row b's ``n_b`` while it runs; a finished row,
+    whose cache nobody reads again, follows the running rows' common length where they have one and its cache
+    (``held``, the lengths after the last forward) allows, so that the batch keeps the caches' equal-length path;
+    else 0."""
+    running = [x for x, d in zip(n, done, strict=True) if not d]
+    if running and all(x == running[0] for x in running):
+        r = running[0]
+        if all(h >= r for h, d in zip(held, done, strict=True) if d):
+            return [r if d else x for d, x in zip(done, n, strict=True)]
+    return [0 if d else x for d, x in zip(done, n, strict=True)]
 
 
-def _truncate(caches: Sequence[Any], lengths: torch.Tensor) -> None:
-    """Cut every cache back to ``lengths`` [B] (CPU); an int when the rows agree (the caches' cheap path)."""
-    common = bool((lengths == lengths[0]).all())
-    length = int(lengths[0]) if common else lengths
+def _truncate(caches: Sequence[Any], lengths: list[int]) -> None:
+    """Cut every cache back to ``lengths`` (one per row); an int when the rows agree (the caches' cheap path)."""
+    first = lengths[0]
+    length: int | torch.Tensor = first if all(x == first for x in lengths) else torch.tensor(lengths)
     for c in caches:
         c.truncate(length)
 
@@ -651,87 +696,90 @@ def _speculative(
     out = model(ids, pos=torch.arange(P, device=device), caches=caches, keep_logits=1)
     ragged = bool((lens != P).any())
     if ragged:
-        _truncate(caches, lens)  # each row keeps its prompt
+        _truncate(caches, lens.tolist())  # each row keeps its prompt
         logits = model.lm_head(out.hidden[torch.arange(B, device=device), lens.to(device) - 1])  # (B, V)
     else:
         logits = out.logits[:, -1]  # (B, V)
     last = sample(logits)[0]  # (B,) the first generated token, t_{n_b}
     draft.begin(ids, lens, out.hidden, last)
 
-    width = budget + D + 1  # a round writes up to D + 1 tokens from a row's count on; the result cuts at lengths
-    tokens = torch.full((B, width), pad_id, dtype=torch.long, device=device)
-    logps = torch.zeros((B, width), device=device, dtype=torch.promote_types(model.lm_head.weight.dtype, torch.float32))
-    tokens[:, 0] = last
+    # The rows' bookkeeping is host lists: per round it costs a few list operations and two small device-to-host
+    # copies, where tensor ops took ~70 dispatches, each dearer than its arithmetic at these sizes (about as much
+    # as a decode layer of the quickstart model per round, which speculation pays on top of its forwards).
+    last_l = last.tolist()
+    out_tokens = [[t] for t in last_l]
+    lp_dtype = torch.promote_types(model.lm_head.weight.dtype, torch.float32)
+    out_lps = None
     if return_logprobs:
-        logps[:, 0] = torch.log_softmax(logits.to(logps.dtype), dim=-1).gather(-1, last[:, None]).squeeze(-1)
-    n = lens.clone()  # (B,) CPU: t_{n_b} is committed, not yet fed (the main caches hold n_b tokens of a running row)
-    g = torch.ones(B, dtype=torch.long)  # (B,) CPU: tokens generated
-    ended = (last == eos_id).cpu() if eos_id is not None else torch.zeros(B, dtype=torch.bool)  # stopped at EOS
-    done = ended | (g >= budget)
-    drafted = torch.zeros(B, dtype=torch.long)
-    accepted = torch.zeros(B, dtype=torch.long)
+        first_lp = torch.log_softmax(logits.to(lp_dtype), dim=-1).gather(-1, last[:, None]).squeeze(-1)
+        out_lps = [[x] for x in first_lp.tolist()]
+    n = lens.tolist()  # row b's t_{n_b} is committed, not yet fed (the main caches hold n_b tokens of a running row)
+    g = [1] * B  # tokens generated
+    ended = [eos_id is not None and t == eos_id for t in last_l]  # stopped at EOS
+    done = [e or 1 >= budget for e in ended]
+    drafted, accepted = [0] * B, [0] * B
     steps = 0
-    held = n.clone()  # (B,) CPU: what the main caches hold per row
-    if bool(done.any()):
+    held = list(n)  # what the main caches hold per row
+    if any(done):
         held = _finished_rows_follow(held, done, n)
         _truncate(caches, held)
-    while True:
-        finished = bool(done.all())
-        if finished if sync_done is None else sync_done(finished):
-            break
-        if finished:
-            _idle_forward(model, device, pad_id)  # keep pace with the ranks still generating
-            continue
-        active = ~done
-        # drafts this round: what the drafter may give, what the neediest row can still use, what the caches hold
-        d = min(D, int((budget - g)[active].max()) - 1, cache_len - 1 - int(n[active].max()))
-        if d > 0:
-            xs, q = draft.propose(d, sample)
-            xs, d = xs[:, :d].to(device=device, dtype=torch.long), min(d, xs.shape[1])
-            q = q[:, :d] if q is not None else None
-        else:
-            xs, q, d = torch.empty((B, 0), dtype=torch.long, device=device), None, 0
-        T = d + 1
-        block = torch.cat([last[:, None], xs], dim=1)  # (B, T) at positions n_b .. n_b + d
-        pos, mask = _round_geometry(held, T, device)
-        out = model(block, pos=pos, mask=mask, caches=caches)
-        steps += 1
-        if greedy:
-            target = out.logits.argmax(dim=-1)  # (B, T): the main model's own token after each block position
-            a = (xs == target[:, :d]).long().cumprod(dim=1).sum(dim=1)
-            new = target  # row b commits new[b, :a_b + 1]: its accepted drafts equal the targets
-        else:
-            p = _sampling_probs(out.logits, temperature, top_p)  # (B, T, V)
-            a, nxt = speculative_accept(p, q, xs, uniforms(T))
-            new = torch.cat([xs, nxt[:, None]], dim=1).scatter_(1, a[:, None], nxt[:, None])
-        # each row's count: its accepted drafts and the next token, cut at its budget and after its first EOS
-        j = torch.arange(T, device=device)
-        g_dev = g.to(device)
-        count = torch.minimum(a + 1, budget - g_dev)
-        if eos_id is not None:
-            is_eos = (new == eos_id) & (j[None, :] < count[:, None])
-            count = torch.where(is_eos.any(dim=1), is_eos.long().argmax(dim=1) + 1, count)
-        count = torch.where(done.to(device), 0, count)
-        at = g_dev[:, None] + j  # (B, T) output slots; those past a row's count are rewritten later or cut
-        tokens.scatter_(1, at, new)
-        if return_logprobs:
-            lp = torch.log_softmax(out.logits.to(logps.dtype), dim=-1).gather(-1, new[..., None]).squeeze(-1)
-            logps.scatter_(1, at, lp)
-        last = torch.where(count > 0, new.gather(1, (count - 1).clamp(min=0)[:, None]).squeeze(1), last)
-        count_cpu = count.cpu()  # the round's one device-to-host copy: the caches' lengths are host bookkeeping
-        drafted += torch.where(active, d, 0)
-        accepted += torch.minimum(a.cpu(), count_cpu)
-        g += count_cpu
-        n += count_cpu
-        if eos_id is not None:
-            ended |= (count_cpu > 0) & (last.cpu() == eos_id)
-        done = ended | (g >= budget)
-        held = _finished_rows_follow(held + T, done, n)
-        _truncate(caches, held)
-        draft.observe(new, count_cpu, out.hidden)
-    logps_out = logps if return_logprobs else None
-    res = _result(tokens, g, ended, logps_out)
+    with _DecodeThreads(model, B * (D + 1)):
+        while True:
+            finished = all(done)
+            if finished if sync_done is None else sync_done(finished):
+                break
+            if finished:
+                _idle_forward(model, device, pad_id)  # keep pace with the ranks still generating
+                continue
+            running = [b for b in range(B) if not done[b]]
+            # drafts this round: what the drafter may give, what the neediest row can still use, what the caches hold
+            d = min(D, max(budget - g[b] for b in running) - 1, cache_len - 1 - max(n[b] for b in running))
+            if d > 0:
+                xs, q = draft.propose(d, sample)
+                xs, d = xs[:, :d].to(device=device, dtype=torch.long), min(d, xs.shape[1])
+                q = q[:, :d] if q is not None else None
+            else:
+                xs, q, d = torch.empty((B, 0), dtype=torch.long, device=device), None, 0
+            T = d + 1
+            block = torch.cat([last[:, None], xs], dim=1)  # (B, T) at positions n_b .. n_b + d
+            pos, mask = _round_geometry(held, T, device)
+            out = model(block, pos=pos, mask=mask, caches=caches)
+            steps += 1
+            if greedy:
+                new = out.logits.argmax(dim=-1)  # (B, T): the main model's own token after each block position
+                new_l, xs_l = new.tolist(), xs.tolist()
+                # row b commits new[b, :a_b + 1]: its accepted drafts equal the targets
+                a_l = [next((j for j in range(d) if x[j] != t[j]), d) for x, t in zip(xs_l, new_l, strict=True)]
+            else:
+                p = _sampling_probs(out.logits, temperature, top_p)  # (B, T, V)
+                a, nxt = speculative_accept(p, q, xs, uniforms(T))
+                new = torch.cat([xs, nxt[:, None]], dim=1).scatter_(1, a[:, None], nxt[:, None])
+                new_l, a_l = new.tolist(), a.tolist()
+            lp_l = None
+            if return_logprobs:
+                lp_l = torch.log_softmax(out.logits.to(lp_dtype), dim=-1).gather(-1, new[..., None]).squeeze(-1).tolist()
+            # each row's count: its accepted drafts and the next token, cut at its budget and after its first EOS
+            counts = [0] * B
+            for b in running:
+                row = new_l[b]
+                c = min(a_l[b] + 1, budget - g[b])
+                if eos_id is not None and eos_id in row[:c]:
+                    c = row.index(eos_id) + 1
+                    ended[b] = True
+                counts[b] = c
+                out_tokens[b] += row[:c]
+                if lp_l is not None:
+                    out_lps[b] += lp_l[b][:c]
+                last_l[b] = row[c - 1]
+                drafted[b] += d
+                accepted[b] += min(a_l[b], c)
+                g[b] += c
+                n[b] += c
+                done[b] = ended[b] or g[b] >= budget
+            last = torch.tensor(last_l, dtype=torch.long, device=device)
+            held = _finished_rows_follow([h + T for h in held], done, n)
+            _truncate(caches, held)
+            draft.observe(new, torch.tensor(counts, dtype=torch.long), out.hidden)
     return SpeculativeBatchResult(
-        res.tokens, res.lengths, res.finished, res.truncated, res.logprobs,
-        drafted=drafted.tolist(), accepted=accepted.tolist(), verify_steps=steps,
+        out_tokens, g, ended, [not e for e in ended], out_lps, drafted=drafted, accepted=accepted, verify_steps=steps,
     )  # fmt: skip

@@ -223,3 +223,56 @@ def test_repeated_prompts_are_prefilled_once_and_generate_as_alone(sampling, mon
     assert together.tokens == [a.tokens[0] for a in alone]
     for got, want in zip(together.logprobs, alone, strict=True):
         torch.testing.assert_close(torch.tensor(got), torch.tensor(want.logprobs[0]), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_small_decode_steps_run_on_one_thread_with_the_same_output(speculative, monkeypatch):
+    """A tiny model's decode steps have GEMMs too small to split over threads: the loop runs them on one thread
+    (the prefill keeps the setting), restores the thread count, and produces what it produces on two."""
+    import dsk.model.generate as gen
+    from dsk.model.generate import speculative_generate
+
+    model = tiny_model()
+
+    def run():
+        g = torch.Generator().manual_seed(3)
+        if speculative:
+            return speculative_generate(
+                model, PROMPTS, 6, drafter="mtp", temperature=0.9, generator=g, return_logprobs=True
+            )
+        return generate(model, PROMPTS, 6, temperature=0.9, generator=g, return_logprobs=True)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(gen, "SINGLE_THREAD_DECODE_MACS", 0)  # the policy off: every step on two threads
+        two = run()
+        monkeypatch.undo()
+        seen = []
+        original = torch.get_num_threads
+        forward = type(model).forward
+
+        def counting(self, *args, **kwargs):
+            seen.append(original())
+            return forward(self, *args, **kwargs)
+
+        monkeypatch.setattr(type(model), "forward", counting)
+        one = run()
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(threads)
+    assert seen[0] == 2 and set(seen[1:]) == {1}  # the prefill on two threads, every decode forward on one
+    assert one.tokens == two.tokens
+    for a, b in zip(one.logprobs, two.logprobs, strict=True):
+        assert a == pytest.approx(b, abs=1e-6)
+
+
+def test_decode_steps_with_large_gemms_keep_the_thread_count(monkeypatch):
+    import dsk.model.generate as gen
+
+    model = tiny_model(mtp=None)
+    monkeypatch.setattr(gen, "SINGLE_THREAD_DECODE_MACS", 1)  # every GEMM counts as large
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n))
+    generate(model, PROMPTS, 3, temperature=0)
+    assert calls == []
