@@ -30,11 +30,13 @@ __all__ = ["MTPDrafter", "speculative_generate"]
 class MTPDrafter:
     """Drafts up to ``mtp.depth`` tokens per round for every row of a batch (a ``dsk.api.generation.BatchDrafter``).
 
-    State, row b: ``n[b]``, the index of its last committed token ``t_{n_b}`` (CPU); ``seq[b]``, its committed
-    tokens followed by this round's drafts at ``n_b + 1 ..``; ``hid[k, b, i] = h^k_i`` (k = 0: the main model's
-    final-norm output), preallocated so a round writes O(depth) rows; ``valid[k, b]``: depth k's cache holds
-    positions ``0 .. valid[k, b] - 1`` computed from committed tokens only, to be kept. The buffers start at zero
-    so that padding positions hold finite values (a NaN key would poison the scores of its whole row).
+    State, row b: ``n[b]``, the index of its last committed token ``t_{n_b}``; ``seq[b]``, its committed tokens
+    followed by this round's drafts at ``n_b + 1 ..``; ``hid[k, b, i] = h^k_i`` (k = 0: the main model's final-norm
+    output), preallocated so a round writes O(depth) rows; ``valid[k][b]``: depth k's cache holds positions
+    ``0 .. valid[k][b] - 1`` computed from committed tokens only, to be kept. The buffers start at zero so that
+    padding positions hold finite values (a NaN key would poison the scores of its whole row). The row counts are
+    host lists, and where every row is at the same position (one prompt, or rows in step) the reads and writes are
+    slices: a round's bookkeeping is then a few dispatches besides the MTP blocks' forwards.
     """
 
     def __init__(self, mtp: MTP, model: nn.Module, batch: int, max_len: int):
@@ -47,8 +49,8 @@ class MTPDrafter:
         self.caches = mtp.make_caches(batch, max_len, weight.device, weight.dtype)
         self.seq = torch.zeros((batch, width), dtype=torch.long, device=weight.device)
         self.hid = weight.new_zeros((mtp.depth + 1, batch, width, weight.shape[1]))
-        self.valid = torch.zeros((mtp.depth + 1, batch), dtype=torch.long)
-        self.n = torch.zeros(batch, dtype=torch.long)
+        self.valid = [[0] * batch for _ in range(mtp.depth + 1)]
+        self.n = [0] * batch
         self.proposed: torch.Tensor | None = None  # [B, d] the last round's drafts
 
     def begin(self, prompts: torch.Tensor, lengths: torch.Tensor, hidden: torch.Tensor, first: torch.Tensor) -> None:
@@ -57,28 +59,42 @@ class MTPDrafter:
         self.seq[:, :P] = prompts
         self.seq.scatter_(1, lengths.to(self.device)[:, None], first[:, None])
         self.hid[0, :, :P] = hidden
-        self.n = lengths.clone()
+        self.n = [int(x) for x in lengths.tolist()]
+
+    def _rows(self, starts: list[int], length: int) -> tuple[int | None, torch.Tensor]:
+        """Slots ``starts[b] .. starts[b] + length - 1`` of every row: (the common start or None, slots [B, length])."""
+        first = starts[0]
+        if all(x == first for x in starts):
+            return first, torch.arange(first, first + length, device=self.device).expand(len(starts), length)
+        return None, torch.tensor(starts, device=self.device)[:, None] + torch.arange(length, device=self.device)
 
     def observe(self, tokens: torch.Tensor, counts: torch.Tensor, hidden: torch.Tensor) -> None:
         """Commit row b's ``tokens[b, :counts[b]]`` (tokens [B, T]) and the hidden states [B, T, D] at its newly fed
         positions."""
         B, T = tokens.shape
+        counts_l = counts.tolist()
+        n = self.n
         if self.proposed is not None:
             d = self.proposed.shape[1]
             m = min(d, T)
-            j = torch.arange(m, device=self.device)
-            kept = (self.proposed[:, :m] == tokens[:, :m]) & (j[None, :] < counts.to(self.device)[:, None])
-            a = kept.long().cumprod(dim=1).sum(dim=1).cpu()  # (B,) drafts now committed
-            for k in range(1, d + 1):
-                # position i of depth k read tokens up to t_{i+k}; those up to t_{n+a} are now committed
-                self.valid[k] = torch.minimum(self.n, self.n + a - k + 1).clamp(min=0)
-            # depth k's positions also need depth k-1's there
-            self.valid[1:] = torch.cummin(self.valid[1:], dim=0).values
-        at = self.n.to(self.device)[:, None] + torch.arange(T, device=self.device)  # (B, T)
-        # unmasked writes: what lies past a row's count is past its new length, rewritten before it is read
-        self.hid[0].scatter_(1, at[..., None].expand(B, T, hidden.shape[-1]), hidden.to(self.hid.dtype))
-        self.seq.scatter_(1, at + 1, tokens)
-        self.n = self.n + counts
+            drafts, fed = self.proposed[:, :m].tolist(), tokens[:, :m].tolist()
+            for b in range(B):
+                # drafts now committed: the leading ones the tokens confirm, within the row's count
+                a = next((j for j in range(min(m, counts_l[b])) if drafts[b][j] != fed[b][j]), min(m, counts_l[b]))
+                # position i of depth k read tokens up to t_{i+k}; those up to t_{n+a} are now committed, and depth
+                # k's positions also need depth k-1's there
+                for k in range(1, len(self.valid)):
+                    v = max(min(n[b], n[b] + a - k + 1), 0) if k <= d else self.valid[k][b]
+                    self.valid[k][b] = v if k == 1 else min(v, self.valid[k - 1][b])
+        common, at = self._rows(n, T)
+        if common is not None:
+            self.hid[0, :, common : common + T] = hidden
+            self.seq[:, common + 1 : common + 1 + T] = tokens
+        else:
+            # unmasked writes: what lies past a row's count is past its new length, rewritten before it is read
+            self.hid[0].scatter_(1, at[..., None].expand(B, T, hidden.shape[-1]), hidden.to(self.hid.dtype))
+            self.seq.scatter_(1, at + 1, tokens)
+        self.n = [x + c for x, c in zip(n, counts_l, strict=True)]
         self.proposed = None
 
     @torch.no_grad()
@@ -88,32 +104,39 @@ class MTPDrafter:
         B = self.seq.shape[0]
         dim = self.hid.shape[-1]
         n = self.n
-        n_dev = n.to(self.device)
         drafts, probs = [], []
         for k in range(1, min(limit, self.mtp.depth) + 1):
-            # Row b recomputes positions valid[k, b] .. n_b - 1. One chunk of L positions serves all rows: it ends
+            # Row b recomputes positions valid[k][b] .. n_b - 1. One chunk of L positions serves all rows: it ends
             # at n_b - 1 (recomputing a few kept positions, whose inputs are committed) or, for a row shorter than
             # L, starts at 0 and runs past n_b - 1 into padding that no real position attends to.
-            L = max(int((n - self.valid[k]).max()), 1)
-            start = (n - L).clamp(min=0)  # (B,) CPU
+            L = max(max(x - v for x, v in zip(n, self.valid[k], strict=True)), 1)
+            starts = [max(x - L, 0) for x in n]
             cache = self.caches[k - 1]
-            steps = torch.arange(L, device=self.device)
-            if bool((start == start[0]).all()):
-                cache.truncate(int(start[0]))
-                pos = steps + int(start[0])  # (L,)
-                pos_BL = pos.expand(B, L)
-            else:
-                cache.truncate(start)
-                pos = pos_BL = start.to(self.device)[:, None] + steps  # (B, L)
-            toks = self.seq.gather(1, pos_BL + k)  # t_{i+k}: committed, then the shallower depths' drafts
-            index = pos_BL[..., None].expand(B, L, dim)
+            common, pos_BL = self._rows(starts, L)
             layer = self.mtp.layers[k - 1]
-            h = layer(self.hid[k - 1].gather(1, index), self.embed(toks), pos, None, cache)  # (B, L, D)
-            self.hid[k].scatter_(1, index, h)
-            at = (n.clamp(max=L) - 1).to(self.device)  # each row's last real position in the chunk
-            h_last = h.gather(1, at[:, None, None].expand(B, 1, dim)).squeeze(1)  # (B, D)
+            if common is not None:
+                cache.truncate(common)
+                pos = pos_BL[0]  # (L,)
+                toks = self.seq[:, common + k : common + k + L]  # t_{i+k}: committed, then the shallower drafts
+                h = layer(self.hid[k - 1, :, common : common + L], self.embed(toks), pos, None, cache)  # (B, L, D)
+                self.hid[k, :, common : common + L] = h
+            else:
+                cache.truncate(torch.tensor(starts))
+                pos = pos_BL  # (B, L)
+                toks = self.seq.gather(1, pos_BL + k)
+                index = pos_BL[..., None].expand(B, L, dim)
+                h = layer(self.hid[k - 1].gather(1, index), self.embed(toks), pos, None, cache)
+                self.hid[k].scatter_(1, index, h)
+            last = [min(x, L) - 1 for x in n]  # each row's last real position in the chunk
+            if all(x == last[0] for x in last):
+                h_last = h[:, last[0]]  # (B, D)
+            else:
+                h_last = h[torch.arange(B, device=self.device), torch.tensor(last, device=self.device)]
             token, prob = sample(self.head(layer.shared_head.norm(h_last)))  # (B,), (B, V) | None
-            self.seq.scatter_(1, (n_dev + k)[:, None], token[:, None])
+            if all(x == n[0] for x in n):
+                self.seq[:, n[0] + k] = token
+            else:
+                self.seq.scatter_(1, (torch.tensor(n, device=self.device) + k)[:, None], token[:, None])
             drafts.append(token)
             probs.append(prob)
         self.proposed = torch.stack(drafts, dim=1)  # (B, d)
