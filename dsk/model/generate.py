@@ -30,7 +30,8 @@ over ranks.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -71,40 +72,26 @@ class GenerationResult:
 #: [32, 64] x [64, 384] two threads win (23 against 26 us).
 SINGLE_THREAD_DECODE_MACS = 300_000
 
-_WIDEST: dict[int, tuple[Any, int]] = {}
 
-
-def _widest_gemm(model: nn.Module) -> int:
-    """The most multiply-adds per token of one of the model's GEMMs (its largest 2-D weight, or slice of a stacked
-    one); cached per model."""
-    hit = _WIDEST.get(id(model))
-    if hit is None or hit[0]() is not model:
-        import weakref
-
+@contextmanager
+def _decode_threads(model: nn.Module, rows: int) -> Iterator[None]:
+    """Decode steps of ``rows`` token rows on one thread when the model's widest GEMM (its largest 2-D weight, or
+    slice of a stacked one) makes them that small (:data:`SINGLE_THREAD_DECODE_MACS`); the previous thread count
+    after. CPU only, and a no-op where one thread is already the setting. The results do not depend on it (each
+    row's products are the same)."""
+    threads = torch.get_num_threads()
+    small = False
+    if threads > 1 and model.embed_tokens.weight.device.type == "cpu":
         widest = max((p.shape[-1] * p.shape[-2] for p in model.parameters() if p.dim() >= 2), default=0)
-        hit = _WIDEST[id(model)] = (weakref.ref(model), int(widest))
-    return hit[1]
-
-
-class _DecodeThreads:
-    """Decode steps of ``rows`` token rows on one thread when their GEMMs are that small
-    (:data:`SINGLE_THREAD_DECODE_MACS`); the previous thread count after. A CPU-only policy: off elsewhere, and off
-    where one thread is already the setting. The results do not depend on it (each row's products are the same)."""
-
-    def __init__(self, model: nn.Module, rows: int):
-        self.threads = torch.get_num_threads()
-        device = model.embed_tokens.weight.device
-        self.active = (
-            device.type == "cpu" and self.threads > 1 and rows * _widest_gemm(model) < SINGLE_THREAD_DECODE_MACS
-        )
-
-    def __enter__(self) -> None:
-        if self.active:
-            torch.set_num_threads(1)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.active:
-            torch.set_num_threads(self.threads)
+        small = rows * widest < SINGLE_THREAD_DECODE_MACS
+    if not small:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -307,7 +294,7 @@ def _generate(
     lens_now, P_now = lens, P
     step = 0
     finished = False  # this rank's rows are all done (EOS or budget)
-    with _DecodeThreads(model, B):
+    with _decode_threads(model, B):
         while True:
             if not finished:
                 if blocks is not None and temperature != 0:
@@ -344,7 +331,9 @@ def _generate(
             step_mask = None
             if ragged:
                 # row b's new token sits at slot lens[b] + step and sees the slots up to it; built once for all layers
-                step_mask = torch.arange(P_now + step + 1, device=device)[None, None, :] <= (lens_now + step)[:, None, None]
+                step_mask = (
+                    torch.arange(P_now + step + 1, device=device)[None, None, :] <= (lens_now + step)[:, None, None]
+                )
             logits = model(nxt[:, None], pos=caches[0].positions(1), mask=step_mask, caches=caches).logits[:, -1]
             step += 1
     return _result(tokens, length, done, logps if return_logprobs else None)
@@ -723,7 +712,7 @@ def _speculative(
     if any(done):
         held = _finished_rows_follow(held, done, n)
         _truncate(caches, held)
-    with _DecodeThreads(model, B * (D + 1)):
+    with _decode_threads(model, B * (D + 1)):
         while True:
             finished = all(done)
             if finished if sync_done is None else sync_done(finished):
@@ -757,7 +746,9 @@ def _speculative(
                 new_l, a_l = new.tolist(), a.tolist()
             lp_l = None
             if return_logprobs:
-                lp_l = torch.log_softmax(out.logits.to(lp_dtype), dim=-1).gather(-1, new[..., None]).squeeze(-1).tolist()
+                lp_l = (
+                    torch.log_softmax(out.logits.to(lp_dtype), dim=-1).gather(-1, new[..., None]).squeeze(-1).tolist()
+                )
             # each row's count: its accepted drafts and the next token, cut at its budget and after its first EOS
             counts = [0] * B
             for b in running:

@@ -105,7 +105,7 @@ def _swiglu_kernel(gate: torch.Tensor, up: torch.Tensor | None, scale: torch.Ten
     tensors = [t for t in (gate, up, flat) if t is not None]
     if not cpu_kernel_supports(*tensors) or kernels.EXTENSION.load() is None:
         return None
-    if any(t.stride(-1) != 1 for t in tensors[:2]):
+    if gate.stride(-1) != 1 or (up is not None and up.stride(-1) != 1):
         return None
     flat = flat.contiguous() if flat is not None else gate.new_empty(0)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):

@@ -61,12 +61,9 @@ class MTPDrafter:
         self.hid[0, :, :P] = hidden
         self.n = [int(x) for x in lengths.tolist()]
 
-    def _rows(self, starts: list[int], length: int) -> tuple[int | None, torch.Tensor]:
-        """Slots ``starts[b] .. starts[b] + length - 1`` of every row: (the common start or None, slots [B, length])."""
-        first = starts[0]
-        if all(x == first for x in starts):
-            return first, torch.arange(first, first + length, device=self.device).expand(len(starts), length)
-        return None, torch.tensor(starts, device=self.device)[:, None] + torch.arange(length, device=self.device)
+    def _slots(self, starts: list[int], length: int) -> torch.Tensor:
+        """Slots ``starts[b] .. starts[b] + length - 1`` of every row b, [B, length] (rows at different positions)."""
+        return torch.tensor(starts, device=self.device)[:, None] + torch.arange(length, device=self.device)
 
     def observe(self, tokens: torch.Tensor, counts: torch.Tensor, hidden: torch.Tensor) -> None:
         """Commit row b's ``tokens[b, :counts[b]]`` (tokens [B, T]) and the hidden states [B, T, D] at its newly fed
@@ -86,12 +83,13 @@ class MTPDrafter:
                 for k in range(1, len(self.valid)):
                     v = max(min(n[b], n[b] + a - k + 1), 0) if k <= d else self.valid[k][b]
                     self.valid[k][b] = v if k == 1 else min(v, self.valid[k - 1][b])
-        common, at = self._rows(n, T)
+        common = _common(n)
         if common is not None:
             self.hid[0, :, common : common + T] = hidden
             self.seq[:, common + 1 : common + 1 + T] = tokens
         else:
             # unmasked writes: what lies past a row's count is past its new length, rewritten before it is read
+            at = self._slots(n, T)
             self.hid[0].scatter_(1, at[..., None].expand(B, T, hidden.shape[-1]), hidden.to(self.hid.dtype))
             self.seq.scatter_(1, at + 1, tokens)
         self.n = [x + c for x, c in zip(n, counts_l, strict=True)]
@@ -112,28 +110,28 @@ class MTPDrafter:
             L = max(max(x - v for x, v in zip(n, self.valid[k], strict=True)), 1)
             starts = [max(x - L, 0) for x in n]
             cache = self.caches[k - 1]
-            common, pos_BL = self._rows(starts, L)
+            common = _common(starts)
             layer = self.mtp.layers[k - 1]
             if common is not None:
                 cache.truncate(common)
-                pos = pos_BL[0]  # (L,)
+                pos = torch.arange(common, common + L, device=self.device)  # (L,)
                 toks = self.seq[:, common + k : common + k + L]  # t_{i+k}: committed, then the shallower drafts
                 h = layer(self.hid[k - 1, :, common : common + L], self.embed(toks), pos, None, cache)  # (B, L, D)
                 self.hid[k, :, common : common + L] = h
             else:
                 cache.truncate(torch.tensor(starts))
-                pos = pos_BL  # (B, L)
+                pos = pos_BL = self._slots(starts, L)  # (B, L)
                 toks = self.seq.gather(1, pos_BL + k)
                 index = pos_BL[..., None].expand(B, L, dim)
                 h = layer(self.hid[k - 1].gather(1, index), self.embed(toks), pos, None, cache)
                 self.hid[k].scatter_(1, index, h)
             last = [min(x, L) - 1 for x in n]  # each row's last real position in the chunk
-            if all(x == last[0] for x in last):
+            if _common(last) is not None:
                 h_last = h[:, last[0]]  # (B, D)
             else:
                 h_last = h[torch.arange(B, device=self.device), torch.tensor(last, device=self.device)]
             token, prob = sample(self.head(layer.shared_head.norm(h_last)))  # (B,), (B, V) | None
-            if all(x == n[0] for x in n):
+            if _common(n) is not None:
                 self.seq[:, n[0] + k] = token
             else:
                 self.seq.scatter_(1, (torch.tensor(n, device=self.device) + k)[:, None], token[:, None])
@@ -141,6 +139,12 @@ class MTPDrafter:
             probs.append(prob)
         self.proposed = torch.stack(drafts, dim=1)  # (B, d)
         return self.proposed, None if probs[0] is None else torch.stack(probs, dim=1)
+
+
+def _common(values: list[int]) -> int | None:
+    """The value every row has, or None."""
+    first = values[0]
+    return first if all(x == first for x in values) else None
 
 
 def speculative_generate(
